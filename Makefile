@@ -1,0 +1,44 @@
+# MATT — developer entry points. Everything runs inside .venv/ (created on first use).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow assets demo demo-gemma3 smoke bench clean
+
+# torch first (local CPU wheel), then the project with its dev extras.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Tests that need the real offline models and corpus (fetched by `make assets`).
+test-slow: $(STAMP) assets
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+assets: $(STAMP)
+	$(PY) scripts/prepare_assets.py
+
+demo: $(STAMP) assets
+	$(PY) experiments/transfer.py experiment=demo
+
+demo-gemma3: $(STAMP) assets
+	$(PY) experiments/transfer.py experiment=demo_gemma3
+
+smoke: $(STAMP)
+	$(PY) experiments/transfer.py experiment=smoke
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_aim.py
+
+clean:
+	rm -rf outputs multirun mlruns .pytest_cache

@@ -1,0 +1,162 @@
+"""`MATTConfig`: every knob of an AIM transfer run, validated on construction.
+
+A plain dataclass (not a Hydra structured config) so that the Python API has no Hydra dependency;
+the Hydra `train/` and `objective/` groups are mapped onto it by `matt.hydra_app`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+AIM_IMPLS = ("aim", "aim_star", "none")
+LOSSES = ("mse", "cosine")
+OUTPUT_EMBEDDINGS = ("tied", "keep_init", "ntp")
+PRECISIONS = {
+    "32": "no",
+    "fp32": "no",
+    "no": "no",
+    "bf16-mixed": "bf16",
+    "bf16": "bf16",
+    "fp16-mixed": "fp16",
+    "fp16": "fp16",
+}
+
+
+@dataclass
+class MATTConfig:
+    """Configuration of one MATT run (training loop, objective, data, logging, checkpoints)."""
+
+    # --- optimisation -------------------------------------------------------------------------
+    max_steps: int = 1000
+    """Optimizer steps (after gradient accumulation)."""
+    batch_size: int = 4
+    """Examples per micro-batch (per process)."""
+    gradient_accumulation_steps: int = 1
+    gradient_clip_val: float | None = 1.0
+    """Max global grad norm; None or 0 disables clipping."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    num_warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` (0 disables the phase)."""
+    num_decay_steps: int = 0
+    """Linear decay to 0 over the last steps (0 disables the phase)."""
+    seed: int = 42
+
+    # --- objective ----------------------------------------------------------------------------
+    loss: str = "mse"
+    """`mse` (better for generation) or `cosine` (better for discrimination)."""
+    aim_impl: str = "aim"
+    """`aim` (pairwise segment influence), `aim_star` (attention output per segment) or `none`
+    (no AIM term: the next-token-prediction baseline, requires `with_ntp`)."""
+    with_ntp: bool = False
+    """Add a next-token-prediction term (student at full depth), scaled to the AIM loss's size."""
+    output_embeddings: str = "tied"
+    """Output side of tied models: `tied` (LM head = AIM-trained input embeddings), `keep_init`
+    (untie; LM head keeps the initialised student embeddings) or `ntp` (untie and train the LM
+    head with the NTP term; needs `with_ntp`)."""
+
+    # --- data ---------------------------------------------------------------------------------
+    max_length: int = 512
+    """Max tokens per example on either side; longer documents continue as further examples."""
+    text_column: str = "text"
+    dataset_cache_dir: str | None = None
+    """Where prepared (segmented) datasets are cached; None = `~/.cache/matt/datasets`."""
+    num_proc: int = 1
+    """Processes for dataset preparation."""
+    num_workers: int = 0
+    """DataLoader workers."""
+    shuffle: bool = True
+
+    # --- hardware -----------------------------------------------------------------------------
+    precision: str = "32"
+    """`32`, `bf16-mixed` or `fp16-mixed` (through Accelerate's autocast)."""
+    cpu: bool = False
+    """Force CPU even when an accelerator is present."""
+
+    # --- logging & checkpoints ----------------------------------------------------------------
+    log_every_n_steps: int = 10
+    save_every_n_steps: int = 0
+    """Checkpoint cadence in optimizer steps (0 = only at the end, when `checkpoint_dir` is set)."""
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    """Continue from the last checkpoint in `checkpoint_dir` (optimizer, scheduler, RNG, data)."""
+    progress_bar: bool = True
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata carried into logs (e.g. the Hydra job name)."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # OmegaConf hands lists
+        if self.gradient_clip_val == 0:
+            self.gradient_clip_val = None
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first bad field and its allowed values."""
+
+        def bad(name: str, allowed: str) -> None:
+            raise ValueError(f"MATTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "num_proc"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        for name in ("num_warmup_steps", "num_decay_steps", "num_workers", "save_every_n_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "must be a non-negative integer")
+        if not isinstance(self.log_every_n_steps, int) or self.log_every_n_steps < 1:
+            bad("log_every_n_steps", "must be a positive integer")
+        if self.num_warmup_steps + self.num_decay_steps > self.max_steps:
+            bad("num_warmup_steps", f"warmup + decay ({self.num_warmup_steps}+{self.num_decay_steps}) "
+                f"must not exceed max_steps={self.max_steps}")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
+            bad("gradient_clip_val", "must be >= 0 or None")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            bad("adam_betas", "must be two numbers in [0, 1)")
+        if self.loss not in LOSSES:
+            bad("loss", f"choose one of {LOSSES}")
+        if self.aim_impl not in AIM_IMPLS:
+            bad("aim_impl", f"choose one of {AIM_IMPLS}")
+        if self.output_embeddings not in OUTPUT_EMBEDDINGS:
+            bad("output_embeddings", f"choose one of {OUTPUT_EMBEDDINGS}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"choose one of {sorted(PRECISIONS)}")
+        if self.aim_impl == "none" and not self.with_ntp:
+            bad("aim_impl", "'none' leaves no training signal; set with_ntp=True for the NTP baseline")
+        if self.output_embeddings == "ntp" and not self.with_ntp:
+            bad("output_embeddings", "'ntp' trains the LM head with the NTP term; set with_ntp=True")
+        if self.resume and not self.checkpoint_dir:
+            bad("resume", "resuming needs checkpoint_dir")
+
+    @property
+    def mixed_precision(self) -> str:
+        """The value Accelerate's `mixed_precision` expects."""
+        return PRECISIONS[self.precision]
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """Alias kept for users of the original (Lightning) library."""
+        return self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MATTConfig":
+        """Build from a mapping, rejecting unknown keys by name (typos must not pass silently)."""
+        values = dict(values)
+        if "accumulate_grad_batches" in values:
+            values["gradient_accumulation_steps"] = values.pop("accumulate_grad_batches")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown MATTConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
