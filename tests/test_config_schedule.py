@@ -1,0 +1,78 @@
+"""MATTConfig validation and the warmup–stable–decay schedule."""
+
+import pytest
+import torch
+
+from matt.config import MATTConfig
+from matt.schedule import wsd_factor, wsd_scheduler
+
+
+def test_defaults_are_valid_and_roundtrip():
+    cfg = MATTConfig()
+    assert cfg.mixed_precision == "no"
+    assert MATTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"loss": "l1"}, "loss"),
+        ({"aim_impl": "aim_plus"}, "aim_impl"),
+        ({"output_embeddings": "shared"}, "output_embeddings"),
+        ({"precision": "int8"}, "precision"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"num_warmup_steps": 8, "num_decay_steps": 8, "max_steps": 10}, "num_warmup_steps"),
+        ({"aim_impl": "none"}, "aim_impl"),
+        ({"output_embeddings": "ntp"}, "output_embeddings"),
+        ({"resume": True}, "resume"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"MATTConfig\.{field}="):
+        MATTConfig(**kwargs)
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(ValueError, match="max_stpes"):
+        MATTConfig.from_dict({"max_stpes": 3})
+
+
+def test_lightning_alias_for_accumulation():
+    cfg = MATTConfig.from_dict({"accumulate_grad_batches": 4})
+    assert cfg.gradient_accumulation_steps == 4 == cfg.accumulate_grad_batches
+
+
+def test_ntp_baseline_and_precision_mapping():
+    cfg = MATTConfig(aim_impl="none", with_ntp=True, precision="bf16-mixed")
+    assert cfg.mixed_precision == "bf16"
+
+
+def reference_wsd(step, total, warmup, decay):
+    """The schedule's definition, step by step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= total - decay:
+        return (total - step) / decay
+    return 1.0
+
+
+@pytest.mark.parametrize("warmup, decay", [(0, 0), (3, 0), (0, 4), (3, 4), (10, 0)])
+def test_wsd_matches_definition_and_drives_optimizer(warmup, decay):
+    total = 10
+    for step in range(total):
+        assert wsd_factor(step, total, warmup, decay) == pytest.approx(reference_wsd(step, total, warmup, decay))
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    sched = wsd_scheduler(opt, total, warmup, decay)
+    seen = []
+    for _ in range(total):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([2.0 * reference_wsd(s, total, warmup, decay) for s in range(total)])
+    if decay:
+        assert seen[-1] == pytest.approx(2.0 / decay)
+    if warmup:
+        assert seen[0] == pytest.approx(2.0 / warmup) and max(seen) == pytest.approx(2.0)
