@@ -1,0 +1,28 @@
+"""Model adapters: a HF causal LM seen through its AIM layer (attention probs + values).
+
+Importing this package registers the `matt_aim` attention implementation with transformers.
+"""
+
+from matt.modeling.base import AIMOutput, PreTrainedModelForAIM, check_compatible, check_vocab
+from matt.modeling.embeddings import EmbeddingLMHead, PartlyFrozenEmbedding
+from matt.modeling.gemma3 import Gemma3ForAIM
+from matt.modeling.gpt_neox import GPTNeoXForAIM
+from matt.modeling.llama import LlamaForAIM
+from matt.modeling.mistral import MistralForAIM
+from matt.modeling.qwen3 import Qwen3ForAIM
+from matt.modeling.registry import adapter_for
+
+__all__ = [
+    "AIMOutput",
+    "EmbeddingLMHead",
+    "Gemma3ForAIM",
+    "GPTNeoXForAIM",
+    "LlamaForAIM",
+    "MistralForAIM",
+    "PartlyFrozenEmbedding",
+    "PreTrainedModelForAIM",
+    "Qwen3ForAIM",
+    "adapter_for",
+    "check_compatible",
+    "check_vocab",
+]

@@ -1,0 +1,380 @@
+"""`PreTrainedModelForAIM`: a HF causal LM seen through the AIM layer.
+
+The wrapper does four things to the model it is given:
+
+1. keeps only the first `n_layers` decoder layers (unless next-token prediction needs the full
+   model), so the teacher and the AIM-only student never run the upper two thirds;
+2. switches attention to the `matt_aim` implementation (see `matt.modeling.capture`), which
+   records float32 attention probabilities and value states at layer `n_layers - 1` and uses
+   SDPA everywhere else;
+3. replaces the input embeddings with a `PartlyFrozenEmbedding` (the only trainable rows) and
+   freezes every other parameter;
+4. gives the LM head the role the run asks for (`set_output_mode`).
+
+A family adapter only says where things live: four hooks (`get_base_model`, `get_layers`,
+`set_layers`, `create_partly_frozen_embeddings`). Everything else is here.
+
+Wrapping modifies the model object in place (layers, config, attention implementation,
+embedding and head modules, `requires_grad`); pass `copy=True` to wrap a deep copy instead.
+A model object can be wrapped only once, so a teacher and a student built from one loaded model
+need `copy=True` for (at least) the first of them.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import logging
+import os
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from matt.modeling.capture import AIM_ATTENTION, AIMCapture, StopForward, attach_capture
+from matt.modeling.embeddings import EmbeddingLMHead, PartlyFrozenEmbedding
+
+logger = logging.getLogger(__name__)
+
+OutputMode = Literal["tied", "keep_init", "ntp"]
+OUTPUT_MODES = ("tied", "keep_init", "ntp")
+_WRAPPED_MARKER = "_matt_aim_wrapped_by"
+
+
+@dataclass
+class AIMOutput:
+    """What the AIM layer saw in one forward pass.
+
+    attn_probs: (B, H, L, L) float32 softmax probabilities, masks applied as the model applies them.
+    values: (B, H, L, D) float32 value states, KV heads repeated to the H query heads.
+    logits: (B, L, V) when asked for with `return_logits=True`, else None.
+    """
+
+    attn_probs: torch.Tensor
+    values: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+def default_n_layers(num_hidden_layers: int) -> int:
+    """About a third of the depth, at least one layer."""
+    return max(1, round(num_hidden_layers / 3))
+
+
+class PreTrainedModelForAIM(nn.Module):
+    """Base class of the family adapters (`LlamaForAIM`, `Gemma3ForAIM`, ...).
+
+    Args:
+        model: a loaded HF causal LM of the adapter's family (wrapped in place unless `copy`).
+        n_layers: AIM layer = `n_layers - 1`; None = `max(1, round(num_hidden_layers / 3))`.
+        frozen_embeddings_mask: (V,) bool, True = keep that embedding row (and, for untied
+            models trained with NTP, that LM-head row) fixed. None = all rows trainable.
+        with_ntp: keep the full depth so `forward(..., return_logits=True)` can return logits for
+            a next-token-prediction term; untied LM heads become trainable.
+        copy: wrap a deep copy of `model` and leave the caller's object untouched.
+
+    A pure teacher can pass an all-True mask: its embeddings then stay in the model dtype
+    without the float32 master copy trainable rows get.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    """`config.model_type` values this adapter handles (used by `adapter_for`)."""
+    per_layer_config_keys: ClassVar[tuple[str, ...]] = ("layer_types",)
+    """Config lists with one entry per layer, truncated together with the layers."""
+
+    # ---- the four family hooks -----------------------------------------------------------
+    def get_base_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack inside the causal LM (holds the layers and the input embeddings)."""
+        raise NotImplementedError
+
+    def get_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def set_layers(self, layers: list[nn.Module]) -> None:
+        raise NotImplementedError
+
+    def create_partly_frozen_embeddings(self, frozen_mask: torch.Tensor | None) -> PartlyFrozenEmbedding:
+        """A `PartlyFrozenEmbedding` built from the family's input embedding module."""
+        raise NotImplementedError
+
+    # ---- construction --------------------------------------------------------------------
+    def __init__(
+        self,
+        model: nn.Module,
+        n_layers: int | None = None,
+        frozen_embeddings_mask: torch.Tensor | None = None,
+        with_ntp: bool = False,
+        *,
+        copy: bool = False,
+    ) -> None:
+        super().__init__()
+        self._check_family(model)
+        if getattr(model, _WRAPPED_MARKER, None) is not None:
+            raise ValueError(
+                f"This {type(model).__name__} object is already wrapped by {getattr(model, _WRAPPED_MARKER)} "
+                "(which truncated it and replaced its embeddings). Load the model again for the second "
+                "wrapper, or wrap it with copy=True the first time so the original stays untouched."
+            )
+        if copy:
+            model = copy_module.deepcopy(model)
+        self.causal_lm = model
+        self.with_ntp = bool(with_ntp)
+
+        config = self.text_config
+        depth = config.num_hidden_layers
+        if n_layers is None:
+            n_layers = default_n_layers(depth)
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= depth:
+            raise ValueError(
+                f"n_layers={n_layers!r} is invalid for {self._model_name()} with {depth} layers: "
+                f"choose an integer in [1, {depth}] (the AIM layer is n_layers - 1)"
+            )
+        self.n_layers = n_layers
+        self.original_num_layers = depth
+        self._is_tied = self._heads_share_weight()
+
+        model.requires_grad_(False)
+        if not self.with_ntp:
+            self._truncate(n_layers)
+        model.set_attn_implementation(AIM_ATTENTION)
+        self._capture = AIMCapture(self.aim_layer)
+        attach_capture(self.get_layers()[self.aim_layer], self._capture)
+
+        frozen_mask = None if frozen_embeddings_mask is None else torch.as_tensor(frozen_embeddings_mask)
+        embeddings = self.create_partly_frozen_embeddings(frozen_mask)
+        if not isinstance(embeddings, PartlyFrozenEmbedding):
+            raise TypeError(f"{type(self).__name__}.create_partly_frozen_embeddings must return a "
+                            f"PartlyFrozenEmbedding, got {type(embeddings).__name__}")
+        model.set_input_embeddings(embeddings)
+        if self._is_tied:
+            self._set_tied_head()
+        elif self.with_ntp:
+            self._make_untied_head_trainable()
+        setattr(model, _WRAPPED_MARKER, type(self).__name__)
+        self.eval()  # AIM compares deterministic attention: no dropout unless asked for
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike | nn.Module,
+        n_layers: int | None = None,
+        frozen_embeddings_mask: torch.Tensor | None = None,
+        with_ntp: bool = False,
+        *,
+        copy: bool = False,
+        **hf_kwargs,
+    ) -> "PreTrainedModelForAIM":
+        """Load with `AutoModelForCausalLM.from_pretrained(pretrained, **hf_kwargs)`, or wrap an
+        already loaded model (in place unless `copy=True`)."""
+        if isinstance(pretrained, nn.Module):
+            if hf_kwargs:
+                raise ValueError(f"HF loading arguments {sorted(hf_kwargs)} cannot apply to an already loaded model")
+            model = pretrained
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(pretrained, **hf_kwargs)
+            copy = False
+        return cls(model, n_layers=n_layers, frozen_embeddings_mask=frozen_embeddings_mask,
+                   with_ntp=with_ntp, copy=copy)
+
+    def _check_family(self, model: nn.Module) -> None:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise TypeError(f"{type(self).__name__} wraps a transformers PreTrainedModel, got {type(model).__name__}")
+        if self.model_types and config.model_type not in self.model_types:
+            raise ValueError(
+                f"{type(self).__name__} handles model_type {list(self.model_types)}, but this model is "
+                f"{config.model_type!r}; use matt.modeling.adapter_for(model) to pick the adapter"
+            )
+
+    def _model_name(self) -> str:
+        config = self.causal_lm.config
+        return getattr(config, "_name_or_path", "") or type(self.causal_lm).__name__
+
+    def _truncate(self, n_layers: int) -> None:
+        """Drop layers >= n_layers and shorten the config so HF's layer loops still line up."""
+        self.set_layers(list(self.get_layers())[:n_layers])
+        configs = {id(c): c for c in (self.text_config, self.causal_lm.config.get_text_config())}
+        for config in configs.values():
+            for key in self.per_layer_config_keys:
+                value = getattr(config, key, None)
+                if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers:
+                    setattr(config, key, type(value)(value[:n_layers]))
+            config.num_hidden_layers = n_layers
+
+    # ---- views ---------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The decoder stack (what `get_base_model` returns); the hooks reach layers through it."""
+        return self.get_base_model(self.causal_lm)
+
+    @property
+    def text_config(self):
+        """The decoder's config (a Gemma 3 multimodal model's `text_config`)."""
+        return self.model.config
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    @property
+    def aim_layer(self) -> int:
+        """Index of the layer whose attention AIM matches."""
+        return self.n_layers - 1
+
+    @property
+    def input_embeddings(self) -> PartlyFrozenEmbedding:
+        return self.causal_lm.get_input_embeddings()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.causal_lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    @property
+    def is_tied(self) -> bool:
+        """Whether the wrapped model tied its LM head to its input embeddings."""
+        return self._is_tied
+
+    @property
+    def output_mode(self) -> str | None:
+        """`tied` / `keep_init` / `ntp` for tied models, None for untied ones."""
+        return getattr(self, "_output_mode", None)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> AIMOutput:
+        """Attention probabilities and values at the AIM layer (+ logits if `return_logits`).
+
+        Without `return_logits` the forward stops right after the AIM layer's attention.
+        """
+        if return_logits and not self.with_ntp:
+            raise ValueError("return_logits=True needs the full model: wrap it with with_ntp=True")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        self._capture.reset(stop_after_capture=not return_logits)
+        logits = None
+        try:
+            logits = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        except StopForward:
+            pass  # the AIM layer's attention was captured; nothing after it was needed
+        except BaseException:
+            self._capture.reset(stop_after_capture=True)  # drop half-recorded tensors
+            raise
+        attn_probs, values = self._capture.take()
+        return AIMOutput(attn_probs=attn_probs, values=values, logits=logits)
+
+    # ---- student helpers -----------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer should update (non-empty, requires_grad), each once."""
+        return [p for p in self.parameters() if p.requires_grad and p.numel() > 0]
+
+    def input_embedding_weight(self) -> torch.Tensor:
+        """(V, D) input embeddings, unscaled, detached (float32)."""
+        return self.input_embeddings.full_weight()
+
+    def output_embedding_weight(self) -> torch.Tensor | None:
+        """(V, D) LM-head weight, detached; None while the head is tied to the input embeddings."""
+        if self.output_mode == "tied":
+            return None
+        head = self.causal_lm.get_output_embeddings()
+        if isinstance(head, EmbeddingLMHead):
+            return head.full_weight()
+        return head.weight.detach()
+
+    def set_output_mode(self, mode: OutputMode) -> None:
+        """Choose what the LM head of a tied model becomes.
+
+        tied: the head is the (trainable) input embedding table.
+        keep_init: untie; the head is a frozen copy of the current input embeddings.
+        ntp: untie; the head is a trainable copy (frozen-mask rows stay frozen), trained by the
+            NTP term, so the wrapper must have `with_ntp=True`.
+        """
+        if mode not in OUTPUT_MODES:
+            raise ValueError(f"output mode {mode!r} is invalid: choose one of {OUTPUT_MODES}")
+        if not self.is_tied:
+            raise ValueError(
+                f"{self._model_name()} has untied input and output embeddings; output modes apply to tied "
+                "models only (an untied LM head trains iff the wrapper has with_ntp=True)"
+            )
+        if mode == "tied":
+            self._set_tied_head()
+            return
+        if mode == "ntp" and not self.with_ntp:
+            raise ValueError("output mode 'ntp' trains the LM head with the NTP loss: wrap the student with with_ntp=True")
+        dtype = self.input_embeddings.frozen.dtype
+        weight = self.input_embedding_weight().to(dtype)
+        if mode == "keep_init":
+            head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=dtype)
+            head.weight = nn.Parameter(weight, requires_grad=False)
+        else:
+            head = EmbeddingLMHead(PartlyFrozenEmbedding(weight, self.input_embeddings.frozen_mask))
+        self._install_head(head, tied=False)
+        self._output_mode = mode
+
+    def _set_tied_head(self) -> None:
+        self._install_head(EmbeddingLMHead(self.input_embeddings), tied=True)
+        self._output_mode = "tied"
+
+    def _make_untied_head_trainable(self) -> None:
+        head = self.causal_lm.get_output_embeddings()
+        table = PartlyFrozenEmbedding(head.weight, self.input_embeddings.frozen_mask)
+        self._install_head(EmbeddingLMHead(table, getattr(head, "bias", None)), tied=False)
+
+    def _install_head(self, head: nn.Module, *, tied: bool) -> None:
+        self.causal_lm.set_output_embeddings(head)
+        for config in {id(c): c for c in (self.causal_lm.config, self.text_config)}.values():
+            config.tie_word_embeddings = tied
+
+    def _heads_share_weight(self) -> bool:
+        head = self.causal_lm.get_output_embeddings()
+        embeddings = self.causal_lm.get_input_embeddings()
+        return head is not None and head.weight is embeddings.weight
+
+    def extra_repr(self) -> str:
+        return (f"n_layers={self.n_layers}/{self.original_num_layers}, aim_layer={self.aim_layer}, "
+                f"with_ntp={self.with_ntp}, tied={self.is_tied}, output_mode={self.output_mode}")
+
+
+def attention_geometry(adapter: PreTrainedModelForAIM) -> dict[str, object]:
+    """The fields two adapters must share for their AIM-layer tensors to be comparable."""
+    config = adapter.text_config
+    heads = config.num_attention_heads
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "aim_layer": adapter.aim_layer,
+    }
+
+
+def check_compatible(teacher: PreTrainedModelForAIM, student: PreTrainedModelForAIM) -> None:
+    """Raise ValueError naming the first field in which the two AIM layers differ."""
+    teacher_geometry, student_geometry = attention_geometry(teacher), attention_geometry(student)
+    for field, value in teacher_geometry.items():
+        if student_geometry[field] != value:
+            raise ValueError(
+                f"teacher and student are incompatible: {field} differs (teacher {value!r}, "
+                f"student {student_geometry[field]!r})"
+            )
+
+
+def check_vocab(adapter: PreTrainedModelForAIM, tokenizer) -> None:
+    """Raise ValueError when the tokenizer can emit ids that have no embedding row."""
+    rows, vocab = adapter.input_embeddings.num_embeddings, len(tokenizer)
+    if rows < vocab:
+        raise ValueError(
+            f"embedding rows {rows} < tokenizer vocab {vocab}: resize the model's embeddings to the "
+            "tokenizer (e.g. matt.initialization.build_student_model) before wrapping"
+        )
