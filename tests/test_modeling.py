@@ -329,6 +329,10 @@ def test_only_embedding_rows_train(family):
 def test_output_modes_of_tied_models(family):
     model = make_model(family)
     initial = model.get_input_embeddings().weight.detach().clone()
+    ids, mask = padded_batch()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=mask).logits
     adapter = adapter_for(model)(model, n_layers=2, frozen_embeddings_mask=frozen_mask(), with_ntp=True)
     table = adapter.input_embeddings
     head = adapter.get_output_embeddings()
@@ -336,9 +340,10 @@ def test_output_modes_of_tied_models(family):
     assert adapter.output_embedding_weight() is None
     assert adapter.trainable_parameters() == [table.trainable]
 
-    # NTP gradient reaches the tied table through the head
-    ids, mask = padded_batch()
-    adapter(ids, mask, return_logits=True).logits.sum().backward()
+    # the partly frozen tied head computes the model's logits; NTP gradient reaches the table
+    logits = adapter(ids, mask, return_logits=True).logits
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    logits.sum().backward()
     assert table.trainable.grad is not None and table.trainable.grad.abs().sum() > 0
     table.trainable.grad = None
 
@@ -416,7 +421,7 @@ def test_registry_and_wrong_adapter_errors():
 
     for family in FAMILIES:
         assert adapter_for(tiny_config(family, VOCAB)) is ADAPTERS[family]
-    with pytest.raises(ValueError, match=r"'gpt2'.*supported.*gemma3_text.*Add a model family"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*supported.*gemma3_text.*Adding a model family"):
         adapter_for(GPT2Config())
     with pytest.raises(ValueError, match="adapter_for"):
         LlamaForAIM(make_model("qwen3"))
@@ -446,6 +451,14 @@ def test_bf16_model_keeps_its_dtype_with_float32_master_rows():
     assert adapter.input_embeddings.frozen.dtype == torch.bfloat16
     (out.attn_probs.sum() + out.logits.float().mean()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.trainable_parameters())
+
+
+def test_bad_frozen_mask_is_rejected_before_the_model_is_touched():
+    model = make_model("gemma3")
+    with pytest.raises(ValueError, match=rf"one entry per embedding row \({VOCAB},\).*\({VOCAB - 1},\)"):
+        Gemma3ForAIM(model, frozen_embeddings_mask=torch.zeros(VOCAB - 1, dtype=torch.bool))
+    assert len(model.model.layers) == 4 and model.config._attn_implementation == "sdpa"
+    Gemma3ForAIM(model, frozen_embeddings_mask=torch.zeros(VOCAB, dtype=torch.bool))  # still wrappable
 
 
 def test_return_logits_needs_with_ntp():
@@ -512,3 +525,43 @@ def test_sgd_on_student_embeddings_reduces_attention_output_gap(family):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     assert torch.equal(student.input_embedding_weight()[:10], embed.detach()[:10])  # frozen rows intact
+
+
+def test_a_new_family_needs_only_the_four_hooks():
+    """The README recipe: a user adapter for a family MATT does not ship (Qwen2 here)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from matt.modeling.registry import ADAPTER_BY_MODEL_TYPE, register_adapter
+
+    class Qwen2ForAIM(PreTrainedModelForAIM):
+        model_types = ("qwen2",)
+
+        def get_base_model(self, model):
+            return model.model
+
+        def get_layers(self):
+            return self.base_model.layers
+
+        def set_layers(self, layers):
+            self.base_model.layers = nn.ModuleList(layers)
+
+        def create_partly_frozen_embeddings(self, frozen_mask):
+            return PartlyFrozenEmbedding(self.base_model.embed_tokens.weight, frozen_mask)
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with pytest.raises(ValueError, match="'qwen2'"):
+        adapter_for(model)
+    try:
+        register_adapter(Qwen2ForAIM)
+        assert adapter_for(model) is Qwen2ForAIM
+    finally:
+        ADAPTER_BY_MODEL_TYPE.pop("qwen2", None)
+    ids, mask = padded_batch()
+    ref_probs, ref_values = hf_eager_reference(model, ids, mask, layer=0)
+    with torch.no_grad():
+        out = Qwen2ForAIM(model)(ids, mask)  # default n_layers = round(3 / 3) = 1
+    torch.testing.assert_close(out.attn_probs, ref_probs, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out.values, ref_values, atol=2e-6, rtol=1e-5)

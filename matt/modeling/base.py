@@ -23,7 +23,6 @@ need `copy=True` for (at least) the first of them.
 from __future__ import annotations
 
 import copy as copy_module
-import logging
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -33,8 +32,6 @@ from torch import nn
 
 from matt.modeling.capture import AIM_ATTENTION, AIMCapture, StopForward, attach_capture
 from matt.modeling.embeddings import EmbeddingLMHead, PartlyFrozenEmbedding
-
-logger = logging.getLogger(__name__)
 
 OutputMode = Literal["tied", "keep_init", "ntp"]
 OUTPUT_MODES = ("tied", "keep_init", "ntp")
@@ -131,6 +128,7 @@ class PreTrainedModelForAIM(nn.Module):
         self.n_layers = n_layers
         self.original_num_layers = depth
         self._is_tied = self._heads_share_weight()
+        frozen_mask = self._validated_mask(frozen_embeddings_mask)  # before anything is modified
 
         model.requires_grad_(False)
         if not self.with_ntp:
@@ -139,7 +137,6 @@ class PreTrainedModelForAIM(nn.Module):
         self._capture = AIMCapture(self.aim_layer)
         attach_capture(self.get_layers()[self.aim_layer], self._capture)
 
-        frozen_mask = None if frozen_embeddings_mask is None else torch.as_tensor(frozen_embeddings_mask)
         embeddings = self.create_partly_frozen_embeddings(frozen_mask)
         if not isinstance(embeddings, PartlyFrozenEmbedding):
             raise TypeError(f"{type(self).__name__}.create_partly_frozen_embeddings must return a "
@@ -187,6 +184,18 @@ class PreTrainedModelForAIM(nn.Module):
                 f"{config.model_type!r}; use matt.modeling.adapter_for(model) to pick the adapter"
             )
 
+    def _validated_mask(self, frozen_embeddings_mask) -> torch.Tensor | None:
+        if frozen_embeddings_mask is None:
+            return None
+        mask = torch.as_tensor(frozen_embeddings_mask)
+        rows = self.causal_lm.get_input_embeddings().weight.shape[0]
+        if mask.dtype != torch.bool or mask.shape != (rows,):
+            raise ValueError(
+                f"frozen_embeddings_mask must be a bool tensor with one entry per embedding row ({rows},), "
+                f"got dtype {mask.dtype} and shape {tuple(mask.shape)}"
+            )
+        return mask
+
     def _model_name(self) -> str:
         config = self.causal_lm.config
         return getattr(config, "_name_or_path", "") or type(self.causal_lm).__name__
@@ -207,6 +216,11 @@ class PreTrainedModelForAIM(nn.Module):
     def model(self) -> nn.Module:
         """The decoder stack (what `get_base_model` returns); the hooks reach layers through it."""
         return self.get_base_model(self.causal_lm)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """Alias of `model` (the decoder stack)."""
+        return self.model
 
     @property
     def text_config(self):

@@ -117,6 +117,10 @@ class PartlyFrozenEmbedding(nn.Module):
 
     def materialize(self) -> torch.Tensor:
         """The (V, D) unscaled table, differentiable w.r.t. the trainable rows (for LM heads)."""
+        if self.frozen.shape[0] == 0:
+            return self.trainable.to(self.frozen.dtype)
+        if self.trainable.shape[0] == 0:
+            return self.frozen
         return self._lookup(torch.arange(self.num_embeddings, device=self.trainable_row.device))
 
     @torch.no_grad()

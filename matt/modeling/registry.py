@@ -32,6 +32,15 @@ def adapter_for(model_or_config) -> type[PreTrainedModelForAIM]:
         raise ValueError(
             f"No AIM adapter for model_type {model_type!r}; supported: {sorted(ADAPTER_BY_MODEL_TYPE)}. "
             "To support another architecture, subclass PreTrainedModelForAIM and implement its four "
-            "hooks (see the README section 'Add a model family')."
+            "hooks (README: 'Adding a model family'), then matt.modeling.registry.register_adapter(YourAdapter)."
         )
     return ADAPTER_BY_MODEL_TYPE[model_type]
+
+
+def register_adapter(adapter: type[PreTrainedModelForAIM]) -> type[PreTrainedModelForAIM]:
+    """Let `adapter_for` pick a user-defined adapter for its `model_types` (usable as a decorator)."""
+    if not adapter.model_types:
+        raise ValueError(f"{adapter.__name__}.model_types is empty: name the config.model_type values it handles")
+    for model_type in adapter.model_types:
+        ADAPTER_BY_MODEL_TYPE[model_type] = adapter
+    return adapter
