@@ -91,14 +91,15 @@ class _EpochBatches:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
-def _save_checkpoint(directory: Path, step: int, params, optimizer, scheduler, batches: _EpochBatches,
+def _save_checkpoint(directory: Path, position: tuple[int, int, int], params, optimizer, scheduler,
                      config: MATTConfig) -> Path:
     """Trainable tensors + optimizer + scheduler + RNG + data position, written atomically."""
     directory.mkdir(parents=True, exist_ok=True)
+    step, epoch, batch_in_epoch = position
     state = {
         "step": step,
-        "epoch": batches.epoch,
-        "batch_in_epoch": batches.batch_in_epoch,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
         "trainable": [p.detach().cpu().clone() for p in params],
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -204,86 +205,97 @@ def train(
     progress = tqdm(total=config.max_steps, initial=start_step, desc="MATT", dynamic_ncols=True,
                     disable=not (config.progress_bar and accelerator.is_main_process))
 
-    for step in range(start_step, config.max_steps):
-        sums = {"loss": 0.0, "aim_loss": 0.0, "ntp_loss": 0.0, "ntp_scale": 0.0}
-        for micro in range(accum):
-            batch = next(stream)
-            t_ids, t_mask, t_seg = batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_segment_ids"]
-            s_ids, s_mask, s_seg = batch["student_input_ids"], batch["student_attention_mask"], batch["student_segment_ids"]
+    # (steps done, epoch, batch in epoch) after the last completed optimizer step: what a
+    # checkpoint written after a crash or Ctrl-C must describe, so no finished step is lost.
+    completed = (start_step, batches.epoch, batches.batch_in_epoch)
+    try:
+        for step in range(start_step, config.max_steps):
+            sums = {"loss": 0.0, "aim_loss": 0.0, "ntp_loss": 0.0, "ntp_scale": 0.0}
+            for micro in range(accum):
+                batch = next(stream)
+                t_ids, t_mask, t_seg = batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_segment_ids"]
+                s_ids, s_mask, s_seg = batch["student_input_ids"], batch["student_attention_mask"], batch["student_segment_ids"]
 
-            # 1. teacher: no graph at all; clone so the loss may save these tensors for backward
-            with torch.inference_mode(), accelerator.autocast():
-                t_out = teacher(t_ids.to(accelerator.device), t_mask.to(accelerator.device))
-            t_attn, t_values = t_out.attn_probs.clone(), t_out.values.clone()
+                # 1. teacher: no graph at all; clone so the loss may save these tensors for backward
+                with torch.inference_mode(), accelerator.autocast():
+                    t_out = teacher(t_ids.to(accelerator.device), t_mask.to(accelerator.device))
+                t_attn, t_values = t_out.attn_probs.clone(), t_out.values.clone()
 
-            sync = accelerator.no_sync(student) if micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                # 2. student
-                with accelerator.autocast():
-                    s_out = student(s_ids, s_mask, return_logits=use_ntp)
-                    # 3. objective
-                    aim = (aim_loss(t_attn, t_values, t_seg.to(t_attn.device), s_out.attn_probs, s_out.values,
-                                    s_seg, impl=config.aim_impl, loss=config.loss)
-                           if use_aim else torch.zeros((), device=accelerator.device))
-                    if use_ntp:
-                        ntp = next_token_loss(s_out.logits, s_ids, s_mask)
-                        # dynamic scaling keeps both terms the same size; the scale carries no gradient
-                        scale = (aim / ntp).detach() if use_aim else torch.ones((), device=ntp.device)
-                        loss = aim + scale * ntp
-                    else:
-                        ntp, scale, loss = torch.zeros(()), torch.zeros(()), aim
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"Non-finite loss at step {step} (aim={aim.item()}, ntp={ntp.item()}); "
-                            "lower lr or use precision=32"
-                        )
-                # 4. backward
-                accelerator.backward(loss / accum)
+                sync = accelerator.no_sync(student) if micro < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    # 2. student
+                    with accelerator.autocast():
+                        s_out = student(s_ids, s_mask, return_logits=use_ntp)
+                        # 3. objective
+                        aim = (aim_loss(t_attn, t_values, t_seg.to(t_attn.device), s_out.attn_probs, s_out.values,
+                                        s_seg, impl=config.aim_impl, loss=config.loss)
+                               if use_aim else torch.zeros((), device=accelerator.device))
+                        if use_ntp:
+                            ntp = next_token_loss(s_out.logits, s_ids, s_mask)
+                            # dynamic scaling keeps both terms the same size; the scale carries no gradient
+                            scale = (aim / ntp).detach() if use_aim else torch.ones((), device=ntp.device)
+                            loss = aim + scale * ntp
+                        else:
+                            ntp, scale, loss = torch.zeros(()), torch.zeros(()), aim
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"Non-finite loss at step {step} (aim={aim.item()}, ntp={ntp.item()}); "
+                                "lower lr or use precision=32"
+                            )
+                    # 4. backward
+                    accelerator.backward(loss / accum)
 
-            sums["loss"] += loss.item() / accum
-            sums["aim_loss"] += aim.item() / accum
-            sums["ntp_loss"] += ntp.item() / accum
-            sums["ntp_scale"] += scale.item() / accum
-            n_t, n_s = int(t_mask.sum()), int(s_mask.sum())
-            window_tokens += n_s
-            total_flops += estimate_step_flops(teacher, student_module, n_t, n_s)
+                sums["loss"] += loss.item() / accum
+                sums["aim_loss"] += aim.item() / accum
+                sums["ntp_loss"] += ntp.item() / accum
+                sums["ntp_scale"] += scale.item() / accum
+                n_t, n_s = int(t_mask.sum()), int(s_mask.sum())
+                window_tokens += n_s
+                total_flops += estimate_step_flops(teacher, student_module, n_t, n_s)
 
-        # 5. clip, step, schedule
-        if config.gradient_clip_val:
-            grad_norm = accelerator.clip_grad_norm_(params, config.gradient_clip_val)
-        else:
-            grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{sums['loss']:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            # 5. clip, step, schedule
+            if config.gradient_clip_val:
+                grad_norm = accelerator.clip_grad_norm_(params, config.gradient_clip_val)
+            else:
+                grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            completed = (done, batches.epoch, batches.batch_in_epoch)
+            progress.update(1)
+            progress.set_postfix(loss=f"{sums['loss']:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
-        # 6. log
-        if done % config.log_every_n_steps == 0 or done == config.max_steps:
-            now = time.perf_counter()
-            last = {
-                **sums,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                "peak_memory_mb": peak_memory_mb(accelerator.device),
-                "flops": total_flops,
-                "elapsed_s": now - t0,
-                "epoch": batches.epoch,
-            }
-            window_tokens, window_start = 0, now
-            if accelerator.is_main_process:
-                for fn in log_fns:
-                    fn(last, done)
+            # 6. log
+            if done % config.log_every_n_steps == 0 or done == config.max_steps:
+                now = time.perf_counter()
+                last = {
+                    **sums,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
+                    "flops": total_flops,
+                    "elapsed_s": now - t0,
+                    "epoch": batches.epoch,
+                }
+                window_tokens, window_start = 0, now
+                if accelerator.is_main_process:
+                    for fn in log_fns:
+                        fn(last, done)
 
-        # 7. checkpoint
-        if ckpt_dir is not None and accelerator.is_main_process and (
-            (config.save_every_n_steps and done % config.save_every_n_steps == 0) or done == config.max_steps
-        ):
-            _save_checkpoint(ckpt_dir, done, params, optimizer, scheduler, batches, config)
-        accelerator.wait_for_everyone()
+            # 7. checkpoint
+            if ckpt_dir is not None and accelerator.is_main_process and (
+                (config.save_every_n_steps and done % config.save_every_n_steps == 0) or done == config.max_steps
+            ):
+                _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config)
+            accelerator.wait_for_everyone()
+    except BaseException:
+        if ckpt_dir is not None and accelerator.is_main_process and completed[0] > start_step:
+            path = _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config)
+            logger.error("Training interrupted after step %d; state saved to %s (resume=True continues)",
+                         completed[0], path)
+        raise
 
     progress.close()
     if not math.isfinite(last.get("loss", 0.0)):
