@@ -1,0 +1,237 @@
+"""The AIM objective (Attention Influence Modeling): exact, in O(B·H·L²) extra memory.
+
+Per side (teacher, student) we get attention probabilities ``A`` (B,H,L,L), value states ``V``
+(B,H,L,D, KV heads already repeated to H) and segment ids ``seg`` (B,L): 0..S_b-1 in text order,
+negative (-100) for tokens that belong to no segment (BOS, padding). Both sides tokenise the same
+text, so L differs but B, H, D and every S_b agree. Segment i is queried at its last token t_i:
+
+    aim       s[b,h,i,k] = Σ_{j: seg_j = k} A[b,h,t_i,j] · V[b,h,j]     for pairs k ≤ i
+    aim_star  o[b,h,i]   = Σ_j A[b,h,t_i,j] · V[b,h,j]                  (the attention output at t_i)
+
+``aim`` ignores segment-less tokens; ``aim_star`` keeps them, because the model really attends to
+them (BOS is usually an attention sink) and o is the layer's actual output. Losses: ``mse`` is the
+mean of (teacher − student)² over every (b,h,i,k≤i,d) — (b,h,i,d) for aim_star — and ``cosine`` the
+mean of 1 − cos over the pairs (b,h,i,k≤i) — (b,h,i) for aim_star.
+
+Why no (B,H,S,S,D) tensor is needed. Both losses only use three inner products per pair:
+n = <s,s>, n' = <s',s'> and c = <s,s'> (mse sums n + n' − 2c; cosine is c / sqrt(n n')). With
+q = A[t_i, :] the gathered query row of the teacher and q' the student's,
+
+    c[i,k] = Σ_{j: seg_j=k} Σ_{j': seg'_j'=k} q_j q'_j' <V_j, V'_j'>
+           = Σ_{j': seg'_j'=k} (q · C)[j'] · q'_j'   with  C[j,j'] = <V_j, V'_j'> · [seg_j = seg'_j']
+
+because the same-segment mask in C already restricts j to segment k once j' is in it. So (q · C) is
+one (S,L)@(L,L') matmul and the outer sum over j' is a matmul with the one-hot segment matrix
+(L',S). n and n' are the same expression with (V,V) and (V',V'). The largest tensors are the
+masked Gram matrices, the size of A itself.
+
+Exactness. n, n' and c go through the same function, so identical teacher and student give
+bit-identical n = n' = c and a loss of exactly 0. The flip side of the Gram form is cancellation:
+n + n' − 2c loses relative precision once the student is within ~1e-3 of the teacher (fp32), so
+the computation always runs in float32 at least (autocast disabled), float64 if an input is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.amp.autocast_mode import is_autocast_available
+
+AIM_IMPLS = ("aim", "aim_star")
+LOSSES = ("mse", "cosine")
+COSINE_EPS = 1e-6
+"""Both vectors are extended by one constant coordinate ε before taking the cosine (see `_one_minus_cos`)."""
+
+
+def segment_last_positions(seg: Tensor) -> tuple[Tensor, Tensor]:
+    """Last token position of every segment: `(positions (B,S_max) long, valid (B,S_max) bool)`.
+
+    S_max = largest segment id in the batch + 1. Slots of segments a row does not have are
+    invalid and point at position 0 (safe to gather, must be masked).
+    """
+    if seg.ndim != 2:
+        raise ValueError(f"segment ids must be (B, L), got shape {tuple(seg.shape)}")
+    n_segments = max(int(seg.max()) + 1, 0) if seg.numel() else 0
+    if n_segments == 0:
+        empty = torch.zeros(seg.shape[0], 0, dtype=torch.long, device=seg.device)
+        return empty, empty.bool()
+    member = seg.unsqueeze(-1) == torch.arange(n_segments, device=seg.device)  # (B, L, S)
+    pos = torch.arange(seg.shape[1], device=seg.device).view(1, -1, 1)
+    last = torch.where(member, pos, -1).amax(dim=1)
+    return last.clamp_min(0), last >= 0
+
+
+def aim_loss(
+    teacher_attn: Tensor, teacher_values: Tensor, teacher_seg: Tensor,
+    student_attn: Tensor, student_values: Tensor, student_seg: Tensor,
+    impl: str = "aim", loss: str = "mse",
+) -> Tensor:
+    """AIM loss between teacher and student (scalar), never materialising per-pair vectors.
+
+    Teacher tensors may be inference tensors; gradients flow to whatever requires them.
+    """
+    teacher, student = _prepare(teacher_attn, teacher_values, teacher_seg,
+                                student_attn, student_values, student_seg, impl, loss)
+    with _no_autocast(teacher_attn.device):
+        if impl == "aim_star":
+            return _vector_loss(teacher.queries() @ teacher.values, student.queries() @ student.values,
+                                teacher.valid, loss)
+        tq, sq = teacher.queries(), student.queries()
+        n_t = _pair_inner_products(teacher, tq, teacher, tq)
+        n_s = _pair_inner_products(student, sq, student, sq)
+        dot = _pair_inner_products(teacher, tq, student, sq)
+        mask = _pair_mask(teacher.valid).unsqueeze(1).expand_as(dot)  # (B, H, S, S)
+        if loss == "mse":
+            total = torch.where(mask, n_t + n_s - 2 * dot, 0.0).sum()
+            return total / (mask.sum() * teacher.values.shape[-1])
+        return torch.where(mask, _one_minus_cos(dot, n_t, n_s), 0.0).sum() / mask.sum()
+
+
+def naive_aim_loss(
+    teacher_attn: Tensor, teacher_values: Tensor, teacher_seg: Tensor,
+    student_attn: Tensor, student_values: Tensor, student_seg: Tensor,
+    impl: str = "aim", loss: str = "mse",
+) -> Tensor:
+    """Reference implementation: materialises every s (B,H,S,S,D) / o (B,H,S,D) literally."""
+    teacher, student = _prepare(teacher_attn, teacher_values, teacher_seg,
+                                student_attn, student_values, student_seg, impl, loss)
+    with _no_autocast(teacher_attn.device):
+        vec_t, vec_s = _naive_vectors(teacher, impl), _naive_vectors(student, impl)
+        mask = _pair_mask(teacher.valid) if impl == "aim" else teacher.valid
+        return _vector_loss(vec_t, vec_s, mask, loss)
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Side:
+    attn: Tensor  # (B, H, L, L), input dtype
+    values: Tensor  # (B, H, L, D), compute dtype
+    seg: Tensor  # (B, L)
+    positions: Tensor  # (B, S) last token of each segment
+    valid: Tensor  # (B, S) the row has this segment
+
+    def queries(self) -> Tensor:
+        """Attention rows of the segments' last tokens, (B, H, S, L), in the compute dtype."""
+        b, h, length, _ = self.attn.shape
+        index = self.positions[:, None, :, None].expand(b, h, -1, length)
+        return self.attn.gather(2, index).to(self.values.dtype)
+
+    def onehot(self) -> Tensor:
+        """(B, 1, L, S): token j belongs to segment k."""
+        ids = torch.arange(self.valid.shape[1], device=self.seg.device)
+        return (self.seg.unsqueeze(-1) == ids).to(self.values.dtype).unsqueeze(1)
+
+
+def _pair_inner_products(x: _Side, x_queries: Tensor, y: _Side, y_queries: Tensor) -> Tensor:
+    """<s_x[b,h,i,k], s_y[b,h,i,k]> for all pairs, (B,H,S,S), via the segment-masked Gram matrix."""
+    # segment-less tokens may match each other here; the one-hot below drops their j' anyway
+    same = x.seg.unsqueeze(2) == y.seg.unsqueeze(1)  # (B, Lx, Ly)
+    gram = torch.where(same.unsqueeze(1), x.values @ y.values.mT, 0.0)  # (B, H, Lx, Ly)
+    per_key = (x_queries @ gram) * y_queries  # (B, H, S, Ly)
+    return per_key @ y.onehot()
+
+
+def _naive_vectors(side: _Side, impl: str) -> Tensor:
+    """s (B,H,S,S,D) for aim, o (B,H,S,D) for aim_star, straight from the definitions."""
+    attn = side.attn.to(side.values.dtype)
+    if impl == "aim_star":
+        out = attn @ side.values  # the full attention output (B, H, L, D)
+        return torch.stack([out[b][:, side.positions[b]] for b in range(out.shape[0])])
+    rows = torch.stack([attn[b][:, side.positions[b]] for b in range(attn.shape[0])])  # (B,H,S,L)
+    weighted = rows.unsqueeze(-1) * side.values.unsqueeze(2)  # A[t_i, j] V_j: (B, H, S, L, D)
+    return torch.einsum("bhijd,bjk->bhikd", weighted, side.onehot().squeeze(1))
+
+
+def _vector_loss(vec_t: Tensor, vec_s: Tensor, mask: Tensor, loss: str) -> Tensor:
+    """Loss between explicit vectors (..., D); `mask` (B, S[, S]) marks the pairs that count."""
+    mask = mask.unsqueeze(1).expand(vec_t.shape[:-1])  # over heads
+    if loss == "mse":
+        sq = ((vec_t - vec_s) ** 2).sum(-1)
+        return torch.where(mask, sq, 0.0).sum() / (mask.sum() * vec_t.shape[-1])
+    cos = _one_minus_cos((vec_t * vec_s).sum(-1), (vec_t * vec_t).sum(-1), (vec_s * vec_s).sum(-1))
+    return torch.where(mask, cos, 0.0).sum() / mask.sum()
+
+
+def _one_minus_cos(dot: Tensor, n_x: Tensor, n_y: Tensor) -> Tensor:
+    """1 − cos(x, y) from <x,y>, |x|², |y|², with both vectors extended by a coordinate ε.
+
+    This keeps the loss smooth and defined everywhere: two zero vectors count as identical (0),
+    a zero vector against a non-zero one costs ≈ 1, and for ordinary vectors the ε² = 1e-12 shift is
+    far below fp32 resolution. Identical inputs give exactly 0 since sqrt(fl(x·x)) = x in IEEE
+    arithmetic.
+    """
+    e = COSINE_EPS**2
+    return 1 - (dot + e) / torch.sqrt((n_x + e) * (n_y + e))
+
+
+def _pair_mask(valid: Tensor) -> Tensor:
+    """(B, S, S): query segment i and key segment k both exist and k ≤ i."""
+    causal = torch.ones(valid.shape[1], valid.shape[1], dtype=torch.bool, device=valid.device).tril()
+    return valid.unsqueeze(2) & valid.unsqueeze(1) & causal
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The Gram form needs full precision: autocast would run its matmuls in bf16."""
+    if is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _prepare(t_attn: Tensor, t_values: Tensor, t_seg: Tensor, s_attn: Tensor, s_values: Tensor,
+             s_seg: Tensor, impl: str, loss: str) -> tuple[_Side, _Side]:
+    """Validate the inputs (clear errors instead of shape crashes) and build both sides."""
+    if impl not in AIM_IMPLS:
+        raise ValueError(f"unknown AIM impl {impl!r}; choose one of {AIM_IMPLS}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown AIM loss {loss!r}; choose one of {LOSSES}")
+    dtype = functools.reduce(torch.promote_types, [t_attn.dtype, t_values.dtype, s_attn.dtype,
+                                                   s_values.dtype], torch.float32)
+    teacher = _side("teacher", t_attn, t_values, t_seg, dtype)
+    student = _side("student", s_attn, s_values, s_seg, dtype)
+    (b_t, h_t, _, d_t), (b_s, h_s, _, d_s) = teacher.values.shape, student.values.shape
+    if (b_t, h_t, d_t) != (b_s, h_s, d_s):
+        raise ValueError(f"teacher and student must share batch size, heads and head dim: teacher "
+                         f"(B={b_t}, H={h_t}, D={d_t}) vs student (B={b_s}, H={h_s}, D={d_s})")
+
+    # one host sync for all segment-count checks
+    counts = torch.stack([teacher.valid.sum(1), _n_ids(teacher.seg), student.valid.sum(1),
+                          _n_ids(student.seg)]).tolist()
+    for b, (n_t, ids_t, n_s, ids_s) in enumerate(zip(*counts)):
+        for name, n, ids in (("teacher", n_t, ids_t), ("student", n_s, ids_s)):
+            if n != ids:
+                raise ValueError(f"{name} segment ids of sequence {b} must be 0..S-1 without gaps; "
+                                 f"ids go up to {ids - 1} but only {n} segments have tokens")
+        if n_t != n_s:
+            raise ValueError(f"sequence {b} has {n_t} teacher segments but {n_s} student segments; "
+                             "both tokenisations must split the text into the same segments")
+    if sum(counts[0]) == 0:
+        raise ValueError("no segments in the batch: every segment id is negative")
+    return teacher, student
+
+
+def _n_ids(seg: Tensor) -> Tensor:
+    """Per row: largest segment id + 1 (0 for a row without segments)."""
+    return seg.amax(1).clamp_min(-1) + 1
+
+
+def _side(name: str, attn: Tensor, values: Tensor, seg: Tensor, dtype: torch.dtype) -> _Side:
+    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"{name}_attn must be (B, H, L, L), got {tuple(attn.shape)}")
+    b, h, length, _ = attn.shape
+    if values.ndim != 4 or tuple(values.shape[:3]) != (b, h, length):
+        raise ValueError(f"{name}_values must be (B={b}, H={h}, L={length}, D) like {name}_attn, "
+                         f"got {tuple(values.shape)}")
+    if tuple(seg.shape) != (b, length):
+        raise ValueError(f"{name}_seg must be (B={b}, L={length}), got {tuple(seg.shape)}")
+    if seg.dtype.is_floating_point or seg.dtype == torch.bool:
+        raise ValueError(f"{name}_seg must hold integer segment ids, got {seg.dtype}")
+    seg = seg.to(attn.device)
+    values = values.to(dtype)
+    if values.is_inference():  # inference tensors cannot be saved for the student's backward
+        values = values.clone()
+    positions, valid = segment_last_positions(seg)
+    return _Side(attn, values, seg, positions, valid)
