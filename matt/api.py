@@ -30,6 +30,8 @@ class MATT:
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
         self.dataset = None
+        self.segmentation_stats = None
+        """`SegmentationStats` of the last `prepare_dataset` call (documents, examples, skips)."""
         self._overlap = None
 
     # --- data ---------------------------------------------------------------------------------
@@ -41,7 +43,7 @@ class MATT:
         tokenizers loads the cache. Returns the prepared dataset (also kept for `train`)."""
         from matt.data import prepare_dataset
 
-        self.dataset = prepare_dataset(
+        prepared = prepare_dataset(
             dataset,
             self.teacher_tokenizer,
             self.student_tokenizer,
@@ -50,6 +52,7 @@ class MATT:
             cache_dir=self.config.dataset_cache_dir,
             text_column=text_column or self.config.text_column,
         )
+        self.dataset, self.segmentation_stats = prepared.dataset, prepared.stats
         return self.dataset
 
     # --- vocabulary overlap & initialisation --------------------------------------------------

@@ -86,7 +86,8 @@ def aim_loss(
         dot = _pair_inner_products(teacher, tq, student, sq)
         mask = _pair_mask(teacher.valid).unsqueeze(1).expand_as(dot)  # (B, H, S, S)
         if loss == "mse":
-            total = torch.where(mask, n_t + n_s - 2 * dot, 0.0).sum()
+            # ||s - s'||² >= 0; the Gram form can round to a tiny negative number near identity
+            total = torch.where(mask, (n_t + n_s - 2 * dot).clamp_min(0.0), 0.0).sum()
             return total / (mask.sum() * teacher.values.shape[-1])
         return torch.where(mask, _one_minus_cos(dot, n_t, n_s), 0.0).sum() / mask.sum()
 
@@ -165,7 +166,7 @@ def _one_minus_cos(dot: Tensor, n_x: Tensor, n_y: Tensor) -> Tensor:
     arithmetic.
     """
     e = COSINE_EPS**2
-    return 1 - (dot + e) / torch.sqrt((n_x + e) * (n_y + e))
+    return (1 - (dot + e) / torch.sqrt((n_x + e) * (n_y + e))).clamp_min(0.0)  # rounding can overshoot cos = 1
 
 
 def _pair_mask(valid: Tensor) -> Tensor:

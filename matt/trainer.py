@@ -81,12 +81,13 @@ class _EpochBatches:
 
     def __iter__(self):
         while True:
+            resumed_at_end = self.batch_in_epoch > 0  # a checkpoint taken after an epoch's last batch
             produced = False
             for batch in self._loader():
                 produced = True
                 self.batch_in_epoch += 1
                 yield batch
-            if not produced:
+            if not produced and not resumed_at_end:
                 raise ValueError("The prepared dataset yields no batches (is it empty?)")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 

@@ -1,0 +1,175 @@
+"""Generative proxy: greedy continuation of held-out text, scored with chrF.
+
+Log-likelihood metrics can look fine while generation degrades (e.g. a broken LM head that still
+ranks choices correctly). Continuing real held-out prompts greedily and comparing the result with
+the true continuation via character n-gram F-score (chrF, tokenizer-independent) catches that.
+Both the generated text and the reference are cut to the same number of characters so that
+models with different tokenizers (and different characters per generated token) are compared on
+equal lengths; leading whitespace is stripped from both because whether the first space of a
+continuation shows up in decoded text is a tokenizer quirk (e.g. SentencePiece's "▁").
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import sacrebleu
+import torch
+from tqdm.auto import tqdm
+
+from matt.evaluation.bpb import as_text_list
+from matt.evaluation.scoring import check_ids_fit_model, evaluation_mode, model_device, prefix_token_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """A held-out prompt (ending at a word end) and its true continuation."""
+
+    prompt: str
+    target: str
+
+
+def build_generation_items(
+    texts: Iterable[str],
+    *,
+    num_items: int,
+    prompt_chars: int = 400,
+    target_chars: int = 100,
+    seed: int = 0,
+) -> list[GenerationItem]:
+    """At most one item per document, deterministic given `seed`.
+
+    The cut is placed at a whitespace character, so the prompt ends at the end of a word (ending a
+    prompt mid-word or on a space would handicap tokenizers that merge across that point). The
+    prompt is the preceding ~`prompt_chars` characters starting at a word start; the target is the
+    following `target_chars` characters without leading whitespace. Documents without such a cut
+    are skipped; fewer than `num_items` items are returned with a warning if documents run out.
+    """
+    if num_items < 1 or prompt_chars < 1 or target_chars < 1:
+        raise ValueError(f"num_items, prompt_chars and target_chars must be >= 1; got {num_items}, "
+                         f"{prompt_chars}, {target_chars}")
+    rng = random.Random(seed)
+    texts = as_text_list(texts)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    items: list[GenerationItem] = []
+    skipped = 0
+    for index in order:
+        if len(items) == num_items:
+            break
+        item = _item_from_document(texts[index], prompt_chars, target_chars, rng)
+        if item is None:
+            skipped += 1
+        else:
+            items.append(item)
+    if skipped:
+        logger.info("Skipped %d document(s) too short for a %d+%d character item", skipped, prompt_chars, target_chars)
+    if len(items) < num_items:
+        logger.warning("Built only %d of %d requested generation items", len(items), num_items)
+    return items
+
+
+def _item_from_document(text: str, prompt_chars: int, target_chars: int, rng: random.Random) -> GenerationItem | None:
+    cuts = [
+        cut
+        for cut in range(prompt_chars, len(text))
+        if text[cut].isspace() and not text[cut - 1].isspace() and len(text[cut:].lstrip()) >= target_chars
+    ]
+    if not cuts:
+        return None
+    cut = rng.choice(cuts)
+    start = cut - prompt_chars
+    if start > 0 and not text[start - 1].isspace():
+        # Move forward to the next word start so the prompt does not begin mid-word.
+        while start < cut and not text[start].isspace():
+            start += 1
+    prompt = text[start:cut].lstrip()
+    if not prompt:
+        return None
+    return GenerationItem(prompt=prompt, target=text[cut:].lstrip()[:target_chars])
+
+
+def greedy_continuations(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy (`do_sample=False`) continuations of `prompts`, as decoded text.
+
+    Inputs are `[prefix token] + prompt tokens` (as in BPB), left-padded per batch. The new text is
+    what decoding prompt + new tokens adds after the decoded prompt, so a leading space that a
+    decoder only shows mid-text is kept.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prefix_id = prefix_token_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_id
+    device = torch.device(device) if device is not None else model_device(model)
+    encoded = [[prefix_id, *ids] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    if encoded:
+        check_ids_fit_model(model, max(max(ids) for ids in encoded))
+    outputs: list[str] = []
+    with evaluation_mode(model):
+        for start in tqdm(range(0, len(encoded), batch_size), desc="generate", disable=not progress, leave=False):
+            batch = encoded[start : start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            for row, ids in enumerate(batch):
+                new_ids = generated[row, width:].tolist()
+                outputs.append(_new_text(tokenizer, ids[1:], new_ids))
+    return outputs
+
+
+def _new_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full_text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    if full_text.startswith(prompt_text):
+        return full_text[len(prompt_text) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def generation_chrf(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[GenerationItem],
+    max_new_tokens: int = 64,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Corpus-level chrF (sacrebleu defaults, 0–100) of greedy continuations against the targets.
+
+    Each hypothesis is stripped of leading whitespace and cut to its target's length in characters.
+    `max_new_tokens` must be large enough to cover the target for the coarsest tokenizer compared;
+    a too-short generation is simply penalised.
+    """
+    if not items:
+        raise ValueError("No generation items to evaluate")
+    continuations = greedy_continuations(model, tokenizer, [item.prompt for item in items],
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         device=device, progress=progress)
+    hypotheses = [text.lstrip()[: len(item.target)] for text, item in zip(continuations, items)]
+    references = [item.target for item in items]
+    return {"chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score), "n": len(items)}

@@ -1,0 +1,391 @@
+"""Initial student embeddings: copy what the teacher already knows, guess the rest.
+
+Shared tokens (same bytes, see `matt.overlap`) copy the teacher's row bit for bit: the teacher's
+layers already know what to do with it. New tokens are initialised by one of
+
+- `focus`: FOCUS (Dobler & de Melo, 2023) through `deepfocus`. A small fastText model is trained on
+  the target texts tokenized by the student tokenizer; a new token's row is the sparsemax-weighted
+  convex combination of the teacher rows of shared tokens, weighted by fastText cosine similarity.
+  Tokens fastText has no vector for (too rare, special) fall back to N(mean, std) of the teacher rows.
+- `mean`: the exact mean of the teacher rows (no noise: training breaks the symmetry, since each
+  token receives gradients from different contexts).
+- `random`: N(mean, std) per dimension of the teacher rows.
+
+Teacher statistics use the rows of real tokens only (`len(teacher_tokenizer)` first rows), not the
+padding rows some checkpoints carry (Gemma, Qwen). All random draws come from one `seed`ed generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from matt.overlap import TokenOverlap, token_overlap
+
+logger = logging.getLogger(__name__)
+
+InitMethod = Literal["focus", "mean", "random"]
+METHODS = ("focus", "mean", "random")
+KINDS = ("copied", "focus", "mean", "random")
+_MAX_SIMILARITY_ENTRIES = 2**26
+"""Upper bound on new x shared entries per FOCUS chunk (deepfocus builds a dense float64 matrix)."""
+
+
+@dataclass
+class InitResult:
+    """Student embeddings and how each row was obtained."""
+
+    embeddings: Tensor
+    """(len(student_tokenizer), D) float32."""
+    overlap: TokenOverlap
+    kinds: list[str]
+    """Per student id: one of `copied`, `focus`, `mean`, `random`."""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {kind: self.kinds.count(kind) for kind in KINDS}
+
+
+# --------------------------------------------------------------------------------------------------
+# deepfocus glue
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_deepfocus(cache_dir: Path | None = None) -> Iterator[None]:
+    """Run deepfocus silently (and with its caches under `cache_dir`, when given).
+
+    deepfocus prints through its own logger and per-call tqdm bars, and caches tokenized text and
+    fastText models under a module-level directory in ~/.cache; all three are redirected for the
+    duration of the call only."""
+    import deepfocus.fasttext_embs as fasttext_embs
+    import deepfocus.focus as focus
+    from deepfocus.logger import logger as focus_logger
+    from tqdm.auto import tqdm
+
+    saved = (focus_logger.mode, fasttext_embs.CACHE_DIR, focus.tqdm)
+    focus_logger.config(mode="silent")
+    if cache_dir is not None:
+        fasttext_embs.CACHE_DIR = cache_dir
+    focus.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        focus_logger.mode, fasttext_embs.CACHE_DIR, focus.tqdm = saved
+
+
+def _texts_file(texts: Iterable[str], directory: Path) -> Path:
+    """Write texts one per line to a file named by their content hash.
+
+    deepfocus keys its caches by file path, so a content-addressed name keeps them valid."""
+    lines = [" ".join(text.split()) for text in texts]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError("FOCUS needs non-empty target-language `texts` to train fastText on")
+    content = "\n".join(lines) + "\n"
+    path = directory / f"texts-{hashlib.sha256(content.encode('utf-8')).hexdigest()[:20]}.txt"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def train_token_fasttext(
+    texts: Iterable[str],
+    tokenizer,
+    *,
+    dim: int = 100,
+    epochs: int = 3,
+    min_count: int = 1,
+    threads: int = 1,
+    cache_dir: str | Path | None = None,
+):
+    """fastText (CBOW) vectors of `tokenizer`'s tokens, trained on `texts` tokenized by it (deepfocus).
+
+    `min_count=1` (deepfocus defaults to 10) so that new tokens of a corpus of a few MB get vectors
+    instead of random rows. One thread keeps training bit-reproducible (fastText's Hogwild updates
+    are not with more). With `cache_dir`, the model is cached there; otherwise nothing persists."""
+    from deepfocus.fasttext_embs import load_target_token_embedding
+
+    with contextlib.ExitStack() as stack:
+        if cache_dir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="matt-fasttext-")))
+        else:
+            root = Path(cache_dir)
+        text_path = _texts_file(texts, root)
+        stack.enter_context(_quiet_deepfocus(root / "deepfocus"))
+        logger.info("Training fastText (dim=%d, epochs=%d, min_count=%d) on %s", dim, epochs, min_count, text_path)
+        return load_target_token_embedding(
+            target_tokenizer=tokenizer,
+            target_training_data_path=str(text_path),
+            epochs=epochs,
+            dim=dim,
+            min_count=min_count,
+            processes=threads,
+        )
+
+
+def _token_class(token: str, idx: int, descriptor: str):
+    from deepfocus.vocab_helper import TokenClass
+
+    return TokenClass(native_form=token, id=idx, canonical_form=token, fuzzy_form=token, uncased_form=token,
+                      no_whitespace_form=token, is_beginning_of_word=False, descriptor=descriptor)
+
+
+def _focus_rows(
+    target: Tensor,
+    source: Tensor,
+    overlap: TokenOverlap,
+    new_ids: list[int],
+    teacher_tokenizer,
+    student_tokenizer,
+    fasttext_model,
+) -> list[int]:
+    """Fill `target[new_ids]` that have a fastText vector with FOCUS; return the ids filled.
+
+    Shared tokens with a fastText vector are the anchors (deepfocus's rule); the lookup set is built
+    once because fastText's own `in` scans a list."""
+    import numpy as np
+    from deepfocus.focus import focus_additional_token_initialization
+    from deepfocus.vocab_helper import NewToken, OverlappingToken
+    from tqdm.auto import tqdm
+
+    known = set(fasttext_model.words)
+    specials = set(student_tokenizer.all_special_ids)
+
+    def vector(student_id: int):
+        if student_id in specials:
+            return None
+        token = student_tokenizer.convert_ids_to_tokens(student_id)
+        if token not in known:
+            return None
+        vec = fasttext_model.get_word_vector(token)
+        return vec if np.abs(vec).sum() > 0 else None
+
+    anchors = {}
+    for s_id, t_id in overlap.student_to_teacher.items():
+        vec = vector(s_id)
+        if vec is not None:
+            s_tok = student_tokenizer.convert_ids_to_tokens(s_id)
+            anchors[s_tok] = OverlappingToken(
+                source=[_token_class(teacher_tokenizer.convert_ids_to_tokens(t_id), t_id, "source")],
+                target=_token_class(s_tok, s_id, "target"),
+                source_embedding=source[t_id],
+                auxiliary_embedding=vec,
+            )
+    candidates = [(s_id, vector(s_id)) for s_id in new_ids]
+    candidates = [(s_id, vec) for s_id, vec in candidates if vec is not None]
+    if not anchors:
+        logger.warning("No shared token has a fastText vector: FOCUS cannot initialise any new token")
+        return []
+
+    chunk = max(1, _MAX_SIMILARITY_ENTRIES // len(anchors))
+    for start in tqdm(range(0, len(candidates), chunk), desc="FOCUS", unit="chunk", disable=None):
+        new_tokens = {}
+        for s_id, vec in candidates[start:start + chunk]:
+            s_tok = student_tokenizer.convert_ids_to_tokens(s_id)
+            new_tokens[s_tok] = NewToken(target=_token_class(s_tok, s_id, "target"), auxiliary_embedding=vec)
+        focus_additional_token_initialization(anchors, new_tokens, target, device=target.device)
+    return [s_id for s_id, _ in candidates]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+def initialize_embeddings(
+    source_embeddings: Tensor,
+    teacher_tokenizer,
+    student_tokenizer,
+    method: InitMethod = "focus",
+    *,
+    texts: Iterable[str] | None = None,
+    overlap: TokenOverlap | None = None,
+    fasttext_model=None,
+    fasttext_min_count: int = 1,
+    fasttext_epochs: int = 3,
+    fasttext_dim: int = 100,
+    fasttext_threads: int = 1,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> InitResult:
+    """Embeddings for the student vocabulary from the teacher's `source_embeddings` (V_t, D).
+
+    `texts` (target-language text) are required for `focus` unless a trained `fasttext_model`
+    over the student's tokens is passed. Deterministic for a fixed `seed` (and `fasttext_threads=1`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown initialisation method {method!r}; choose one of {METHODS}")
+    if source_embeddings.ndim != 2:
+        raise ValueError(f"source_embeddings must be (vocab, dim), got shape {tuple(source_embeddings.shape)}")
+    num_teacher = len(teacher_tokenizer)
+    if source_embeddings.shape[0] < num_teacher:
+        raise ValueError(f"source_embeddings has {source_embeddings.shape[0]} rows but the teacher tokenizer "
+                         f"has {num_teacher} tokens")
+    overlap = overlap if overlap is not None else token_overlap(teacher_tokenizer, student_tokenizer)
+    num_student = len(student_tokenizer)
+    if overlap.student_vocab_size != num_student:
+        raise ValueError(f"overlap was computed for {overlap.student_vocab_size} student tokens, but the student "
+                         f"tokenizer has {num_student}")
+
+    source = source_embeddings.detach().to("cpu", torch.float32)
+    real_rows = source[:num_teacher]
+    mean, std = real_rows.mean(dim=0), real_rows.std(dim=0)
+    target = torch.zeros(num_student, source.shape[1], dtype=torch.float32)
+    kinds = ["random"] * num_student
+
+    for s_id, t_id in overlap.student_to_teacher.items():
+        target[s_id] = source[t_id]
+        kinds[s_id] = "copied"
+    new_ids = [i for i in range(num_student) if kinds[i] != "copied"]
+
+    if method == "mean":
+        target[new_ids] = mean
+        for i in new_ids:
+            kinds[i] = "mean"
+    elif method == "focus" and new_ids:
+        if fasttext_model is None:
+            if texts is None:
+                raise ValueError("FOCUS initialisation needs target-language `texts` (or a `fasttext_model`)")
+            fasttext_model = train_token_fasttext(texts, student_tokenizer, dim=fasttext_dim, epochs=fasttext_epochs,
+                                                  min_count=fasttext_min_count, threads=fasttext_threads,
+                                                  cache_dir=cache_dir)
+        with _quiet_deepfocus():
+            focused = _focus_rows(target, source, overlap, new_ids, teacher_tokenizer, student_tokenizer,
+                                  fasttext_model)
+        for i in focused:
+            kinds[i] = "focus"
+
+    fallback = [i for i in new_ids if kinds[i] == "random"]
+    if fallback:
+        generator = torch.Generator().manual_seed(seed)
+        target[fallback] = torch.normal(mean.expand(len(fallback), -1), std.expand(len(fallback), -1),
+                                        generator=generator)
+    result = InitResult(embeddings=target, overlap=overlap, kinds=kinds)
+    if method == "focus" and fallback:
+        logger.info("%d of %d new tokens have no fastText vector and were drawn from N(mean, std)",
+                    len(fallback), len(new_ids))
+    logger.info("Initialised %d student embeddings with %s: %s", num_student, method, result.counts)
+    return result
+
+
+@dataclass
+class InitReport:
+    """What `build_student_model` did (for logs and experiment tracking)."""
+
+    method: str
+    teacher_vocab_size: int
+    student_vocab_size: int
+    embedding_rows: int
+    overlap_ratio: float
+    num_shared: int
+    num_new: int
+    counts: dict[str, int]
+    tied: bool
+    output_embeddings_initialized: bool
+    """True when the untied LM head was initialised alongside the input embeddings."""
+    overlap_summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_embedding_rows(model, tokenizer) -> None:
+    """Raise `ValueError` when some token id of `tokenizer` has no embedding row in `model`."""
+    num_tokens = len(tokenizer)
+    for name, module in (("input", model.get_input_embeddings()), ("output", model.get_output_embeddings())):
+        if module is None:
+            continue
+        rows = module.weight.shape[0]
+        if rows < num_tokens:
+            what = "embedding rows" if name == "input" else "output embedding (LM head) rows"
+            raise ValueError(f"model has {rows} {what} but tokenizer has {num_tokens} tokens")
+
+
+def _embeddings_tied(model) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def _set_special_token_ids(model, tokenizer) -> None:
+    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("pad", "bos", "eos")}
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    for config in configs:
+        for key, value in ids.items():
+            setattr(config, key, value)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        for key, value in ids.items():
+            setattr(generation_config, key, value)
+
+
+def build_student_model(
+    teacher_model,
+    teacher_tokenizer,
+    student_tokenizer,
+    method: InitMethod = "focus",
+    *,
+    texts: Iterable[str] | None = None,
+    overlap: TokenOverlap | None = None,
+    **init_kwargs: Any,
+):
+    """A new model (deep copy of the teacher; the teacher is untouched) for the student vocabulary.
+
+    Input embeddings get `len(student_tokenizer)` rows initialised by `initialize_embeddings`; the
+    embedding module keeps its class (e.g. Gemma's scaled embedding). An untied LM head is
+    initialised the same way from the teacher's head: both matrices are initialised as one (V_t, 2D)
+    matrix, so a new token gets the same FOCUS weights (or the same mean/draw) on both sides. Tied
+    models stay tied. Config and generation config get the student's vocab size and pad/bos/eos ids.
+    Returns `(student_model, InitReport)`.
+    """
+    check_embedding_rows(teacher_model, teacher_tokenizer)
+    tied = _embeddings_tied(teacher_model)
+    output = teacher_model.get_output_embeddings()
+    if output is not None and not tied and getattr(output, "bias", None) is not None:
+        raise ValueError("LM heads with a bias are not supported by build_student_model")
+    source = teacher_model.get_input_embeddings().weight.detach().float().cpu()
+    dim = source.shape[1]
+    if output is not None and not tied:
+        source = torch.cat([source, output.weight.detach().float().cpu()], dim=1)
+
+    result = initialize_embeddings(source, teacher_tokenizer, student_tokenizer, method, texts=texts,
+                                   overlap=overlap, **init_kwargs)
+
+    student = copy.deepcopy(teacher_model)
+    num_student = len(student_tokenizer)
+    student.resize_token_embeddings(num_student, mean_resizing=False)
+    input_embeddings = student.get_input_embeddings()
+    with torch.no_grad():
+        weight = input_embeddings.weight
+        weight.copy_(result.embeddings[:, :dim].to(weight.device, weight.dtype))
+        if output is not None and not tied:
+            head = student.get_output_embeddings().weight
+            head.copy_(result.embeddings[:, dim:].to(head.device, head.dtype))
+    _set_special_token_ids(student, student_tokenizer)
+    check_embedding_rows(student, student_tokenizer)
+
+    overlap = result.overlap
+    report = InitReport(
+        method=method,
+        teacher_vocab_size=len(teacher_tokenizer),
+        student_vocab_size=num_student,
+        embedding_rows=input_embeddings.weight.shape[0],
+        overlap_ratio=overlap.ratio,
+        num_shared=overlap.num_shared,
+        num_new=overlap.num_new,
+        counts=result.counts,
+        tied=tied,
+        output_embeddings_initialized=output is not None and not tied,
+        overlap_summary=overlap.summary(),
+    )
+    logger.info("Student model: %d embedding rows, %.1f%% of the student vocabulary shared with the teacher, %s",
+                report.embedding_rows, 100 * overlap.ratio, report.counts)
+    return student, report

@@ -1,0 +1,195 @@
+"""End-to-end training through the public API on tiny models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matt import MATT, MATTConfig, TransferResult
+from matt.initialization import build_student_model
+from matt.modeling import adapter_for
+from matt.tiny import FAMILIES, SAMPLE_TEXTS, tiny_model
+
+TEXTS = SAMPLE_TEXTS[:4]  # batch_size 4, no shuffle -> the same fixed batch every step
+
+
+def make_config(tmp_path, **overrides) -> MATTConfig:
+    values = dict(max_steps=6, batch_size=4, lr=1e-2, shuffle=False, log_every_n_steps=1,
+                  max_length=64, dataset_cache_dir=str(tmp_path / "cache"), progress_bar=False)
+    values.update(overrides)
+    return MATTConfig(**values)
+
+
+def setup_run(tmp_path, family, teacher_tok, student_tok, n_layers=2, with_ntp=False, freeze=True, **overrides):
+    config = make_config(tmp_path, with_ntp=with_ntp, **overrides)
+    matt = MATT(config=config, teacher_tokenizer=teacher_tok, student_tokenizer=student_tok)
+    matt.prepare_dataset(list(TEXTS))
+    teacher_model = tiny_model(family, len(teacher_tok))
+    student_model, _ = build_student_model(teacher_model, teacher_tok, student_tok, "mean")
+    adapter = adapter_for(teacher_model)
+    mask = matt.prepare_frozen_embeddings_mask() if freeze else None
+    teacher = adapter.from_pretrained(teacher_model, n_layers=n_layers)
+    student = adapter.from_pretrained(student_model, n_layers=n_layers, frozen_embeddings_mask=mask,
+                                      with_ntp=with_ntp)
+    return matt, teacher, student
+
+
+class Recorder:
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+
+    def __call__(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def series(self, key):
+        return [m[key] for _, m in self.rows]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_falls_on_a_fixed_batch(tmp_path, family, byte_level_tokenizer, sentencepiece_tokenizer):
+    matt, teacher, student = setup_run(tmp_path, family, byte_level_tokenizer, sentencepiece_tokenizer)
+    before = student.input_embedding_weight().clone()
+    rec = Recorder()
+    result = matt.train(teacher, student, log_fns=[rec])
+    losses = rec.series("aim_loss")
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+    # shared (frozen) rows never move; new rows do
+    mask = matt.prepare_frozen_embeddings_mask()
+    after = result.input_embeddings
+    assert torch.equal(after[mask], before[mask])
+    assert not torch.equal(after[~mask], before[~mask])
+    for key in ("lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "flops", "elapsed_s"):
+        assert rec.rows[-1][1][key] >= 0, key
+
+
+@pytest.mark.parametrize("impl", ["aim", "aim_star"])
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_same_tokenizer_and_embeddings_give_exactly_zero(tmp_path, impl, loss, byte_level_tokenizer):
+    """Through the whole pipeline (data, adapters, trainer): identical sides give a loss of exactly 0.
+
+    Only the first step is checked: the gradient at identity is rounding noise rather than exactly
+    0 for the Gram-form and cosine losses, and Adam rescales any non-zero gradient to a step of ~lr."""
+    config = make_config(tmp_path, max_steps=1, aim_impl=impl, loss=loss)
+    matt = MATT(config=config, teacher_tokenizer=byte_level_tokenizer, student_tokenizer=byte_level_tokenizer)
+    matt.prepare_dataset(list(TEXTS))
+    model = tiny_model("llama", len(byte_level_tokenizer))
+    teacher = adapter_for(model).from_pretrained(model, n_layers=2, copy=True)
+    student = adapter_for(model).from_pretrained(model, n_layers=2, copy=True)
+    rec = Recorder()
+    matt.train(teacher, student, log_fns=[rec])
+    assert rec.series("aim_loss") == [0.0]
+
+
+def test_untied_qwen3_with_ntp_trains_the_head_with_scaled_ntp(tmp_path, byte_level_tokenizer, sentencepiece_tokenizer):
+    matt, teacher, student = setup_run(tmp_path, "qwen3", byte_level_tokenizer, sentencepiece_tokenizer,
+                                       with_ntp=True)
+    head_before = student.output_embedding_weight().clone()
+    rec = Recorder()
+    result = matt.train(teacher, student, log_fns=[rec])
+    assert result.tie_word_embeddings is False
+    assert not torch.equal(result.output_embeddings, head_before)
+    first = rec.rows[0][1]
+    assert first["ntp_loss"] > 0
+    assert first["ntp_scale"] == pytest.approx(first["aim_loss"] / first["ntp_loss"], rel=1e-4)
+    assert first["loss"] == pytest.approx(2 * first["aim_loss"], rel=1e-4)  # aim + (aim/ntp)·ntp
+
+
+def test_untied_model_without_ntp_keeps_its_initialised_head(tmp_path, byte_level_tokenizer, sentencepiece_tokenizer):
+    matt, teacher, student = setup_run(tmp_path, "qwen3", byte_level_tokenizer, sentencepiece_tokenizer)
+    head_before = student.output_embedding_weight().clone()
+    result = matt.train(teacher, student)
+    assert torch.equal(result.output_embeddings, head_before)
+
+
+@pytest.mark.parametrize("mode", ["tied", "keep_init", "ntp"])
+def test_output_side_of_tied_models(tmp_path, mode, byte_level_tokenizer, sentencepiece_tokenizer):
+    matt, teacher, student = setup_run(tmp_path, "llama", byte_level_tokenizer, sentencepiece_tokenizer,
+                                       with_ntp=mode == "ntp", output_embeddings=mode)
+    init = student.input_embedding_weight().clone()
+    result = matt.train(teacher, student)
+    if mode == "tied":
+        assert result.tie_word_embeddings and result.output_embeddings is None
+    elif mode == "keep_init":
+        assert not result.tie_word_embeddings
+        assert torch.equal(result.output_embeddings, init)
+        assert not torch.equal(result.input_embeddings, init)
+    else:
+        assert not result.tie_word_embeddings
+        assert not torch.equal(result.output_embeddings, init)
+        assert not torch.equal(result.output_embeddings, result.input_embeddings)
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, byte_level_tokenizer, sentencepiece_tokenizer):
+    """6 steps straight == crash during step 5 + resume (optimizer, scheduler, data position, RNG)."""
+    texts = list(SAMPLE_TEXTS)  # 10 docs, batch 2 -> shuffling and epoch boundaries matter
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(metrics, step):
+        if step == 5:
+            raise Crash
+
+    def run(ckpt, resume=False, log_fns=()):
+        config = make_config(tmp_path, max_steps=6, batch_size=2, shuffle=True, num_warmup_steps=2,
+                             num_decay_steps=2, checkpoint_dir=str(ckpt), save_every_n_steps=2, resume=resume)
+        matt = MATT(config=config, teacher_tokenizer=byte_level_tokenizer, student_tokenizer=sentencepiece_tokenizer)
+        matt.prepare_dataset(texts)
+        teacher_model = tiny_model("gemma3", len(byte_level_tokenizer))
+        student_model, _ = build_student_model(teacher_model, byte_level_tokenizer, sentencepiece_tokenizer, "mean")
+        adapter = adapter_for(teacher_model)
+        rec = Recorder()
+        result = matt.train(adapter.from_pretrained(teacher_model, n_layers=2),
+                            adapter.from_pretrained(student_model, n_layers=2), log_fns=[rec, *log_fns])
+        return result, rec
+
+    straight, rec_straight = run(tmp_path / "a")
+    with pytest.raises(Crash):
+        run(tmp_path / "b", log_fns=[crash_at_5])
+    # the crash happened after step 5's update: that step must not be lost
+    import json
+
+    assert json.loads((tmp_path / "b" / "trainer_state.json").read_text())["step"] == 5
+    resumed, rec_resumed = run(tmp_path / "b", resume=True)
+    assert [s for s, _ in rec_resumed.rows] == [6]
+    assert rec_resumed.series("aim_loss") == pytest.approx([rec_straight.rows[-1][1]["aim_loss"]], rel=1e-5)
+    assert torch.allclose(resumed.input_embeddings, straight.input_embeddings, atol=1e-6)
+
+
+def test_apply_to_full_model_roundtrips_through_save_pretrained(tmp_path, byte_level_tokenizer, sentencepiece_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    matt, teacher, student = setup_run(tmp_path, "llama", byte_level_tokenizer, sentencepiece_tokenizer,
+                                       output_embeddings="keep_init", max_steps=2)
+    result = matt.train(teacher, student)
+    result.save(tmp_path / "emb")
+    loaded = TransferResult.load(tmp_path / "emb")
+    assert torch.equal(loaded.input_embeddings, result.input_embeddings)
+    full = tiny_model("llama", len(byte_level_tokenizer))
+    loaded.apply_to(full)
+    full.save_pretrained(tmp_path / "adapted")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "adapted")
+    assert again.get_input_embeddings().weight.shape[0] == len(sentencepiece_tokenizer)
+    assert torch.equal(again.get_input_embeddings().weight, result.input_embeddings)
+    assert torch.equal(again.get_output_embeddings().weight, result.output_embeddings)
+    ids = sentencepiece_tokenizer("Привіт, світе!", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(again(ids).logits).all()
+
+
+def test_bad_inputs_fail_with_clear_errors(tmp_path, byte_level_tokenizer, sentencepiece_tokenizer):
+    config = make_config(tmp_path)
+    matt = MATT(config=config, teacher_tokenizer=byte_level_tokenizer, student_tokenizer=sentencepiece_tokenizer)
+    with pytest.raises(ValueError, match="prepare_dataset"):
+        matt.train(None, None)
+    matt.prepare_dataset(list(TEXTS))
+    teacher_model = tiny_model("llama", len(byte_level_tokenizer))
+    small = tiny_model("llama", 50)  # fewer embedding rows than the student vocabulary
+    with pytest.raises(ValueError, match="embedding rows"):
+        matt.train(adapter_for(teacher_model).from_pretrained(teacher_model, n_layers=2),
+                   adapter_for(small).from_pretrained(small, n_layers=2))
+    teacher_model = tiny_model("llama", len(byte_level_tokenizer))
+    other = tiny_model("llama", len(sentencepiece_tokenizer), hidden_size=32)
+    with pytest.raises(ValueError, match="hidden_size"):
+        matt.train(adapter_for(teacher_model).from_pretrained(teacher_model, n_layers=2),
+                   adapter_for(other).from_pretrained(other, n_layers=2))
