@@ -80,16 +80,11 @@ def aim_loss(
         if impl == "aim_star":
             return _vector_loss(teacher.queries() @ teacher.values, student.queries() @ student.values,
                                 teacher.valid, loss)
-        tq, sq = teacher.queries(), student.queries()
-        n_t = _pair_inner_products(teacher, tq, teacher, tq)
-        n_s = _pair_inner_products(student, sq, student, sq)
-        dot = _pair_inner_products(teacher, tq, student, sq)
-        mask = _pair_mask(teacher.valid).unsqueeze(1).expand_as(dot)  # (B, H, S, S)
-        if loss == "mse":
-            # ||s - s'||² >= 0; the Gram form can round to a tiny negative number near identity
-            total = torch.where(mask, (n_t + n_s - 2 * dot).clamp_min(0.0), 0.0).sum()
-            return total / (mask.sum() * teacher.values.shape[-1])
-        return torch.where(mask, _one_minus_cos(dot, n_t, n_s), 0.0).sum() / mask.sum()
+        mask = _pair_mask(teacher.valid)  # (B, S, S)
+        total = _PairwiseAIM.apply(teacher.queries(), teacher.values, student.queries(), student.values,
+                                   teacher.seg, student.seg, mask, loss)
+        count = mask.sum() * teacher.values.shape[1]  # pairs × heads
+        return total / (count * teacher.values.shape[-1] if loss == "mse" else count)
 
 
 def naive_aim_loss(
@@ -127,13 +122,137 @@ class _Side:
         return (self.seg.unsqueeze(-1) == ids).to(self.values.dtype).unsqueeze(1)
 
 
-def _pair_inner_products(x: _Side, x_queries: Tensor, y: _Side, y_queries: Tensor) -> Tensor:
-    """<s_x[b,h,i,k], s_y[b,h,i,k]> for all pairs, (B,H,S,S), via the segment-masked Gram matrix."""
-    # segment-less tokens may match each other here; the one-hot below drops their j' anyway
-    same = x.seg.unsqueeze(2) == y.seg.unsqueeze(1)  # (B, Lx, Ly)
-    gram = torch.where(same.unsqueeze(1), x.values @ y.values.mT, 0.0)  # (B, H, Lx, Ly)
-    per_key = (x_queries @ gram) * y_queries  # (B, H, S, Ly)
-    return per_key @ y.onehot()
+class _PairwiseAIM(torch.autograd.Function):
+    """Σ over valid pairs (b,h,i,k) of the per-pair loss, with an explicit backward.
+
+    Forward and backward walk over chunks of (b, h) so that the O(L²) temporaries (masked Gram
+    matrices, their products with the queries) exist for a few heads at a time: the extra memory
+    is a small fraction of the attention tensors themselves. Nothing is saved between forward and
+    backward but the inputs; the backward recomputes each chunk.
+
+    Per pair the loss is f(n_t, n_s, c) with n_t = <s,s>, n_s = <s',s'>, c = <s,s'>. The backward
+    needs the partials a_t, a_s, a_c of f (per pair) and, with P = the pair weights spread over the
+    tokens of segment k,
+        ∂/∂q'_j' = 2·a_s·(q'G_ss)_j' + a_c·(qG_ts)_j'
+        ∂/∂V'_j' = Σ_i [2·a_s q'_j' Σ_{j''∈k} q'_j'' V'_j'' + a_c q'_j' Σ_{j∈k} q_j V_j]
+    (and symmetrically for the teacher). For mse a_c = −2·a_s exactly, so when teacher and student
+    are bit-identical every gradient is a difference of two bit-identical products: exactly zero,
+    not rounding noise that Adam would blow up into steps of size lr.
+    """
+
+    @staticmethod
+    def forward(ctx, tq, tv, sq, sv, t_seg, s_seg, mask, loss):  # noqa: D401 - autograd signature
+        ctx.save_for_backward(tq, tv, sq, sv, t_seg, s_seg, mask)
+        ctx.loss = loss
+        total = tq.new_zeros(())
+        for chunk in _head_chunks(tq):
+            terms = _ChunkTerms(tq, tv, sq, sv, t_seg, s_seg, chunk)
+            total = total + _pair_losses(terms, mask[chunk.batch], loss).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        tq, tv, sq, sv, t_seg, s_seg, mask = ctx.saved_tensors
+        need_t = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_s = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        grads = {name: torch.zeros_like(x) if needed else None for name, x, needed in
+                 (("tq", tq, need_t), ("tv", tv, need_t), ("sq", sq, need_s), ("sv", sv, need_s))}
+        for chunk in _head_chunks(tq):
+            terms = _ChunkTerms(tq, tv, sq, sv, t_seg, s_seg, chunk)
+            a_t, a_s, a_c = (a * grad_total for a in _pair_partials(terms, mask[chunk.batch], ctx.loss))
+            if need_s:
+                coef_s = (2 * a_s) @ terms.s_onehot.mT  # weight of (i, token j') through n_s
+                cross_s = a_c @ terms.s_onehot.mT  # ... and through c
+                q, q_other = terms.sq, terms.tq
+                grads["sq"][chunk.index] = coef_s * terms.x_ss + cross_s * terms.x_ts
+                own = ((coef_s * q).mT @ q) * terms.same_ss
+                other = ((cross_s * q).mT @ q_other) * terms.same_ts.mT
+                grads["sv"][chunk.index] = own @ terms.sv + other @ terms.tv
+            if need_t:
+                coef_t = (2 * a_t) @ terms.t_onehot.mT
+                cross_t = a_c @ terms.t_onehot.mT
+                q, q_other = terms.tq, terms.sq
+                grads["tq"][chunk.index] = coef_t * terms.x_tt + cross_t * (q_other @ terms.g_ts.mT)
+                own = ((coef_t * q).mT @ q) * terms.same_tt
+                other = ((cross_t * q).mT @ q_other) * terms.same_ts
+                grads["tv"][chunk.index] = own @ terms.tv + other @ terms.sv
+        return grads["tq"], grads["tv"], grads["sq"], grads["sv"], None, None, None, None
+
+
+@dataclass
+class _HeadChunk:
+    batch: int
+    heads: slice
+
+    @property
+    def index(self) -> tuple[int, slice]:
+        return self.batch, self.heads
+
+
+MAX_HEAD_CHUNKS = 16
+"""Full AIM processes the B·H heads in about this many groups: its O(L²) temporaries then take
+~1/16 of the memory of the attention tensors (and the loop stays short enough for a GPU)."""
+
+
+def _head_chunks(queries: Tensor) -> list[_HeadChunk]:
+    """Split the B·H heads into about `MAX_HEAD_CHUNKS` groups (never across sequences)."""
+    batch, heads = queries.shape[:2]
+    per_chunk = max(1, -(-batch * heads // MAX_HEAD_CHUNKS))
+    return [_HeadChunk(b, slice(h, min(h + per_chunk, heads))) for b in range(batch)
+            for h in range(0, heads, per_chunk)]
+
+
+class _ChunkTerms:
+    """Masked Gram matrices and query products of one chunk of heads of one sequence."""
+
+    def __init__(self, tq, tv, sq, sv, t_seg, s_seg, chunk: _HeadChunk) -> None:
+        b = chunk.batch
+        self.tq, self.tv, self.sq, self.sv = tq[chunk.index], tv[chunk.index], sq[chunk.index], sv[chunk.index]
+        n_segments = tq.shape[2]
+        # segment-less tokens (-100) match no segment: masked out of every Gram entry
+        t, s = t_seg[b], s_seg[b]
+        self.same_tt = _same_segment(t, t)
+        self.same_ss = _same_segment(s, s)
+        self.same_ts = _same_segment(t, s)
+        ids = torch.arange(n_segments, device=t.device)
+        self.t_onehot = (t.unsqueeze(-1) == ids).to(tq.dtype)  # (Lt, S)
+        self.s_onehot = (s.unsqueeze(-1) == ids).to(tq.dtype)
+        g_tt = (self.tv @ self.tv.mT) * self.same_tt
+        g_ss = (self.sv @ self.sv.mT) * self.same_ss
+        self.g_ts = (self.tv @ self.sv.mT) * self.same_ts
+        self.x_tt = self.tq @ g_tt  # (h, S, Lt): <V_j, s_{i,k(j)}>
+        self.x_ss = self.sq @ g_ss
+        self.x_ts = self.tq @ self.g_ts  # (h, S, Ls): <V'_j', s_{i,k(j')}>
+        self.n_t = (self.x_tt * self.tq) @ self.t_onehot  # (h, S, S)
+        self.n_s = (self.x_ss * self.sq) @ self.s_onehot
+        self.c = (self.x_ts * self.sq) @ self.s_onehot
+
+
+def _same_segment(x: Tensor, y: Tensor) -> Tensor:
+    return ((x.unsqueeze(-1) == y.unsqueeze(-2)) & (x >= 0).unsqueeze(-1)).float()
+
+
+def _pair_losses(terms: _ChunkTerms, mask: Tensor, loss: str) -> Tensor:
+    """Per-pair loss (h, S, S), zero outside `mask`."""
+    if loss == "mse":
+        # ||s - s'||² >= 0; the Gram form can round to a tiny negative number near identity
+        value = (terms.n_t + terms.n_s - 2 * terms.c).clamp_min(0.0)
+    else:
+        value = _one_minus_cos(terms.c, terms.n_t, terms.n_s)
+    return torch.where(mask, value, 0.0)
+
+
+def _pair_partials(terms: _ChunkTerms, mask: Tensor, loss: str) -> tuple[Tensor, Tensor, Tensor]:
+    """∂f/∂n_t, ∂f/∂n_s, ∂f/∂c per pair, zero outside `mask` (and where the clamp is active)."""
+    if loss == "mse":
+        active = mask & (terms.n_t + terms.n_s - 2 * terms.c >= 0)
+        one = active.to(terms.c.dtype)
+        return one, one, -2 * one
+    e = COSINE_EPS**2
+    den = torch.sqrt((terms.n_t + e) * (terms.n_s + e))
+    cos = (terms.c + e) / den
+    active = (mask & (cos <= 1)).to(terms.c.dtype)
+    return (active * cos / (2 * (terms.n_t + e)), active * cos / (2 * (terms.n_s + e)), -active / den)
 
 
 def _naive_vectors(side: _Side, impl: str) -> Tensor:

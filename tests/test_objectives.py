@@ -89,6 +89,52 @@ def test_identical_teacher_and_student_give_exactly_zero(device, impl, loss):
                 assert value.item() == 0.0, (fn.__name__, seed, dtype)
 
 
+@pytest.mark.parametrize("impl", AIM_IMPLS)
+def test_identical_sides_give_exactly_zero_mse_gradients(impl):
+    """With mse, every gradient at identity is exactly 0 (not rounding noise): an optimizer such as
+    Adam, which rescales any non-zero gradient to a step of ~lr, then leaves the student alone."""
+    for seed in range(3):
+        p = random_problem(seed)
+        t_attn = p["t_attn"].clone().requires_grad_()
+        t_kv = p["t_values"][:, ::2].clone().requires_grad_()  # KV heads shared by 2 query heads
+        s_attn = t_attn.detach().clone().requires_grad_()
+        s_kv = t_kv.detach().clone().requires_grad_()
+        value = aim_loss(t_attn, t_kv.repeat_interleave(2, dim=1), p["t_seg"],
+                         s_attn, s_kv.repeat_interleave(2, dim=1), p["t_seg"].clone(), impl=impl, loss="mse")
+        grads = torch.autograd.grad(value, [t_attn, t_kv, s_attn, s_kv])
+        assert value.item() == 0.0
+        for grad in grads:
+            assert torch.count_nonzero(grad) == 0, (seed, impl)
+
+
+@pytest.mark.parametrize("impl,loss", CASES)
+def test_teacher_side_gradients_match_naive(impl, loss):
+    """The loss is symmetric in its two sides; a teacher that requires grad gets the right gradient."""
+    p = random_problem(6)
+    t_attn = p["t_attn"].clone().requires_grad_()
+    t_values = p["t_values"].clone().requires_grad_()
+    grads = [torch.autograd.grad(fn(t_attn, t_values, p["t_seg"], p["s_attn"], p["s_values"], p["s_seg"],
+                                    impl=impl, loss=loss), [t_attn, t_values, p["s_attn"], p["s_kv"]])
+             for fn in (aim_loss, naive_aim_loss)]
+    for fast, naive in zip(*grads):
+        torch.testing.assert_close(fast, naive, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_head_chunking_does_not_change_the_result(monkeypatch, loss):
+    import matt.objectives as objectives
+
+    p = random_problem(7, torch.float64)
+    results = []
+    for chunks in (1, 5, 1000):  # all heads of a row at once, a few per chunk, one per chunk
+        monkeypatch.setattr(objectives, "MAX_HEAD_CHUNKS", chunks)
+        value = call(aim_loss, p, impl="aim", loss=loss)
+        results.append((value, *torch.autograd.grad(value, [p["s_attn"], p["s_kv"]])))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl,loss", CASES)
 def test_different_teacher_and_student_give_positive_loss(impl, loss):
     p = random_problem(3)
