@@ -22,11 +22,13 @@ q = A[t_i, :] the gathered query row of the teacher and q' the student's,
 
 because the same-segment mask in C already restricts j to segment k once j' is in it. So (q · C) is
 one (S,L)@(L,L') matmul and the outer sum over j' is a matmul with the one-hot segment matrix
-(L',S). n and n' are the same expression with (V,V) and (V',V'). The largest tensors are the
-masked Gram matrices, the size of A itself.
+(L',S). n and n' are the same expression with (V,V) and (V',V'). The largest temporaries are
+masked Gram matrices of a few heads at a time (`_PairwiseAIM` walks over chunks of heads in its
+forward and its hand-written backward), so full AIM needs little more memory than AIM*.
 
 Exactness. n, n' and c go through the same function, so identical teacher and student give
-bit-identical n = n' = c and a loss of exactly 0. The flip side of the Gram form is cancellation:
+bit-identical n = n' = c and a loss of exactly 0; with mse the backward is arranged so that every
+gradient is then exactly 0 as well (see `_PairwiseAIM`). The flip side of the Gram form is cancellation:
 n + n' − 2c loses relative precision once the student is within ~1e-3 of the teacher (fp32), so
 the computation always runs in float32 at least (autocast disabled), float64 if an input is.
 """
