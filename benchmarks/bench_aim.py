@@ -1,0 +1,422 @@
+"""MATT performance benchmark: the AIM loss and one training step against their cost floors.
+
+    python benchmarks/bench_aim.py                 # everything (make bench), ~10-20 min on 2 CPU cores
+    python benchmarks/bench_aim.py --quick         # small sizes, a smoke check of the script itself
+    python benchmarks/bench_aim.py --parts loss    # only part 1
+
+Every measurement runs in a fresh spawned process, so "peak memory" is that configuration's own
+high-water mark: CUDA `max_memory_allocated` on a GPU, else the growth of the process's peak RSS
+over its resident size right before the measured call (inputs and models already built). Timings
+are medians over repeats after a warm-up. Results are reported as ratios within this one run — the
+machines are noisy, absolute numbers are only indicative — and written as markdown + JSON to
+`bench_results/`.
+
+Parts:
+1. AIM loss alone (forward + backward): full AIM (`aim`, chunked Gram form), AIM* and the naive
+   materialising reference, for L in {128, 256, 512, 1024}, with the attention shapes of
+   SmolLM2-135M (9 heads, 3 KV heads, head dim 64) and Gemma 3 270M (4 heads, 1 KV head, dim 256).
+2. One training step on SmolLM2-135M's architecture (random weights: cost does not depend on them),
+   n_layers=10, batch 4, L=256, student vocabulary 16K: the MATT step (the real `matt.trainer.train`
+   loop, data loading included), the floor (teacher forward + truncated student forward/backward
+   with a trivial loss, SDPA everywhere), a reference-style step (eager attention with attention
+   outputs at every layer + naive AIM, as the original library does) and a full-depth NTP step.
+3. Tokens per second and peak RSS of each step; the MATT step in fp32 and under bf16 autocast
+   (loss difference reported), which decides the CPU precision default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD_SHAPES = {  # name: (query heads, kv heads, head dim)
+    "smollm2_135m": (9, 3, 64),
+    "gemma3_270m": (4, 1, 256),
+}
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True)
+STUDENT_VOCAB = 16384
+NAIVE_LIMIT_BYTES = 6 * 2**30
+"""Skip the naive reference where its (B,H,S,L,D) tensors alone would exceed this."""
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement helpers (run inside the worker process)
+# ------------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class PeakMemory:
+    """Extra memory at the high-water mark of the block (CUDA allocator, else peak RSS growth)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = _rss_bytes()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.extra = max(0, _peak_rss_bytes() - self.start)
+        return False
+
+
+def _timed(fn, repeats: int, device: str) -> float:
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _partition(total: int, parts: int, rng: random.Random) -> list[int]:
+    """`parts` positive sizes summing to `total`."""
+    cuts = sorted(rng.sample(range(1, total), parts - 1))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+
+
+def _segment_ids(lengths: list[int], n_segments: int, lead: int, rng: random.Random):
+    """(B, L) ids: `lead` special tokens (-100), then n_segments segments filling the rest."""
+    import torch
+
+    rows = []
+    for length in lengths:
+        sizes = _partition(length - lead, n_segments, rng)
+        rows.append([-100] * lead + [k for k, size in enumerate(sizes) for _ in range(size)])
+    return torch.tensor(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# part 1: the loss alone
+# ------------------------------------------------------------------------------------------------
+def loss_worker(impl: str, shape: str, length: int, batch: int, repeats: int, device: str) -> dict:
+    import torch
+
+    from matt.objectives import aim_loss, naive_aim_loss
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    heads, kv_heads, dim = HEAD_SHAPES[shape]
+    n_segments = length // 2
+    student_length = int(length * 0.8)
+
+    def side(seq_len: int, lead: int, grad: bool):
+        logits = torch.randn(batch, heads, seq_len, seq_len, device=device)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        kv = torch.randn(batch, kv_heads, seq_len, dim, device=device)
+        seg = _segment_ids([seq_len] * batch, n_segments, lead, rng).to(device)
+        return attn.requires_grad_(grad), kv.requires_grad_(grad), seg
+
+    t_attn, t_kv, t_seg = side(length, 1, False)
+    s_attn, s_kv, s_seg = side(student_length, 0, True)
+    reps = heads // kv_heads
+    fn = naive_aim_loss if impl == "naive" else aim_loss
+    variant = "aim" if impl == "naive" else impl
+
+    def step():
+        s_values = s_kv.repeat_interleave(reps, dim=1)
+        value = fn(t_attn, t_kv.repeat_interleave(reps, dim=1), t_seg, s_attn, s_values, s_seg, impl=variant)
+        value.backward()
+        s_attn.grad = s_kv.grad = None
+        return value
+
+    inputs = sum(t.numel() * t.element_size() for t in (t_attn, t_kv, s_attn, s_kv))
+    with PeakMemory(device) as memory:
+        value = step()
+    seconds = _timed(step, repeats, device)
+    return {"impl": impl, "shape": shape, "L": length, "S": n_segments, "batch": batch, "seconds": seconds,
+            "peak_extra_mb": memory.extra / 2**20, "inputs_mb": inputs / 2**20, "loss": float(value)}
+
+
+def naive_bytes(shape: str, length: int, batch: int) -> int:
+    heads, _, dim = HEAD_SHAPES[shape]
+    n_segments = length // 2
+    return 4 * batch * heads * n_segments * dim * (length + n_segments)  # weighted (S·L·D) + s (S·S·D)
+
+
+# ------------------------------------------------------------------------------------------------
+# part 2/3: one training step
+# ------------------------------------------------------------------------------------------------
+def _smollm2(n_layers: int | None, attn: str, vocab: int = STUDENT_VOCAB):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{**SMOLLM2_135M, "vocab_size": vocab})
+    if n_layers is not None:
+        config.num_hidden_layers = n_layers
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+
+
+def _synthetic_examples(n: int, length: int, student_length: int, n_segments: int, seed: int = 0):
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        t_seg = _segment_ids([length], n_segments, 1, rng)[0].tolist()
+        s_seg = _segment_ids([student_length], n_segments, 0, rng)[0].tolist()
+        examples.append({
+            "teacher_input_ids": [1] + [rng.randrange(2, SMOLLM2_135M["vocab_size"]) for _ in range(length - 1)],
+            "teacher_segment_ids": t_seg,
+            "student_input_ids": [rng.randrange(2, STUDENT_VOCAB) for _ in range(student_length)],
+            "student_segment_ids": s_seg,
+        })
+    return examples
+
+
+def step_worker(kind: str, n_layers: int, batch: int, length: int, steps: int, warmup: int,
+                precision: str, device: str) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    n_segments = length // 2
+    tokens_per_step = batch * length  # student tokens
+    rss_before = _rss_bytes()
+
+    if kind == "matt":
+        import datasets
+
+        from matt.config import MATTConfig
+        from matt.data import AIMCollator
+        from matt.modeling import LlamaForAIM
+        from matt.trainer import train
+
+        teacher = LlamaForAIM(_smollm2(n_layers, "sdpa", SMOLLM2_135M["vocab_size"]), n_layers=n_layers,
+                              frozen_embeddings_mask=torch.ones(SMOLLM2_135M["vocab_size"], dtype=torch.bool))
+        student = LlamaForAIM(_smollm2(n_layers, "sdpa"), n_layers=n_layers)
+        data = datasets.Dataset.from_list(_synthetic_examples(batch * (steps + warmup), length, length, n_segments))
+        stamps: list[float] = []
+        losses: list[float] = []
+        config = MATTConfig(max_steps=steps + warmup, batch_size=batch, lr=1e-3, shuffle=False, log_every_n_steps=1,
+                            progress_bar=False, precision=precision, cpu=device == "cpu",
+                            output_embeddings="keep_init")
+
+        def record(metrics, step):
+            stamps.append(metrics["elapsed_s"])
+            losses.append(metrics["aim_loss"])
+
+        train(config, teacher, student, data, AIMCollator(0, 0), log_fns=[record])
+        seconds = (stamps[-1] - stamps[warmup - 1]) / steps
+        return {"kind": kind, "precision": precision, "seconds": seconds, "tokens_per_s": tokens_per_step / seconds,
+                "peak_rss_mb": _peak_rss_bytes() / 2**20, "model_rss_mb": rss_before / 2**20,
+                "first_loss": losses[0], "losses": losses}
+
+    # hand-written baselines: the same batch shape, only input embeddings train
+    ids_t = torch.randint(2, SMOLLM2_135M["vocab_size"], (batch, length), device=device)
+    ids_s = torch.randint(2, STUDENT_VOCAB, (batch, length), device=device)
+
+    if kind == "floor":
+        teacher = _smollm2(n_layers, "sdpa", SMOLLM2_135M["vocab_size"]).to(device).requires_grad_(False)
+        student = _smollm2(n_layers, "sdpa").to(device).requires_grad_(False)
+    elif kind == "reference":
+        teacher = _smollm2(n_layers, "eager", SMOLLM2_135M["vocab_size"]).to(device).requires_grad_(False)
+        student = _smollm2(n_layers, "eager").to(device).requires_grad_(False)
+    elif kind == "ntp":
+        teacher, student = None, _smollm2(None, "sdpa").to(device).requires_grad_(False)
+    else:
+        raise ValueError(kind)
+    embeddings = student.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    optimizer = torch.optim.AdamW([embeddings], lr=1e-3, weight_decay=0.0)
+
+    values = {}
+    if kind == "reference":
+        from matt.objectives import naive_aim_loss
+
+        heads, kv_heads, _ = HEAD_SHAPES["smollm2_135m"]
+
+        def hook(name):
+            def fn(module, inputs, out):  # (B, L, KV·D) -> (B, H, L, D), KV heads repeated
+                b, seq, _ = out.shape
+                values[name] = out.view(b, seq, kv_heads, -1).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            return fn
+
+        teacher.model.layers[-1].self_attn.v_proj.register_forward_hook(hook("teacher"))
+        student.model.layers[-1].self_attn.v_proj.register_forward_hook(hook("student"))
+        rng = random.Random(0)
+        t_seg = _segment_ids([length] * batch, n_segments, 1, rng)
+        s_seg = _segment_ids([length] * batch, n_segments, 0, rng)
+
+    def step():
+        if kind == "floor":
+            with torch.inference_mode():
+                teacher.model(input_ids=ids_t, use_cache=False)
+            hidden = student.model(input_ids=ids_s, use_cache=False).last_hidden_state
+            loss = hidden.float().pow(2).mean()
+        elif kind == "reference":
+            with torch.no_grad():
+                t_out = teacher.model(input_ids=ids_t, use_cache=False, output_attentions=True)
+            s_out = student.model(input_ids=ids_s, use_cache=False, output_attentions=True)
+            loss = naive_aim_loss(t_out.attentions[-1], values["teacher"], t_seg, s_out.attentions[-1],
+                                  values["student"], s_seg)
+        else:  # full-depth next-token prediction
+            loss = student(input_ids=ids_s, labels=ids_s, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([embeddings], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    for _ in range(warmup):
+        step()
+    seconds = _timed(step, steps, device)
+    return {"kind": kind, "precision": "32", "seconds": seconds, "tokens_per_s": tokens_per_step / seconds,
+            "peak_rss_mb": _peak_rss_bytes() / 2**20, "model_rss_mb": rss_before / 2**20}
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+def run_isolated(fn, **kwargs) -> dict:
+    """Run `fn(**kwargs)` in a fresh spawned process (its own memory high-water mark)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, kwds=kwargs)
+
+
+def part_loss(args, device: str) -> tuple[list[dict], list[str]]:
+    rows, lines = [], ["## 1. AIM loss alone (forward + backward)", ""]
+    lengths = [64, 128] if args.quick else [128, 256, 512, 1024]
+    for shape in HEAD_SHAPES:
+        for length in lengths:
+            for impl in ("aim", "aim_star", "naive"):
+                if impl == "naive" and naive_bytes(shape, length, args.batch) > NAIVE_LIMIT_BYTES:
+                    rows.append({"impl": impl, "shape": shape, "L": length, "skipped": True})
+                    continue
+                row = run_isolated(loss_worker, impl=impl, shape=shape, length=length, batch=args.batch,
+                                   repeats=args.repeats, device=device)
+                rows.append(row)
+                print(f"  loss {shape} L={length} {impl}: {row['seconds'] * 1e3:.1f} ms, "
+                      f"+{row['peak_extra_mb']:.0f} MB", flush=True)
+    lines += ["| heads | L (teacher/student) | S | full AIM ms | AIM* ms | naive ms | full AIM +MB | AIM* +MB | "
+              "naive +MB | mem AIM/AIM* | mem naive/AIM | time AIM/AIM* | time naive/AIM |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in HEAD_SHAPES:
+        for length in lengths:
+            by = {r["impl"]: r for r in rows if r["shape"] == shape and r["L"] == length}
+            full, star, naive = by["aim"], by["aim_star"], by["naive"]
+            if naive.get("skipped"):
+                naive_ms = naive_mb = mem_naive = time_naive = "skipped"
+            else:
+                naive_ms, naive_mb = f"{naive['seconds'] * 1e3:.1f}", f"{naive['peak_extra_mb']:.0f}"
+                mem_naive = f"{naive['peak_extra_mb'] / max(full['peak_extra_mb'], 1e-9):.1f}x"
+                time_naive = f"{naive['seconds'] / full['seconds']:.1f}x"
+            heads, kv_heads, dim = HEAD_SHAPES[shape]
+            lines.append(
+                f"| {shape} ({heads}/{kv_heads}x{dim}) | {length}/{int(length * 0.8)} | {full['S']} "
+                f"| {full['seconds'] * 1e3:.1f} | {star['seconds'] * 1e3:.1f} | {naive_ms} "
+                f"| {full['peak_extra_mb']:.0f} | {star['peak_extra_mb']:.0f} | {naive_mb} "
+                f"| {full['peak_extra_mb'] / max(star['peak_extra_mb'], 1e-9):.2f}x | {mem_naive} "
+                f"| {full['seconds'] / star['seconds']:.2f}x | {time_naive} |")
+    lines += ["", f"Batch {args.batch}; '+MB' = peak memory beyond the inputs ({'CUDA allocator' if device == 'cuda' else 'peak RSS growth'}).", ""]
+    return rows, lines
+
+
+def part_step(args, device: str) -> tuple[list[dict], list[str]]:
+    length, batch, n_layers = (64, 2, 4) if args.quick else (256, 4, 10)
+    steps, warmup = (2, 1) if args.quick else (args.steps, 2)
+    rows = []
+    kinds = [("matt", "32"), ("matt", "bf16-mixed"), ("floor", "32"), ("reference", "32"), ("ntp", "32")]
+    for kind, precision in kinds:
+        row = run_isolated(step_worker, kind=kind, n_layers=n_layers, batch=batch, length=length, steps=steps,
+                           warmup=warmup, precision=precision, device=device)
+        rows.append(row)
+        print(f"  step {kind} ({precision}): {row['seconds']:.2f} s, {row['tokens_per_s']:.0f} tok/s, "
+              f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    by = {(r["kind"], r["precision"]): r for r in rows}
+    matt = by["matt", "32"]
+    lines = [f"## 2-3. One training step: SmolLM2-135M architecture, n_layers={n_layers}, batch {batch}, L={length}", "",
+             "| step | s/step | tokens/s | peak RSS MB | MATT time / this |", "|---|---|---|---|---|"]
+    names = {"matt": "MATT (matt.trainer.train)", "floor": "floor: teacher fwd + truncated student fwd/bwd, trivial loss",
+             "reference": "reference-style: eager + attentions at every layer + naive AIM", "ntp": "NTP at full depth"}
+    for (kind, precision), row in by.items():
+        label = names[kind] + (" [bf16 autocast]" if precision != "32" else "")
+        lines.append(f"| {label} | {row['seconds']:.2f} | {row['tokens_per_s']:.0f} | {row['peak_rss_mb']:.0f} "
+                     f"| {matt['seconds'] / row['seconds']:.2f} |")
+    bf16 = by["matt", "bf16-mixed"]
+    rel = abs(bf16["first_loss"] - matt["first_loss"]) / max(abs(matt["first_loss"]), 1e-12)
+    lines += ["", "Targets: MATT ≤ 1.15x floor, ≥ 2x faster than reference-style, ≤ 0.5x NTP.",
+              f"MATT / floor = {matt['seconds'] / by['floor', '32']['seconds']:.2f}x; "
+              f"reference / MATT = {by['reference', '32']['seconds'] / matt['seconds']:.2f}x; "
+              f"MATT / NTP = {matt['seconds'] / by['ntp', '32']['seconds']:.2f}x.",
+              f"bf16 autocast vs fp32 (MATT step): {matt['seconds'] / bf16['seconds']:.2f}x speed-up, "
+              f"first-step AIM loss differs by {rel:.2e} (relative).", ""]
+    return rows, lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="loss,step", help="comma-separated: loss, step")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of part 1")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per variant (part 2)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", default=str(ROOT / "bench_results"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    header = [f"# MATT benchmark ({time.strftime('%Y-%m-%d %H:%M')})", "",
+              f"Device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}"
+              f" ({device}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"command: `python benchmarks/bench_aim.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    results, lines = {}, list(header)
+    parts = args.parts.split(",")
+    if "loss" in parts:
+        results["loss"], part_lines = part_loss(args, device)
+        lines += part_lines
+    if "step" in parts:
+        results["step"], part_lines = part_step(args, device)
+        lines += part_lines
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_quick" if args.quick else "bench"
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+    print(f"written to {out / stem}.md / .json")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
