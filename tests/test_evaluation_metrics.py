@@ -238,6 +238,13 @@ def test_bpb_input_errors(byte_level_tokenizer, caplog):
         bits_per_byte(ConstantLM(torch.zeros(50)), tok, DOCS, progress=False)
 
 
+def test_windows_longer_than_the_model_positions_are_refused(byte_level_tokenizer):
+    model = tiny_model("gpt_neox", len(byte_level_tokenizer), max_position_embeddings=16)
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        bits_per_byte(model, byte_level_tokenizer, DOCS, max_length=17, progress=False)
+    assert bits_per_byte(model, byte_level_tokenizer, DOCS, max_length=16, progress=False).tokens > 16
+
+
 def test_prefix_token_falls_back_to_eos_and_fails_without_either():
     tok = hand_bpe_tokenizer(list("abc "))
     assert prefix_token_id(tok) == 0  # BOS

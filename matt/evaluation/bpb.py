@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from matt.evaluation.scoring import prefix_token_id, score_sequences
+from matt.evaluation.scoring import check_max_length, prefix_token_id, score_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def bits_per_byte(
     `device`: where inputs go; defaults to the model's device (the model is not moved).
     """
     texts = nonempty_texts(texts)
+    check_max_length(model, max_length)
     prefix_id = prefix_token_id(tokenizer)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     sequences: list[list[int]] = []

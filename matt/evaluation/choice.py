@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from matt.evaluation.bpb import as_text_list
-from matt.evaluation.scoring import prefix_token_id, require_fast_tokenizer, score_sequences
+from matt.evaluation.scoring import check_max_length, prefix_token_id, require_fast_tokenizer, score_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def multiple_choice_accuracy(
     require_fast_tokenizer(tokenizer)
     if not items:
         raise ValueError("No multiple-choice items to evaluate")
+    check_max_length(model, max_length)
     prefix_id = prefix_token_id(tokenizer)
     sequences, num_context, num_bytes = [], [], []
     for item in items:
