@@ -58,7 +58,9 @@ def run_lm_eval(
     needs no saving first. `device`: if given, the model is moved there (in place) before
     evaluating; otherwise it stays where it is. `include_path`: a directory of extra task YAMLs.
     `limit`: at most this many examples per task (for quick checks; not a valid benchmark number).
-    `hflm_kwargs`: further `HFLM` options, e.g. `{"add_bos_token": True, "max_length": 2048}`.
+    `hflm_kwargs`: further `HFLM` options, e.g. `{"add_bos_token": True, "max_length": 2048}`
+    (by default the tokenizer's own special-token behaviour is used). As with lm-eval itself, a
+    tokenizer without a pad token gets one set.
 
     Metric keys follow lm-eval's names with its filter suffix dropped when it is the default
     "none" (`"belebele_ukr_Cyrl/acc"`, `"belebele_ukr_Cyrl/acc_stderr"`) and kept after a slash
