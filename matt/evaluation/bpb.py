@@ -7,8 +7,8 @@ probability to a document get the same BPB whatever their tokenizers are.
 Definition used here, per document: tokenize without special tokens, condition the first token on
 one prefix token (BOS, else EOS), and sum -ln p over *every* text token. Documents longer than
 `max_length` are cut into consecutive windows of tokens; each window starts again from the prefix
-token, optionally followed by `overlap` already-scored tokens of the previous window as extra,
-unscored context. With the default `overlap=0` windows are disjoint (cheap, and the same rule for
+token, and every window after the first carries `overlap` already-scored tokens of the document as
+extra, unscored context. With the default `overlap=0` windows are disjoint (cheap, and the same rule for
 every model; the tokens just after a window boundary see less context, which slightly inflates
 BPB for documents longer than the window). BPB = Σ nll / ln 2 / Σ UTF-8 bytes of the texts.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from matt.evaluation.scoring import prefix_token_id, score_sequences
+from matt.evaluation.scoring import check_max_length, prefix_token_id, score_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,20 @@ def windows(
 ) -> list[tuple[list[int], int]]:
     """Cut one document's tokens into model inputs `(ids, num_context)` that score each token once.
 
-    Each window is `[prefix] + up to overlap previous tokens + new tokens`, at most `max_length`
-    long; the first `num_context` ids of it are context only.
+    The first window is `[prefix] + the first max_length - 1 tokens`; every later one is
+    `[prefix] + overlap already-scored tokens + up to max_length - 1 - overlap new tokens`, so no
+    window is longer than `max_length`. The first `num_context` ids of a window are context only.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (prefix token + one scored token), got {max_length}")
     if not 0 <= overlap < max_length - 1:
         raise ValueError(f"overlap must be in [0, max_length - 1), got {overlap} with max_length={max_length}")
+    if not token_ids:
+        raise ValueError("Cannot cut an empty token list into scoring windows")
+    result = [([prefix_id, *token_ids[: max_length - 1]], 1)]
     step = max_length - 1 - overlap
-    result = []
-    for start in range(0, len(token_ids), step):
-        context = token_ids[max(0, start - overlap) : start]
+    for start in range(max_length - 1, len(token_ids), step):
+        context = token_ids[start - overlap : start]
         result.append(([prefix_id, *context, *token_ids[start : start + step]], 1 + len(context)))
     return result
 
@@ -102,6 +105,7 @@ def bits_per_byte(
     `device`: where inputs go; defaults to the model's device (the model is not moved).
     """
     texts = nonempty_texts(texts)
+    check_max_length(model, max_length)
     prefix_id = prefix_token_id(tokenizer)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     sequences: list[list[int]] = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from matt.evaluation.bpb import as_text_list
-from matt.evaluation.scoring import prefix_token_id, require_fast_tokenizer, score_sequences
+from matt.evaluation.scoring import check_max_length, prefix_token_id, require_fast_tokenizer, score_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -58,45 +58,61 @@ def build_choice_items(
     """Deterministic (given `seed`) next-sentence questions from held-out documents.
 
     Sentences shorter than `min_sentence_chars` (headings, list markers) or longer than
-    `max_sentence_chars` are dropped, and the count is logged. Each question uses up to
-    `context_sentences` consecutive sentences as context, the following sentence as the answer
-    and `num_choices - 1` distinct sentences drawn from other documents as distractors. Fewer than
-    `num_items` questions are returned (with a warning) when the documents do not offer enough.
+    `max_sentence_chars` are not used, and the count is logged. Each question takes a kept
+    sentence whose predecessor in the document was also kept as the answer, up to
+    `context_sentences` directly preceding kept sentences as context (a dropped sentence ends the
+    context, so context and answer are always adjacent in the original text) and
+    `num_choices - 1` distinct sentences of *other* documents, different from the answer, as
+    distractors. The answer positions are balanced (each position is the label for
+    `num_items / num_choices` items, rounded) and shuffled, so a model biased to one position
+    scores chance. Fewer than `num_items` questions are returned (with a warning) when the
+    documents do not offer enough.
     """
     if num_items < 1 or num_choices < 2 or context_sentences < 1:
         raise ValueError(
             f"Need num_items >= 1, num_choices >= 2, context_sentences >= 1; got {num_items}, "
             f"{num_choices}, {context_sentences}"
         )
-    documents = []
+    # Per document: (position in the document's sentence list, sentence) of the kept sentences.
+    documents: list[list[tuple[int, str]]] = []
     dropped = total = 0
     for text in as_text_list(texts):
         sentences = split_sentences(text)
         total += len(sentences)
-        kept = [s for s in sentences if min_sentence_chars <= len(s) <= max_sentence_chars]
+        kept = [(i, s) for i, s in enumerate(sentences) if min_sentence_chars <= len(s) <= max_sentence_chars]
         dropped += len(sentences) - len(kept)
         documents.append(kept)
     if dropped:
         logger.info("Dropped %d of %d sentences outside [%d, %d] characters", dropped, total,
                     min_sentence_chars, max_sentence_chars)
-
-    pool = [(doc, sentence) for doc, sentences in enumerate(documents) for sentence in sentences]
-    candidates = [(doc, i) for doc, sentences in enumerate(documents) for i in range(1, len(sentences))]
-    if sum(1 for sentences in documents if sentences) < 2:
+    if sum(1 for kept in documents if kept) < 2:
         raise ValueError("Multiple-choice items need sentences from at least two documents (distractors come "
                          "from other documents)")
+
+    candidates = [
+        (doc, j)
+        for doc, kept in enumerate(documents)
+        for j in range(1, len(kept))
+        if kept[j - 1][0] == kept[j][0] - 1
+    ]
     rng = random.Random(seed)
     chosen = rng.sample(candidates, min(num_items, len(candidates)))
+    labels = [k % num_choices for k in range(len(chosen))]
+    rng.shuffle(labels)
     items = []
-    for doc, i in chosen:
-        answer = documents[doc][i]
-        others = [sentence for other, sentence in pool if other != doc and sentence != answer]
+    for (doc, j), label in zip(chosen, labels):
+        kept = documents[doc]
+        answer = kept[j][1]
+        first = j - 1
+        while first > 0 and j - first < context_sentences and kept[first - 1][0] == kept[first][0] - 1:
+            first -= 1
+        others = [sentence for other, sentences in enumerate(documents) if other != doc
+                  for _, sentence in sentences if sentence != answer]
         distractors = _distinct_sample(rng, others, num_choices - 1)
         if distractors is None:
             raise ValueError(f"Not enough distinct sentences in other documents for {num_choices} choices")
-        label = rng.randrange(num_choices)
         choices = distractors[:label] + [answer] + distractors[label:]
-        context = " ".join(documents[doc][max(0, i - context_sentences) : i])
+        context = " ".join(sentence for _, sentence in kept[first:j])
         items.append(ChoiceItem(context=context, choices=tuple(choices), label=label))
     if len(items) < num_items:
         logger.warning("Built only %d of %d requested multiple-choice items", len(items), num_items)
@@ -114,23 +130,31 @@ def _distinct_sample(rng: random.Random, population: list[str], k: int) -> list[
 def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int, str]:
     """Tokenize `context + continuation` once, as the model would see it, and find the split.
 
-    Returns `(ids, num_context_ids, scored_text)`. If the context's own tokens are a prefix of the
-    joint tokenization (the normal case: the continuation starts with a space), exactly the
-    continuation is scored. If a token straddles the boundary, it belongs to the scored part and
-    `scored_text` grows back to that token's first character, so scored bytes always match the
-    scored tokens.
+    Returns `(ids, num_context_ids, scored_text)`: `ids[num_context_ids:]` are scored and encode
+    exactly `scored_text`, a suffix of `context + continuation`, so the scored bytes always match
+    the scored tokens. If the context's own tokens are a prefix of the joint tokenization (the
+    normal case: the continuation starts with a space), `scored_text` is the continuation. If a
+    token straddles the boundary (e.g. a word cut in two, or bytes of one character merged across
+    it), the split moves back to the start of that token, and further back while the token shares
+    a character with its predecessor (byte-level pieces of one multi-byte character), so the
+    scored part starts at a character boundary and grows by the context characters it re-encodes.
     """
     whole = context + continuation
     encoding = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
+    offsets = encoding["offset_mapping"]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    if ids[: len(context_ids)] == context_ids:
-        split_ids, split_char = len(context_ids), len(context)
+    split_ids = 0
+    while split_ids < min(len(context_ids), len(ids)) and ids[split_ids] == context_ids[split_ids]:
+        split_ids += 1
+    if split_ids == len(context_ids):
+        split_char = len(context)
     else:
-        split_ids = 0
-        while split_ids < len(context_ids) and ids[split_ids] == context_ids[split_ids]:
-            split_ids += 1
-        split_char = min(len(context), encoding["offset_mapping"][split_ids][0])
+        while split_ids > 0 and offsets[split_ids][0] < offsets[split_ids - 1][1]:
+            split_ids -= 1
+        # The previous token's end, not this token's start: offsets that trim a leading space
+        # (some tokenizers do) would otherwise drop the space the token encodes.
+        split_char = offsets[split_ids - 1][1] if split_ids > 0 else 0
         logger.debug("Context/continuation boundary inside a token; scoring from char %d", split_char)
     if split_ids >= len(ids):
         raise ValueError(f"Continuation {continuation!r} produced no tokens after context")
@@ -153,11 +177,17 @@ def multiple_choice_accuracy(
     Each choice is scored as `delimiter + choice` after the context (the delimiter belongs to the
     continuation, so the context tokens are identical for all choices). Inputs are
     `[prefix token] + context + continuation`; contexts longer than `max_length` allows are cut
-    from the left. Ties go to the first choice.
+    from the left.
+
+    Ties are split: an item whose true choice shares the best score with k - 1 other choices
+    counts 1/k (the expected accuracy of breaking the tie at random), so a tie never favours (nor
+    penalises) the label, and a model that cannot tell the choices apart scores exactly chance.
+    Returns `accuracy`, `n` (items), `ties` (items with a tied best score) and `chance`.
     """
     require_fast_tokenizer(tokenizer)
     if not items:
         raise ValueError("No multiple-choice items to evaluate")
+    check_max_length(model, max_length)
     prefix_id = prefix_token_id(tokenizer)
     sequences, num_context, num_bytes = [], [], []
     for item in items:
@@ -175,13 +205,19 @@ def multiple_choice_accuracy(
             num_bytes.append(len(scored.encode("utf-8")))
     nll = score_sequences(model, sequences, num_context, batch_size=batch_size, device=device,
                           progress=progress, desc="choice")
-    correct = 0
+    credit = 0.0
+    ties = 0
     position = 0
     for item in items:
         scores = [-nll[position + j] / num_bytes[position + j] for j in range(len(item.choices))]
         position += len(item.choices)
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == item.label)
-    return {"accuracy": correct / len(items), "n": len(items)}
+        best = max(scores)
+        tied = [j for j, score in enumerate(scores) if score == best]
+        ties += len(tied) > 1
+        credit += 1 / len(tied) if item.label in tied else 0.0
+    if ties:
+        logger.info("%d of %d multiple-choice items had tied best choices (split credit)", ties, len(items))
+    return {"accuracy": credit / len(items), "n": len(items), "ties": ties, "chance": chance_accuracy(items)}
 
 
 def chance_accuracy(items: Sequence[ChoiceItem]) -> float:

@@ -104,20 +104,38 @@ def greedy_continuations(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy (`do_sample=False`) continuations of `prompts`, as decoded text.
+    """Greedy continuations of `prompts`, as decoded text (stopping early at the tokenizer's EOS).
 
-    Inputs are `[prefix token] + prompt tokens` (as in BPB), left-padded per batch. The new text is
-    what decoding prompt + new tokens adds after the decoded prompt, so a leading space that a
-    decoder only shows mid-text is kept.
+    Inputs are `[prefix token] + prompt tokens` (as in BPB), left-padded per batch. The decoding
+    settings are set here, not taken from `model.generation_config`: an adapted model still
+    carries its original tokenizer's EOS/pad ids there (meaningless under the new vocabulary), and
+    a checkpoint's repetition penalty would make the result something other than greedy. The new
+    text is what decoding prompt + new tokens adds after the decoded prompt, so a leading space
+    that a decoder only shows mid-text is kept.
     """
+    from transformers import GenerationConfig
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = as_text_list(prompts, "prompts")
     prefix_id = prefix_token_id(tokenizer)
+    eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_id
     device = torch.device(device) if device is not None else model_device(model)
-    encoded = [[prefix_id, *ids] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    encoded = [[prefix_id, *ids] for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     if encoded:
         check_ids_fit_model(model, max(max(ids) for ids in encoded))
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad_id,
+        bos_token_id=prefix_id,
+        # An empty list (not None, which would fall back to the model's own ids) = never stop early.
+        eos_token_id=eos_id if eos_id is not None else [],
+    )
     outputs: list[str] = []
     with evaluation_mode(model):
         for start in tqdm(range(0, len(encoded), batch_size), desc="generate", disable=not progress, leave=False):
@@ -129,14 +147,12 @@ def greedy_continuations(
                 input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
             generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
             )
             for row, ids in enumerate(batch):
                 new_ids = generated[row, width:].tolist()
+                if eos_id is not None and eos_id in new_ids:
+                    new_ids = new_ids[: new_ids.index(eos_id)]
                 outputs.append(_new_text(tokenizer, ids[1:], new_ids))
     return outputs
 

@@ -69,6 +69,20 @@ def check_ids_fit_model(model: torch.nn.Module, max_id: int, what: str = "token"
         )
 
 
+def check_max_length(model: torch.nn.Module, max_length: int) -> None:
+    """Refuse windows longer than the positions the model was built for (a clear error instead of
+    an index error in a position table, or silently degraded scores past a RoPE model's range)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(
+            f"max_length={max_length} is longer than the model's max_position_embeddings={limit}; "
+            "lower max_length."
+        )
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     """Run in eval mode (no dropout) and without autograd, then restore the caller's mode."""
@@ -97,7 +111,9 @@ def score_sequences(
     contributes -log p(seq[t] | seq[:t]). Sequences are sorted by length and right-padded into
     batches (padding never influences real positions of a causal model); results come back in the
     input order. Log-softmax runs in float32 one row at a time, so a large vocabulary does not
-    need a second full-size copy of the logits.
+    need a second full-size copy of the logits; the model's own logits still take
+    batch_size x longest sequence x vocabulary floats (4 x 1024 x 262k ≈ 4 GiB in float32 for
+    Gemma 3), so choose `batch_size` with the vocabulary in mind.
     """
     if len(sequences) != len(num_context):
         raise ValueError(f"Got {len(sequences)} sequences but {len(num_context)} context lengths")

@@ -36,7 +36,10 @@ class UnigramModel:
         texts = nonempty_texts(train_texts, "train_texts")
         counts = np.zeros(len(tokenizer), dtype=np.int64)
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            np.add.at(counts, np.asarray(ids, dtype=np.int64), 1)
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size and ids.max() >= len(counts):
+                raise ValueError(f"The tokenizer produced id {int(ids.max())} >= len(tokenizer)={len(counts)}")
+            np.add.at(counts, ids, 1)
         return cls(tokenizer, counts, smoothing)
 
     def bits_per_byte(self, texts: Iterable[str]) -> BPBResult:

@@ -1,0 +1,43 @@
+"""Evaluation of a tokenizer transfer: metrics comparable across tokenizers.
+
+- `bits_per_byte` (+ `BPBResult`): held-out next-token loss per UTF-8 byte, for the original
+  model with its tokenizer and the adapted model with the new one alike.
+- `compression`: bytes per token, tokens per word, characters per token.
+- `UnigramModel`: the context-free "tokenizer floor" in bits per byte.
+- `build_choice_items` / `multiple_choice_accuracy`: true next sentence among distractors.
+- `build_generation_items` / `generation_chrf`: greedy continuation scored with chrF.
+- `run_lm_eval`: lm-evaluation-harness tasks (optional `eval` extra; imported on first use).
+"""
+
+from matt.evaluation.bpb import BPBResult, bits_per_byte
+from matt.evaluation.choice import ChoiceItem, build_choice_items, chance_accuracy, multiple_choice_accuracy
+from matt.evaluation.compression import compression
+from matt.evaluation.generation import GenerationItem, build_generation_items, generation_chrf, greedy_continuations
+from matt.evaluation.scoring import score_sequences
+from matt.evaluation.unigram import UnigramModel
+
+__all__ = [
+    "BPBResult",
+    "ChoiceItem",
+    "GenerationItem",
+    "UnigramModel",
+    "bits_per_byte",
+    "build_choice_items",
+    "build_generation_items",
+    "chance_accuracy",
+    "compression",
+    "generation_chrf",
+    "greedy_continuations",
+    "multiple_choice_accuracy",
+    "run_lm_eval",
+    "score_sequences",
+]
+
+
+def __getattr__(name: str):
+    # lm-eval is optional and heavy: import the bridge only when it is asked for.
+    if name == "run_lm_eval":
+        from matt.evaluation.lm_eval_bridge import run_lm_eval
+
+        return run_lm_eval
+    raise AttributeError(f"module 'matt.evaluation' has no attribute {name!r}")
