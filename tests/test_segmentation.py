@@ -412,48 +412,62 @@ def test_bad_inputs(tokenizer_zoo):
 # ------------------------------------------------------------------------------------------------
 # segment_document: truncation and continuation
 # ------------------------------------------------------------------------------------------------
-def content_and_specials(tokenizer, text):
-    """(leading specials, content ids, trailing specials) of `tokenizer(text)`."""
-    enc = tokenizer(text, return_special_tokens_mask=True)
-    ids, mask = enc["input_ids"], enc["special_tokens_mask"]
-    first = next(i for i, m in enumerate(mask) if not m)
-    last = max(i for i, m in enumerate(mask) if not m) + 1
-    return ids[:first], ids[first:last], ids[last:]
+def document_sides(text, teacher, student) -> dict[str, dict]:
+    """Per side of the whole (unchunked) document: leading/trailing specials, content ids and the
+    token range of every segment. A special token inside the text belongs to the segment before it
+    (to segment 0 before the first one), which is where a chunk keeps it."""
+    full = dict(zip(("teacher", "student"), segment_ids(text, teacher, student)))
+    sides = {}
+    for side, tok in (("teacher", teacher), ("student", student)):
+        enc = tok(text, return_special_tokens_mask=True)
+        ids, mask, segs = enc["input_ids"], enc["special_tokens_mask"], full[side]
+        first = next(i for i, m in enumerate(mask) if not m)
+        last = max(i for i, m in enumerate(mask) if not m) + 1
+        content, content_segs = ids[first:last], segs[first:last]
+        num_segments = max(content_segs) + 1
+        begins = [0] + [content_segs.index(k) for k in range(1, num_segments)] + [len(content)]
+        sides[side] = dict(lead=ids[:first], trail=ids[last:], content=content, segs=content_segs,
+                           ranges=list(zip(begins, begins[1:])), num_segments=num_segments)
+    return sides
 
 
-def assert_chunks_cover_document(text, teacher, student, examples, max_length, skipped_segments=0):
-    full_t, full_s = segment_ids(text, teacher, student)
-    sides = [("teacher", teacher, full_t), ("student", student, full_s)]
-    offset = 0
+def assert_chunks_cover_document(text, teacher, student, examples, max_length, stats):
+    """Chunks fit, keep the specials, are whole runs of consecutive segments renumbered from 0, add up
+    to the document minus exactly the segments too long to fit alone, and are greedy (maximal)."""
+    sides = document_sides(text, teacher, student)
+    num_segments = sides["teacher"]["num_segments"]
+    budget = {side: max_length - len(d["lead"]) - len(d["trail"]) for side, d in sides.items()}
+    fits = [all(d["ranges"][k][1] - d["ranges"][k][0] <= budget[side] for side, d in sides.items())
+            for k in range(num_segments)]
+    assert stats.skipped_segments == fits.count(False)
+    kept = [k for k in range(num_segments) if fits[k]]
+    position = 0
+    runs = []
     for example in examples:
-        num_segments = example.num_segments
-        assert num_segments >= 1
-        for side, tok, _ in sides:
+        run = kept[position:position + example.num_segments]
+        assert run == list(range(run[0], run[0] + len(run))), "a chunk glues segments across a skipped one"
+        position += example.num_segments
+        runs.append(run)
+        for side, d in sides.items():
             ids, segs = getattr(example, f"{side}_input_ids"), getattr(example, f"{side}_segment_ids")
-            lead, _, trail = content_and_specials(tok, text)
             assert len(ids) == len(segs) <= max_length
-            assert ids[:len(lead)] == lead and ids[len(ids) - len(trail):] == trail
-            content = [s for s in segs if s != IGNORE_INDEX]
-            assert sorted(set(content)) == list(range(num_segments)), "segments not renumbered 0..S-1"
-        offset += num_segments
-    if skipped_segments:
-        return
-    for side, tok, full in sides:
-        lead, content, trail = content_and_specials(tok, text)
-        got_ids = [i for e in examples for i in getattr(e, f"{side}_input_ids")[len(lead):len(getattr(e, f"{side}_input_ids")) - len(trail)]]
-        assert got_ids == content, f"{side}: chunk contents do not add up to the document"
-        got_segs, base = [], 0
-        for e in examples:
-            segs = getattr(e, f"{side}_segment_ids")[len(lead):len(getattr(e, f"{side}_segment_ids")) - len(trail)]
-            got_segs += [s + base if s != IGNORE_INDEX else s for s in segs]
-            base += e.num_segments
-        assert got_segs == full[len(lead):len(full) - len(trail)], f"{side}: chunks not cut at common segment boundaries"
-    assert offset == max(full_t) + 1
+            n_lead, n_trail = len(d["lead"]), len(d["trail"])
+            assert ids[:n_lead] == d["lead"] and ids[len(ids) - n_trail:] == d["trail"]
+            assert segs[:n_lead] == [IGNORE_INDEX] * n_lead and segs[len(segs) - n_trail:] == [IGNORE_INDEX] * n_trail
+            lo, hi = d["ranges"][run[0]][0], d["ranges"][run[-1]][1]
+            assert ids[n_lead:len(ids) - n_trail] == d["content"][lo:hi]
+            renumbered = [s - run[0] if s != IGNORE_INDEX else s for s in d["segs"][lo:hi]]
+            assert segs[n_lead:len(segs) - n_trail] == renumbered
+    assert position == len(kept), "segments were dropped although they fit"
+    for run, following in zip(runs, runs[1:]):  # greedy: the next segment did not fit any more
+        if following[0] == run[-1] + 1:
+            assert any(d["ranges"][following[0]][1] - d["ranges"][run[0]][0] > budget[side]
+                       for side, d in sides.items())
 
 
 @pytest.mark.parametrize("teacher_name,student_name", [
     ("llama3", "mistral_eos"), ("gpt2", "unigram"), ("gemma", "qwen"), ("char_spaces", "wordlevel"),
-    ("bytelevel_trim_bos", "llama2_legacy"),
+    ("bytelevel_trim_bos", "llama2_legacy"), ("wordlevel", "char_spaces"),
 ])
 def test_long_documents_are_cut_at_common_boundaries_and_continued(tokenizer_zoo, text_tools, teacher_name,
                                                                    student_name):
@@ -462,17 +476,14 @@ def test_long_documents_are_cut_at_common_boundaries_and_continued(tokenizer_zoo
     text = " ".join(text_tools.random_text(rng) for _ in range(12))
     whole = segment_document(text, teacher, student, max_length=100_000)
     assert len(whole) == 1
+    assert (whole[0].teacher_input_ids, whole[0].student_input_ids) == (teacher(text)["input_ids"], student(text)["input_ids"])
+    assert (whole[0].teacher_segment_ids, whole[0].student_segment_ids) == segment_ids(text, teacher, student)
     for max_length in (6, 9, 17, 40):
         stats = SegmentationStats()
         examples = segment_document(text, teacher, student, max_length=max_length, stats=stats)
         assert stats.examples == len(examples) >= 2 and stats.documents == 1
-        assert_chunks_cover_document(text, teacher, student, examples, max_length, stats.skipped_segments)
-        if stats.skipped_segments == 0:
-            # greedy: no chunk could have taken the next chunk's first segment as well
-            for example, following in zip(examples, examples[1:]):
-                grow = [len(getattr(example, f"{s}_input_ids")) + sum(
-                    1 for seg in getattr(following, f"{s}_segment_ids") if seg == 0) for s in ("teacher", "student")]
-                assert max(grow) > max_length
+        assert_chunks_cover_document(text, teacher, student, examples, max_length, stats)
+    assert stats.skipped_segments == 0  # at 40 tokens no segment is too long: the whole text is kept
 
 
 def test_over_long_single_segment_is_skipped_and_counted(text_tools):
@@ -488,8 +499,7 @@ def test_over_long_single_segment_is_skipped_and_counted(text_tools):
     kept = [teacher.convert_ids_to_tokens(e.teacher_input_ids) for e in examples]
     # the space before the long word belongs to its segment (spaces join the following word)
     assert "".join("".join(k) for k in kept) == "hello world hello"
-    assert all(len(e.teacher_input_ids) <= 8 and len(e.student_input_ids) <= 8 for e in examples)
-    assert_chunks_cover_document(text, teacher, student, examples, 8, stats.skipped_segments)
+    assert_chunks_cover_document(text, teacher, student, examples, 8, stats)
 
 
 def test_segment_document_counts_skipped_documents(tokenizer_zoo):
@@ -521,4 +531,4 @@ def test_special_token_inside_a_long_document_stays_in_its_chunk(tokenizer_zoo):
     for max_length in (5, 12):
         stats = SegmentationStats()
         examples = segment_document(text, teacher, student, max_length=max_length, stats=stats)
-        assert_chunks_cover_document(text, teacher, student, examples, max_length, stats.skipped_segments)
+        assert_chunks_cover_document(text, teacher, student, examples, max_length, stats)
