@@ -60,7 +60,7 @@ WORDS = [
     "🙂", "🚀", "👨‍👩‍👧", "🇺🇦", "❤️", "3.14159", "2026", "42", "1,000", "007",
     ",", ".", "!", "?", "—", "«", "»", "(", ")", "...", "`x = f(y)`", "https://example.org/a?b=c", "#tag",
 ]
-RARE_WORDS = ["漢字", "🦄", "<s>", "e\u0301", "ß", "Ω", "ÿ", "\u200b", "Ǆ", "𝔘𝔫𝔦"]
+RARE_WORDS = ["漢字", "🦄", "<s>", "e\u0301", "ß", "Ω", "ÿ", "\u200b", "Ǆ", "𝔘𝔫𝔦", "ﬁne", "Ⅻ", "ｈｅｌｌｏ"]
 """Never in the training corpus: unknown words, byte fallback, byte-level pieces of 3-4 byte chars,
 a special token written in the text."""
 SEPARATORS = [" ", " ", " ", " ", "  ", "\t", "\n", "\n\n", " \n ", "\r\n", "", "\u00a0", "   "]
@@ -91,7 +91,7 @@ def training_corpus(seed: int = 0, n: int = 300) -> list[str]:
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 STYLES = ("gpt2", "llama3", "bytelevel_trim_bos", "qwen", "bytelevel_prefix", "llama2", "llama2_legacy",
-          "mistral_eos", "gemma", "unigram", "wordlevel", "char_spaces")
+          "mistral_eos", "gemma", "unigram", "wordlevel", "char_spaces", "nfkc_lower")
 """gpt2: byte-level BPE, trim_offsets=True, no BOS. llama3: byte-level, ignore_merges, BOS, untrimmed.
 bytelevel_trim_bos: SmolLM2-like byte-level with trimmed offsets and BOS. qwen: Split regex +
 ByteLevel(use_regex=False), digits one by one. bytelevel_prefix: add_prefix_space=True.
@@ -100,7 +100,8 @@ older normalizer Prepend("▁") + Replace(" ", "▁") without pre-tokenizer. gem
 normalizer, no pre-tokenizer (tokens may span words and carry trailing "▁"), byte fallback.
 unigram: Metaspace(prepend always) + byte-fallback Unigram, EOS appended. wordlevel: whole words,
 <unk> for unseen ones. char_spaces: one token per character, each whitespace character its own
-token, byte fallback for unseen characters."""
+token, byte fallback for unseen characters. nfkc_lower: NFKC + lowercase normalizer (offsets map
+ligatures, "Ⅻ" -> "xii", composed accents back to the original characters), Metaspace, byte fallback."""
 
 
 def _with_byte_tokens(tok):
@@ -145,10 +146,13 @@ def build_style_tokenizer(style: str, texts: list[str], vocab_size: int):
         trim = style in ("gpt2", "bytelevel_trim_bos", "bytelevel_prefix")
         post = [processors.ByteLevel(trim_offsets=trim, add_prefix_space=style == "bytelevel_prefix")]
         bos_template = "<s> $A" if style in ("llama3", "bytelevel_trim_bos") else None
-    elif style in ("llama2", "mistral_eos", "llama2_legacy", "gemma"):
+    elif style in ("llama2", "mistral_eos", "llama2_legacy", "gemma", "nfkc_lower"):
         unk = "<unk>"
         tok = Tokenizer(models.BPE(unk_token=unk, byte_fallback=True))
-        if style == "llama2_legacy":
+        if style == "nfkc_lower":
+            tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        elif style == "llama2_legacy":
             tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         elif style == "gemma":
             tok.normalizer = normalizers.Replace(" ", "▁")
@@ -204,7 +208,7 @@ def tokenizer_zoo(style_corpus) -> dict[str, object]:
     """Every style of `STYLES`, plus a few smaller vocabularies of the same style on other text."""
     sizes = {"gpt2": 700, "llama3": 900, "bytelevel_trim_bos": 600, "qwen": 800, "bytelevel_prefix": 650,
              "llama2": 300, "llama2_legacy": 260, "mistral_eos": 250, "gemma": 320, "unigram": 200,
-             "wordlevel": 70, "char_spaces": 1}
+             "wordlevel": 70, "char_spaces": 1, "nfkc_lower": 250}
     zoo = {style: build_style_tokenizer(style, style_corpus, size) for style, size in sizes.items()}
     other = training_corpus(seed=1, n=120)
     zoo["llama3@small"] = build_style_tokenizer("llama3", other, 450)

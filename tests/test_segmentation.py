@@ -386,14 +386,18 @@ def test_unknown_tokens_from_text_are_content(tokenizer_zoo):
     assert all(seg != IGNORE_INDEX for seg in t_ids)
 
 
-@pytest.mark.parametrize("text", ["", " ", "  \n\t ", "\u00a0\r\n"])
+@pytest.mark.parametrize("text", ["", " ", "  \n\t ", "\u00a0\r\n", "<s>", " <s>\n<s> "])
 def test_empty_and_whitespace_only_texts_have_no_segment(tokenizer_zoo, text):
+    """Also a text of special tokens only: nothing on either side to align."""
     for teacher, student in [("llama3", "llama2"), ("gpt2", "mistral_eos"), ("unigram", "wordlevel")]:
         t_tok, s_tok = tokenizer_zoo[teacher], tokenizer_zoo[student]
         t_ids, s_ids = segment_ids(text, t_tok, s_tok)
         assert set(t_ids) <= {IGNORE_INDEX} and set(s_ids) <= {IGNORE_INDEX}
         assert len(t_ids) == len(t_tok(text)["input_ids"]) and len(s_ids) == len(s_tok(text)["input_ids"])
         assert (t_ids, s_ids) == reference_segment_ids(text, t_tok, s_tok)
+        stats = SegmentationStats()
+        assert segment_document(text, t_tok, s_tok, max_length=16, stats=stats) == []
+        assert stats.skipped_empty == 1 and stats.examples == 0
 
 
 def test_bad_inputs(tokenizer_zoo):
