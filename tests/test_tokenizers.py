@@ -61,6 +61,7 @@ def test_train_tokenizer_like_keeps_pipeline_and_specials(teachers, target_texts
     student = train_tokenizer_like(teacher, target_texts, vocab_size, kind=kind)
     assert state(student)["model"]["type"] == {"bpe": "BPE", "unigram": "Unigram"}[kind]
     assert len(student) <= vocab_size
+    assert_ids_unique_and_dense(student)
     rng = random.Random(0)
     samples = [text_tools.random_text(rng) for _ in range(15)] + target_texts[:5]
     assert_same_pipeline_and_specials(teacher, student, samples)
@@ -116,6 +117,7 @@ def test_extend_tokenizer(teachers, target_texts, text_tools, teacher_name, tmp_
     assert len(extended) == len(teacher) + num_new
     assert sorted(i for t, i in ext_vocab.items() if t not in teacher.get_vocab()) == \
         list(range(len(teacher), len(teacher) + num_new))
+    assert_ids_unique_and_dense(extended)
     assert_same_pipeline_and_specials(teacher, extended, target_texts[:5])
     # never more tokens than the teacher, on any text; fewer on the target language
     rng = random.Random(5)
@@ -133,6 +135,61 @@ def test_extend_tokenizer(teachers, target_texts, text_tools, teacher_name, tmp_
     assert len(loaded) == len(extended) and loaded.is_fast
     for text in texts[:20]:
         assert loaded(text, return_offsets_mapping=True) == extended(text, return_offsets_mapping=True), text
+
+
+def with_added_tokens(tokenizer):
+    """A copy with tokens added after the model vocabulary, as real checkpoints have them (Llama 3's
+    reserved specials, Qwen's chat markers): two extra specials, a special marker and a plain one."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    copy = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()),
+                                   **tokenizer.special_tokens_map)
+    copy.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    copy.add_tokens(["<|marker|>"], special_tokens=True)
+    copy.add_tokens(["<code>"])
+    model_size = copy.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+    assert copy.convert_tokens_to_ids("<code>") == model_size + 3  # really beyond the model vocabulary
+    return copy
+
+
+def assert_ids_unique_and_dense(tokenizer):
+    ids = sorted(tokenizer.get_vocab().values())
+    assert ids == list(range(len(tokenizer))), "token ids collide or leave holes"
+    for idx in range(len(tokenizer)):  # every id decodes to the token that owns it
+        assert tokenizer.convert_tokens_to_ids(tokenizer.convert_ids_to_tokens(idx)) == idx
+
+
+@pytest.mark.parametrize("teacher_name", ["llama3", "llama2"])
+def test_extend_tokenizer_keeps_added_tokens_beyond_the_model_vocabulary(teachers, target_texts, teacher_name,
+                                                                       tmp_path):
+    from transformers import AutoTokenizer
+
+    teacher = with_added_tokens(teachers[teacher_name])
+    extended = extend_tokenizer(teacher, target_texts, 30)
+    assert_ids_unique_and_dense(extended)
+    ext_vocab = extended.get_vocab()
+    for token, idx in teacher.get_vocab().items():
+        assert ext_vocab[token] == idx, token
+    assert len(extended) == len(teacher) + 30
+    text = "a <|marker|> b <|im_start|>світ<code>"
+    assert extended.decode(extended(text)["input_ids"]) == teacher.decode(teacher(text)["input_ids"])
+    assert len(extended(text)["input_ids"]) <= len(teacher(text)["input_ids"])
+    assert set(extended.all_special_tokens) == set(teacher.all_special_tokens)
+    extended.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.get_vocab() == ext_vocab
+    assert loaded(text, return_offsets_mapping=True) == extended(text, return_offsets_mapping=True)
+
+
+def test_train_tokenizer_like_with_added_tokens(teachers, target_texts):
+    teacher = with_added_tokens(teachers["mistral_eos"])
+    student = train_tokenizer_like(teacher, target_texts, 500)
+    assert_ids_unique_and_dense(student)
+    assert set(student.all_special_tokens) == set(teacher.all_special_tokens)
+    for token in ("<|marker|>", "<code>", "<|im_start|>"):
+        assert student.convert_tokens_to_ids(token) is not None
+        assert student.convert_ids_to_tokens(student(f"x {token} y", add_special_tokens=False)["input_ids"]).count(token) == 1
 
 
 def test_extend_tokenizer_respects_num_new_tokens(teachers, target_texts):
