@@ -164,6 +164,44 @@ def test_focus_matches_the_definition(tokenizers, source, fasttext_model):
     assert torch.equal(again.embeddings, result.embeddings)  # fallback draws are seeded too
 
 
+class FakeFastText:
+    """Just what FOCUS reads from a fastText model: its words and their vectors."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.words = list(vectors)
+        self.vectors = vectors
+
+    def get_word_vector(self, word: str) -> np.ndarray:
+        return self.vectors[word]
+
+
+def test_focus_anchor_and_fallback_rules(tokenizers, source, text_tools, style_corpus):
+    """Specials (named, or added as special like chat markers) never take part, even when fastText
+    has a vector for them; an all-zero vector counts as no vector; shared tokens are the anchors."""
+    teacher, _ = tokenizers
+    student = text_tools.build("llama2", style_corpus, 300)
+    student.add_tokens(["<|im_start|>"], special_tokens=True)
+    overlap = token_overlap(teacher, student)
+    new = [i for i in range(len(student)) if i not in overlap.student_to_teacher]
+    shared = [i for i in overlap.student_to_teacher if i not in student_special_ids(student)]
+    rng = np.random.default_rng(0)
+    chosen = shared[:25] + new[:15] + [student.eos_token_id, student.convert_tokens_to_ids("<|im_start|>")]
+    vectors = {student.convert_ids_to_tokens(i): rng.normal(size=8).astype(np.float32) for i in chosen}
+    zero = student.convert_ids_to_tokens(new[15])
+    vectors[zero] = np.zeros(8, dtype=np.float32)
+    model = FakeFastText(vectors)
+    result = initialize_embeddings(source, teacher, student, "focus", fasttext_model=model, seed=0)
+    weights = reference_focus_weights(overlap, student, model)
+    assert sorted(weights) == [i for i, kind in enumerate(result.kinds) if kind == "focus"]
+    special_new = [i for i in (student.eos_token_id, student.convert_tokens_to_ids("<|im_start|>")) if i in new]
+    assert special_new and all(result.kinds[i] == "random" for i in special_new)
+    assert result.kinds[new[15]] == "random"
+    assert all(result.kinds[i] == "focus" for i in new[:15] if i not in student_special_ids(student))
+    for s_id, w in weights.items():
+        assert set(w) <= {overlap.student_to_teacher[i] for i in shared[:25]}
+        torch.testing.assert_close(result.embeddings[s_id], apply_weights(w, source), rtol=1e-5, atol=1e-5)
+
+
 def test_focus_trains_fasttext_from_texts(tokenizers, source, style_corpus, tmp_path):
     """Without a fastText model, `texts` train one (min_count=1: rare pieces still get vectors)."""
     teacher, student = tokenizers
@@ -172,8 +210,10 @@ def test_focus_trains_fasttext_from_texts(tokenizers, source, style_corpus, tmp_
     assert result.counts["focus"] > 20
 
 
-def test_initialize_embeddings_bad_inputs(tokenizers, source):
+def test_initialize_embeddings_bad_inputs(tokenizers, source, tokenizer_zoo):
     teacher, student = tokenizers
+    with pytest.raises(ValueError, match="overlap was computed for"):
+        initialize_embeddings(source, teacher, student, "mean", overlap=token_overlap(teacher, tokenizer_zoo["gemma"]))
     with pytest.raises(ValueError, match="Unknown initialisation method 'fancy'"):
         initialize_embeddings(source, teacher, student, "fancy")
     with pytest.raises(ValueError, match="texts"):
