@@ -141,6 +141,9 @@ def test_bad_inputs_fail_clearly(tokenizers, tmp_path):
     stream = datasets.Dataset.from_dict({"text": ["hello"]}).to_iterable_dataset()
     with pytest.raises(ValueError, match="Iterable"):
         prepare_dataset(stream, teacher, student, cache_dir=tmp_path)
+    for rows in (["hello", 5], [{"text": "hello"}, {"text": ["a", "b"]}]):
+        with pytest.raises(ValueError, match=r"document 1 is a (int|list), not text.*'text'"):
+            prepare_dataset(rows, teacher, student, cache_dir=tmp_path)
     with pytest.raises(TypeError, match="single string"):
         prepare_dataset("hello world", teacher, student, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="empty"):
