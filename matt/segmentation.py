@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 
 logger = logging.getLogger(__name__)
@@ -136,11 +137,30 @@ class _Tokenized:
     special: list[bool]
 
 
+_SPECIAL_IDS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def special_token_ids(tokenizer) -> set[int]:
     """Ids of the tokenizer's special tokens: the named ones and added tokens flagged special
-    (e.g. chat markers added with `add_tokens(..., special_tokens=True)`)."""
-    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    (e.g. chat markers added with `add_tokens(..., special_tokens=True)`).
+
+    Cached per tokenizer: listing the added tokens costs milliseconds when there are thousands
+    (Gemma), far more than tokenizing a document. Adding a token or changing a role invalidates it."""
+    named = tuple(getattr(tokenizer, "all_special_ids", ()) or ())
+    key = (named, len(tokenizer))
+    try:
+        cached = _SPECIAL_IDS_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ids = set(named)
     ids.update(i for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if token.special)
+    ids = frozenset(ids)
+    try:
+        _SPECIAL_IDS_CACHE[tokenizer] = (key, ids)
+    except TypeError:
+        pass
     return ids
 
 

@@ -368,11 +368,12 @@ def test_special_tokens_inside_the_text_get_ignore_index():
     assert t_ids == [IGNORE_INDEX, 0, 0, IGNORE_INDEX, 1]
     assert s_ids == [0, 0, 0, 0, 0, 1]
 
+    text = "hello <|im_start|> world"
     marker = piece_tokenizer(["▁hello", "▁world"], "metaspace", alphabet=text)
+    assert IGNORE_INDEX not in check(text, marker, with_s)[0]  # plain text before the marker is added
     marker.add_tokens(["<|im_start|>"], special_tokens=True)
     marker_id = marker.convert_tokens_to_ids("<|im_start|>")
     assert marker_id not in marker.all_special_ids  # only the added-token flag says it is special
-    text = "hello <|im_start|> world"
     t_ids, s_ids = check(text, marker, with_s)
     assert t_ids[marker(text)["input_ids"].index(marker_id)] == IGNORE_INDEX
 
