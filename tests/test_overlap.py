@@ -126,8 +126,7 @@ def test_cross_style_matching(tokenizer_zoo, text_tools):
     byte_level = text_tools.build("llama3", corpus, 900)
     metaspace = text_tools.build("llama2", corpus, 400)
     gemma = text_tools.build("gemma", corpus, 400)
-    for word in ("Ġ" + "".join(byte_level.convert_ids_to_tokens(byte_level("світ", add_special_tokens=False)["input_ids"])),):
-        assert word == "ĠÑģÐ²ÑĸÑĤ" and word in byte_level.get_vocab()
+    assert byte_level.convert_ids_to_tokens(byte_level(" світ", add_special_tokens=False)["input_ids"]) == ["ĠÑģÐ²ÑĸÑĤ"]
     pairs = [("ĠÑģÐ²ÑĸÑĤ", "▁світ"), ("Ñ", "<0xD1>"), ("Ġ", "▁"), ("ð", "<0xF0>"), ("Ġthe", "▁the")]
     for other in (metaspace, gemma):
         assert "▁світ" in other.get_vocab() and "<0xD1>" in other.get_vocab()
