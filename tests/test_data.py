@@ -97,7 +97,8 @@ def test_changes_give_a_new_cache(tokenizer_zoo, tokenizers, documents, tmp_path
     paths = {base.path}
     for name, v in variants.items():
         calls.clear()
-        prepared = prepare_dataset(v["data"], v["teacher"], v["student"], max_length=v["max_length"], cache_dir=tmp_path)
+        prepared = prepare_dataset(v["data"], v["teacher"], v["student"], max_length=v["max_length"],
+                                   cache_dir=tmp_path)
         assert calls, f"{name}: changed inputs must be segmented again"
         assert prepared.path not in paths, name
         paths.add(prepared.path)

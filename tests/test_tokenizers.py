@@ -180,7 +180,8 @@ def test_train_tokenizer_like_with_added_tokens(teachers, target_texts):
     assert set(student.all_special_tokens) == set(teacher.all_special_tokens)
     for token in ("<|marker|>", "<code>", "<|im_start|>"):
         assert student.convert_tokens_to_ids(token) is not None
-        assert student.convert_ids_to_tokens(student(f"x {token} y", add_special_tokens=False)["input_ids"]).count(token) == 1
+        ids = student(f"x {token} y", add_special_tokens=False)["input_ids"]
+        assert student.convert_ids_to_tokens(ids).count(token) == 1
 
 
 def test_extend_tokenizer_respects_num_new_tokens(teachers, target_texts):
