@@ -217,11 +217,14 @@ def check(text, teacher, student, expected_teacher=None, expected_student=None):
 def test_reference_detects_a_wrong_segmentation():
     """The checker can fail: a shifted common boundary violates the invariants."""
     teacher = piece_tokenizer(["trans", "fer"], "bytelevel")
-    student = piece_tokenizer(["tran", "fer"], "metaspace", alphabet="transfer")
-    with pytest.raises(AssertionError):
-        assert_valid("transfer", teacher, student, [0, 1], [0, 0, 1, 1])  # "s" and "f" split wrongly
-    with pytest.raises(AssertionError):
-        assert_valid("transfer", teacher, student, [0, 1], [0, 0, 0])  # one segment missing on a side
+    student = piece_tokenizer(["▁tran", "fer"], "metaspace", alphabet="transfer")
+    assert tokens_of(teacher, "transfer") == ["trans", "fer"]
+    assert tokens_of(student, "transfer") == ["▁tran", "s", "fer"]
+    assert_valid("transfer", teacher, student, [0, 1], [0, 0, 1])  # the right answer passes
+    with pytest.raises(AssertionError, match="segments 0 and 1"):
+        assert_valid("transfer", teacher, student, [0, 1], [0, 1, 1])  # "s" cut away from "tran"
+    with pytest.raises(AssertionError, match="different number of segments"):
+        assert_valid("transfer", teacher, student, [0, 1], [0, 0, 0])
 
 
 def test_matches_reference_on_random_texts_and_all_style_pairs(tokenizer_zoo, text_tools):
