@@ -29,8 +29,9 @@ from matt.segmentation import IGNORE_INDEX, SegmentationStats, check_offsets_sup
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("teacher_input_ids", "teacher_segment_ids", "student_input_ids", "student_segment_ids")
-FORMAT_VERSION = 1
-"""Bump when the prepared format or the segmentation rules change (invalidates every cache)."""
+FORMAT_VERSION = 2
+"""Bump when the prepared format or the segmentation rules change (invalidates every cache).
+2: special tokens matched inside the text get segment id -100."""
 STATS_FILE = "segmentation_stats.json"
 _DONE_MARKER = ".complete"
 
@@ -85,10 +86,14 @@ def as_dataset(data, text_column: str = "text"):
         raise TypeError("dataset must be a collection of documents, not a single string")
     if not isinstance(data, datasets.Dataset):
         rows = list(data)
-        if rows and all(isinstance(row, dict) for row in rows):
-            data = datasets.Dataset.from_list(rows)
-        else:
-            data = datasets.Dataset.from_dict({text_column: rows})
+        as_dicts = bool(rows) and all(isinstance(row, dict) for row in rows)
+        # Arrow would fail on mixed types with an obscure "Expected bytes, got a 'int' object"
+        texts = [row.get(text_column) for row in rows] if as_dicts else rows
+        bad = next(((i, t) for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"document {bad[0]} is a {type(bad[1]).__name__}, not text: every entry of the text "
+                             f"column {text_column!r} must be a string (None entries are skipped and counted)")
+        data = datasets.Dataset.from_list(rows) if as_dicts else datasets.Dataset.from_dict({text_column: rows})
     if text_column not in data.column_names:
         raise ValueError(f"text column {text_column!r} is not in the dataset; its columns are {data.column_names} "
                          "(set text_column / data.text_column)")

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from matt.overlap import TokenOverlap, token_overlap
+from matt.overlap import TokenOverlap, _special_ids, token_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -153,14 +153,15 @@ def _focus_rows(
     """Fill `target[new_ids]` that have a fastText vector with FOCUS; return the ids filled.
 
     Shared tokens with a fastText vector are the anchors (deepfocus's rule); the lookup set is built
-    once because fastText's own `in` scans a list."""
+    once because fastText's own `in` scans a list. Special tokens never take part: fastText always
+    has a "</s>" line-end word, and a chat marker's contexts say nothing about its meaning."""
     import numpy as np
     from deepfocus.focus import focus_additional_token_initialization
     from deepfocus.vocab_helper import NewToken, OverlappingToken
     from tqdm.auto import tqdm
 
     known = set(fasttext_model.words)
-    specials = set(student_tokenizer.all_special_ids)
+    specials = _special_ids(student_tokenizer)  # named specials and added ones flagged special
 
     def vector(student_id: int):
         if student_id in specials:

@@ -144,12 +144,10 @@ def token_bytes(tokenizer) -> list[bytes | None]:
             else:
                 unmappable.append(token)
                 result.append(None)
+        elif byte_fallback and (match := _BYTE_FALLBACK.fullmatch(token)):  # any non-byte-level style
+            result.append(bytes([int(match.group(1), 16)]))
         elif style == "metaspace":
-            match = _BYTE_FALLBACK.fullmatch(token) if byte_fallback else None
-            if match:
-                result.append(bytes([int(match.group(1), 16)]))
-            else:
-                result.append(token.replace(replacement, " ").encode("utf-8"))
+            result.append(token.replace(replacement, " ").encode("utf-8"))
         else:
             result.append(token.encode("utf-8"))
     if unmappable:

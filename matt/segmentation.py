@@ -13,8 +13,9 @@ the same token boundaries.
 
 Rules, in those coordinates (N non-whitespace characters in the text):
 
-* A token is *empty* when its offsets cover only whitespace (or nothing). Special tokens added by
-  the tokenizer (`special_tokens_mask`) are not content: they get segment id -100.
+* A token is *empty* when its offsets cover only whitespace (or nothing). Special tokens are not
+  content: they get segment id -100, both those the tokenizer adds (BOS/EOS) and those matched
+  inside the text (a literal "<s>", chat markers); an <unk> produced from text is content.
 * A position p is a *cut* of a tokenization when some non-empty token starts at p, p is after the
   first such start, and no non-empty token strictly straddles p (a < p < b). Byte-level tokens of
   one multi-byte character share the character's offsets, so they never straddle each other;
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 
 logger = logging.getLogger(__name__)
@@ -135,12 +137,46 @@ class _Tokenized:
     special: list[bool]
 
 
+_SPECIAL_IDS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones and added tokens flagged special
+    (e.g. chat markers added with `add_tokens(..., special_tokens=True)`).
+
+    Cached per tokenizer: listing the added tokens costs milliseconds when there are thousands
+    (Gemma), far more than tokenizing a document. Adding a token or changing a role invalidates it."""
+    named = tuple(getattr(tokenizer, "all_special_ids", ()) or ())
+    key = (named, len(tokenizer))
+    try:
+        cached = _SPECIAL_IDS_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ids = set(named)
+    ids.update(i for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if token.special)
+    ids = frozenset(ids)
+    try:
+        _SPECIAL_IDS_CACHE[tokenizer] = (key, ids)
+    except TypeError:
+        pass
+    return ids
+
+
 def _tokenize(text: str, tokenizer, name: str) -> _Tokenized:
+    """Tokenize with offsets and flag the special tokens.
+
+    `special_tokens_mask` only flags the tokens the post-processor inserts (BOS/EOS); special tokens
+    matched inside the text (a literal "<s>", chat markers) come back unflagged with real offsets, so
+    they are recognised by id. The unknown token is the exception: produced from text, it stands for
+    characters the model reads and stays content."""
     check_offsets_support(tokenizer, name)
     enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=False)
-    special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    special_ids = special_token_ids(tokenizer)
+    unk_id = getattr(tokenizer, "unk_token_id", None)
     special = [
-        bool(mask) or (start == end and token_id in special_ids)  # inserted special, unflagged
+        bool(mask) or (token_id in special_ids and (start == end or token_id != unk_id))
         for token_id, mask, (start, end) in zip(enc["input_ids"], enc["special_tokens_mask"], enc["offset_mapping"])
     ]
     offsets = [(int(start), int(end)) for start, end in enc["offset_mapping"]]

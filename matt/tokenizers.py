@@ -191,7 +191,12 @@ def extend_tokenizer(
 
     vocab: dict[str, int] = dict(model["vocab"])
     added_contents = {t["content"] for t in state["added_tokens"]}
-    next_id = max([*vocab.values(), *(t["id"] for t in state["added_tokens"])], default=-1) + 1
+    # Added tokens beyond the model vocabulary (Llama 3's reserved specials, Qwen's chat markers) get
+    # their ids only implicitly, from the model's size, when a tokenizer is deserialized: appending
+    # new model tokens would shift them onto the new tokens' ids. Pin them in the model vocabulary.
+    for token in state["added_tokens"]:
+        vocab.setdefault(token["content"], token["id"])
+    next_id = max(vocab.values(), default=-1) + 1
     teacher_merges = _merge_pairs(model)
     known_merges = set(teacher_merges)
     new_merges: list[tuple[str, str]] = []
