@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 __all__ = ["RoffReport", "roff_to_text"]
@@ -115,6 +115,7 @@ class RoffReport:
     table_rows: int = 0
     includes_resolved: int = 0
     includes_skipped: int = 0
+    sections_dropped: int = 0
     unknown_macros: Counter = field(default_factory=Counter)
     unknown_glyphs: Counter = field(default_factory=Counter)
     unknown_escapes: Counter = field(default_factory=Counter)
@@ -124,6 +125,7 @@ class RoffReport:
         self.table_rows += other.table_rows
         self.includes_resolved += other.includes_resolved
         self.includes_skipped += other.includes_skipped
+        self.sections_dropped += other.sections_dropped
         self.unknown_macros.update(other.unknown_macros)
         self.unknown_glyphs.update(other.unknown_glyphs)
         self.unknown_escapes.update(other.unknown_escapes)
@@ -132,20 +134,23 @@ class RoffReport:
         return {"tables": self.tables, "table_rows": self.table_rows,
                 "includes_resolved": self.includes_resolved,
                 "includes_skipped": self.includes_skipped,
+                "sections_dropped": self.sections_dropped,
                 "unknown_macros": dict(self.unknown_macros.most_common()),
                 "unknown_glyphs": dict(self.unknown_glyphs.most_common()),
                 "unknown_escapes": dict(self.unknown_escapes.most_common())}
 
 
 def roff_to_text(source: str, *, include: Callable[[str], str | None] | None = None,
-                 report: RoffReport | None = None) -> str:
+                 drop_sections: Collection[str] = (), report: RoffReport | None = None) -> str:
     """Plain text of one manual page.
 
     `include(path)` returns the text of a `.so path` include, or None to skip it (counted).
+    Top-level sections whose heading is in `drop_sections` are left out (counted).
     Counts of what could not be interpreted are added to `report` when given.
     """
-    interp = _Interpreter(include=include)
+    interp = _Interpreter(include=include, drop_sections=frozenset(drop_sections))
     text = interp.run(source)
+    interp.report.sections_dropped += interp.out.dropped
     if report is not None:
         report.add(interp.report)
     return text
@@ -276,9 +281,12 @@ def _read_delimited(s: str, i: int) -> tuple[str, int]:
 class _Writer:
     """Collects output lines: filled paragraphs become one line each, no-fill text stays as is."""
 
-    def __init__(self) -> None:
+    def __init__(self, drop_sections: frozenset[str] = frozenset()) -> None:
         self.lines: list[str] = []
         self.current: list[str] = []
+        self.drop_sections = drop_sections
+        self.suppress = False  # inside a dropped section: nothing is written
+        self.dropped = 0
         self.fill = True
         self.join_next = False
         self.emitted = 0  # text pieces written so far (to tell whether a link had text)
@@ -308,16 +316,27 @@ class _Writer:
 
     def paragraph(self) -> None:
         self.br()
+        if self.suppress:
+            return
         if self.lines and self.lines[-1] != "" and len(self.lines) != self.heading_end:
             self.lines.append("")
 
-    def heading(self, text: str) -> None:
+    def heading(self, text: str, level: int = 1) -> None:
         """A heading line; the section's first paragraph follows it without a blank line."""
         self.paragraph()
         text = _clean_line(text)
-        if text:
+        if level == 1:
+            self.suppress = text in self.drop_sections
+            self.dropped += self.suppress
+        if text and not self.suppress:
             self.lines.append(text)
             self.heading_end = len(self.lines)
+
+    def raw_line(self, text: str) -> None:
+        """A line written as is (table rows keep their tab-separated cells)."""
+        self.br()
+        if not self.suppress:
+            self.lines.append(text)
 
     def _flush(self, keep_blank: bool) -> None:
         if not self.current:
@@ -327,7 +346,7 @@ class _Writer:
         else:
             line = "".join(self.current).rstrip()
         self.current = []
-        if line or keep_blank:
+        if (line or keep_blank) and not self.suppress:
             self.lines.append(line)
 
     def text(self) -> str:
@@ -346,7 +365,8 @@ def _clean_line(line: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 class _Interpreter:
-    def __init__(self, include: Callable[[str], str | None] | None) -> None:
+    def __init__(self, include: Callable[[str], str | None] | None,
+                 drop_sections: frozenset[str] = frozenset()) -> None:
         self.include = include
         self.report = RoffReport()
         self.macros: dict[str, list[str]] = {}
@@ -354,11 +374,12 @@ class _Interpreter:
         # `.g` = 1: pages take their groff branches, the ones every Linux system renders
         self.registers: dict[str, int] = {".g": 1, ".H": 1, ".V": 1, ".$": 0}
         self.translations: dict[str, str] = {}
-        self.out = _Writer()
+        self.out = _Writer(drop_sections)
         self.stack: list[str] = []
         self.else_stack: list[bool] = []
         self.expansions = 0
-        self.pending: str | None = None  # "heading" or "tag": what the next text line is
+        self.pending: str | None = None  # "heading1/2" or "tag": what the next text line is
+        self.heading_level = 1
         self.pd_zero = False
         self.links: list[tuple[str, int]] = []
         # mdoc state
@@ -535,9 +556,10 @@ class _Interpreter:
 
     def _emit(self, text: str) -> None:
         """Write a piece of running text, honouring a pending heading / tag / list tag."""
-        if self.pending == "heading":
+        if self.pending and self.pending.startswith("heading"):
+            level = int(self.pending[-1])
             self.pending = None
-            self.out.heading(text)
+            self.out.heading(text, level)
             return
         self.out.add(text)
         if self.pending == "tag":
@@ -841,12 +863,15 @@ class _Interpreter:
             self.out.fill = True
         args = [a for a, _ in _split_args(rest)]
         if args:
-            self.out.heading(self._render(" ".join(args)))
+            self.out.heading(self._render(" ".join(args)), self.heading_level)
         else:
             self.out.paragraph()
-            self.pending = "heading"
+            self.pending = f"heading{self.heading_level}"
+        self.heading_level = 1
 
-    _req_SS = _req_SH
+    def _req_SS(self, rest: str, _nb: bool = False) -> None:
+        self.heading_level = 2
+        self._req_SH(rest)
 
     def _req_PP(self, rest: str, _nb: bool = False) -> None:
         self.pending = None
@@ -1001,7 +1026,7 @@ class _Interpreter:
                 rows.append(cells)
         self.out.paragraph()
         for row in rows:
-            self.out.lines.append("\t".join(row).rstrip("\t"))
+            self.out.raw_line("\t".join(row).rstrip("\t"))
         self.report.table_rows += len(rows)
         self.out.paragraph()
 
@@ -1181,11 +1206,12 @@ class _Interpreter:
         return text, False, False
 
     # line-level mdoc macros
-    def _mdoc_Sh(self, args: list[tuple[str, bool]]) -> None:
+    def _mdoc_Sh(self, args: list[tuple[str, bool]], level: int = 1) -> None:
         self._mdoc_close_all()
-        self.out.heading(_join_pieces(self._mdoc_parse(args), True))
+        self.out.heading(_join_pieces(self._mdoc_parse(args), True), level)
 
-    _mdoc_Ss = _mdoc_Sh
+    def _mdoc_Ss(self, args: list[tuple[str, bool]]) -> None:
+        self._mdoc_Sh(args, level=2)
 
     def _mdoc_close_all(self) -> None:
         self.lists.clear()
@@ -1249,9 +1275,8 @@ class _Interpreter:
                 self._mdoc_inline(args)
             return
         if kind == "-column":
-            self.out.br()
             row = _join_pieces(self._mdoc_parse(args), self.spacing)
-            self.out.lines.append("\t".join(_clean_line(c) for c in row.split("\t")))
+            self.out.raw_line("\t".join(_clean_line(c) for c in row.split("\t")))
             return
         if not args:
             return
