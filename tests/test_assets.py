@@ -648,5 +648,5 @@ def test_roff_converter_agrees_with_groff_on_the_real_pages(tmp_path):
                       (ours - theirs).most_common(3)))
     worst.sort(reverse=True)
     assert total > 200_000
-    assert differing / total < 0.002, worst[:5]
+    assert differing / total < 0.001, worst[:5]  # measured: 19 words of 267,695
     assert worst[0][0] < 0.03, worst[:5]
