@@ -99,10 +99,9 @@ _IGNORED_REQUESTS = {
     "sizes", "special", "fspecial", "ftr", "tkf", "trf", "cflags", "nroff", "troff", "vpt",
     "open", "opena", "close", "write", "writec", "writem", "pso", "psbb", "substring", "length",
     "chop", "index", "asciify", "unformat", "box", "boxa", "di", "da", "output", "return",
-    "shift", "break", "continue", "pev", "pnr", "ptr", "fl", "ig_", "linetabs", "rj", "trin",
-    "trnt", "spreadwarn", "blm", "lsm", "brp", "PD", "DT", "UC", "AT", "IX", "LINKSTYLE", "PU",
-    "Dd", "Dt", "Os", "Bk", "Ek", "Lb", "In_", "Db", "Dl_", "af", "aln", "rnn", "dei", "ami",
-    "de1", "am1", "nx", "an-trap", "hpf", "hpfa", "hpfcode", "ptr", "sty", "cp", "in_",
+    "shift", "break", "continue", "pev", "pnr", "ptr", "fl", "linetabs", "rj", "trin",
+    "trnt", "spreadwarn", "blm", "lsm", "brp", "DT", "UC", "AT", "IX", "LINKSTYLE", "PU", "af",
+    "aln", "rnn", "hpf", "hpfa", "hpfcode", "sty", "cp",
 }
 _BREAKING_REQUESTS = {"br", "bp", "fi", "nf", "in", "ti", "ce", "rj"}
 
@@ -574,10 +573,7 @@ class _Interpreter:
         no_break = m.group(1) == "'"
         name, rest = m.group(2), m.group(3)
         if not name:
-            rest = rest.strip()
-            if rest.startswith("\\}") or rest.startswith("\\{") or not rest:
-                return
-            return  # `.` alone, or a stray escape on a control line
+            return  # `.` alone, `.\}` closing a conditional block, or a stray escape
         if name in ("de", "am", "de1", "am1", "dei", "ami"):
             self._define(name, _split_args(rest))
             return
