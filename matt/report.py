@@ -95,7 +95,10 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
 
 def plot_layer_depth(runs: Sequence["RunRecord"], path: str | Path, metric: str = "bpb") -> Path | None:
     """AIM depth vs final `metric`, training time and peak memory (runs with a depth only)."""
-    points = sorted((r.n_layers, r) for r in runs if r.n_layers is not None and r.final.get(metric) is not None)
+    from matplotlib.ticker import MaxNLocator
+
+    points = sorted(((r.n_layers, r) for r in runs if r.n_layers is not None and r.final.get(metric) is not None),
+                    key=lambda point: point[0])
     if not points:
         return None
     path = Path(path)
@@ -119,6 +122,7 @@ def plot_layer_depth(runs: Sequence["RunRecord"], path: str | Path, metric: str 
                 if values:
                     ax.axhline(values[0], linestyle=style, color="grey", label=name)
         ax.set_xlabel("AIM depth (n_layers)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
@@ -196,6 +200,8 @@ class TableRow:
     n_layers: int | None = None
     wall_clock_s: float | None = None
     peak_memory_mb: float | None = None
+    baseline: dict[str, float] = field(default_factory=dict)
+    """The original model's metrics this row is compared with (`% of original`)."""
     run_id: str = ""
 
 
@@ -226,34 +232,38 @@ def load_runs(tracking_uri: str, experiment_name: str, *, include_failed: bool =
     return records
 
 
+def _key(values: Mapping[str, float]) -> tuple:
+    return tuple(sorted((k, round(v, 6)) for k, v in values.items() if k != "eval_seconds"))
+
+
 def table_rows(runs: Iterable[RunRecord]) -> list[TableRow]:
-    """Original (one per teacher), each distinct initialisation, then every trained run."""
+    """Original models, initialisations and trained runs; identical evaluations (cached in sweeps)
+    appear once. Each row's `baseline` is the original model evaluated in the same run (same text,
+    same caps), else the first original of the same teacher."""
+    runs = list(runs)
+    first_original = {}
+    for run in runs:
+        if "original" in run.models:
+            first_original.setdefault(run.model, run.models["original"])
     rows: list[TableRow] = []
-    seen_original: set[str] = set()
-    seen_init: set[tuple] = set()  # identical initial evaluations (cached in sweeps) appear once
+    seen: set[tuple] = set()
     trained = []
     for run in runs:
         models = run.models
-        if "original" in models and run.model not in seen_original:
-            seen_original.add(run.model)
-            rows.append(TableRow(f"original ({run.model})", "original", run.model, models["original"],
-                                 run_id=run.run_id))
-        if "init" in models:
-            values = tuple(sorted((k, round(v, 6)) for k, v in models["init"].items() if k != "eval_seconds"))
-            key = (run.model, run.init, values)
-            if key not in seen_init:
-                seen_init.add(key)
-                rows.append(TableRow(f"{run.init} init", "init", run.model, dict(models["init"]), run_id=run.run_id))
+        baseline = models.get("original") or first_original.get(run.model, {})
+        for kind, method in (("original", f"original ({run.model})"), ("init", f"{run.init} init")):
+            if kind in models and (kind, run.model, run.init, _key(models[kind])) not in seen:
+                seen.add((kind, run.model, run.init, _key(models[kind])))
+                rows.append(TableRow(method, kind, run.model, dict(models[kind]), baseline=baseline, run_id=run.run_id))
         if "final" in models:
             trained.append(TableRow(run.label, "trained", run.model, models["final"], n_layers=run.n_layers,
-                                    wall_clock_s=run.metrics.get(TIME_METRIC),
-                                    peak_memory_mb=run.metrics.get(MEMORY_METRIC), run_id=run.run_id))
+                                    wall_clock_s=run.metrics.get(TIME_METRIC), peak_memory_mb=run.metrics.get(MEMORY_METRIC),
+                                    baseline=baseline, run_id=run.run_id))
     return rows + trained
 
 
 def table_columns(rows: Sequence[TableRow], metrics: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
     """Header and cells (numbers stay numbers) of the comparison table."""
-    originals = {row.model: row.values for row in rows if row.kind == "original"}
     shown = [m for m in metrics if any(m in row.values for row in rows)]
     header = ["method", "model", "n_layers"]
     for metric in shown:
@@ -268,7 +278,7 @@ def table_columns(rows: Sequence[TableRow], metrics: Sequence[str]) -> tuple[lis
             value = row.values.get(metric)
             line.append(value)
             if metric_direction(metric) is not None:
-                line.append(percent_of_baseline(metric, value, originals.get(row.model, {}).get(metric)))
+                line.append(percent_of_baseline(metric, value, row.baseline.get(metric)))
         line += [row.wall_clock_s, row.peak_memory_mb, row.run_id[:8]]
         cells.append(line)
     return header, cells

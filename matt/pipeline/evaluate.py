@@ -237,7 +237,7 @@ def results_table(results: dict[str, dict[str, float]], baseline: str = "origina
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "–"
-    if isinstance(value, float) and abs(value) >= 1000:
+    if isinstance(value, float) and (abs(value) >= 1000 or (value.is_integer() and abs(value) >= 10)):
         return f"{value:.0f}"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 

@@ -128,11 +128,8 @@ def run_transfer(cfg) -> float | None:
 
     from matt.api import MATT
     from matt.data import tokenizer_fingerprint
-    from matt.pipeline.data import Documents  # noqa: F401 - documented type of plan.documents
     from matt.pipeline.evaluate import EvalSuite, prefixed, results_table, write_results
-    from matt.pipeline.init import (
-        INIT_DIR, embeddings_of, init_key, init_metrics, initialize_student, release_memory,
-    )
+    from matt.pipeline.init import INIT_DIR, init_key, init_metrics, initialize_student, release_memory
     from matt.pipeline.models import load_teacher_model, model_identity, text_config
     from matt.pipeline.preflight import check_init_checkpoint, preflight
     from matt.pipeline.save import adapted_model, save_adapted
@@ -212,7 +209,11 @@ def run_transfer(cfg) -> float | None:
                 cache_dir=cache_dir, output_dir=output_dir, key=key)
         tracker.log_metrics(init_metrics(init_info))
 
-        # 4. training (all processes)
+        # 4. training (all processes); the peak-memory metric must describe this run only
+        if accelerator.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
         train_log = JsonlLog(output_dir / "train_log.jsonl")
         result = train_embeddings(cfg, matt, teacher_model, student_model, accelerator=accelerator,
                                   log_fns=[tracker.training_logger(), train_log])
