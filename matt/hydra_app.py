@@ -87,7 +87,9 @@ def share_run_stamp_across_processes() -> None:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    from matt.pipeline.train import distributed_on_cpu
+
+    state = PartialState(cpu=distributed_on_cpu())
     stamp = [_dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") if state.is_main_process else None]
     broadcast_object_list(stamp, from_process=0)
     os.environ[STAMP_ENV] = stamp[0]

@@ -105,6 +105,8 @@ def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) ->
     from matt.pipeline.init import check_checkpoint
     from matt.result import EMBEDDINGS_FILE, TransferResult
 
+    if not init_cfg.checkpoint:
+        raise ValueError("init=checkpoint needs init.checkpoint=<embeddings.safetensors or a directory holding one>")
     path = Path(str(init_cfg.checkpoint)).expanduser()
     if not (path.is_file() or (path / EMBEDDINGS_FILE).is_file()):
         raise ValueError(f"init.checkpoint={init_cfg.checkpoint!r}: no {EMBEDDINGS_FILE} there (give the file or "
@@ -143,7 +145,7 @@ def preflight(cfg) -> Plan:
     n_layers = check_n_layers(cfg, depth)
 
     student_tokenizer = None
-    if enum_value(cfg.tokenizer.source) == "pretrained":
+    if enum_value(cfg.tokenizer.source) == "pretrained":  # load_pretrained_student names a missing tokenizer.path
         student_tokenizer = load_pretrained_student(cfg.tokenizer)
         check_offsets_support(student_tokenizer, f"tokenizer.path={cfg.tokenizer.path!r}")
     check_init_checkpoint(cfg.init, hidden, student_tokenizer)

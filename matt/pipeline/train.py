@@ -7,7 +7,9 @@ back to the Hydra keys a user typed (`MATTConfig.lr` -> `train.lr`).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,6 +76,14 @@ def matt_config(cfg, *, checkpoint_dir: str | Path | None = None):
         raise
 
 
+def distributed_on_cpu() -> bool:
+    """Launched as several processes (accelerate launch / torchrun) on a machine without CUDA.
+
+    Accelerate only sets up CPU data parallelism (gloo) when told `cpu=True`, and its own `--cpu`
+    flag falls back to a single process, so MATT asks for CPU itself in that case."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def make_accelerator(cfg):
     """The run's Accelerator. Buffers (the frozen embedding rows among them) are not re-broadcast
     every step under DDP: they never change, and broadcasting them would dominate CPU steps."""
@@ -82,7 +92,11 @@ def make_accelerator(cfg):
 
     from matt.config import PRECISIONS
 
-    return Accelerator(mixed_precision=PRECISIONS.get(str(cfg.train.precision), "no"), cpu=cfg.train.cpu,
+    # torch 2.13 renamed the DDP flag; accelerate still passes the old name, which keeps the
+    # semantics we want (no sync at init either: every rank loaded identical frozen rows).
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    return Accelerator(mixed_precision=PRECISIONS.get(str(cfg.train.precision), "no"),
+                       cpu=bool(cfg.train.cpu) or distributed_on_cpu(),
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
