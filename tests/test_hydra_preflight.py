@@ -4,6 +4,8 @@ the key and the allowed values."""
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 
 import pytest
@@ -14,6 +16,24 @@ from matt.pipeline.preflight import preflight
 from matt.tiny import SAMPLE_TEXTS, tiny_model, train_tokenizer
 
 SMOKE = ["experiment=smoke"]
+
+
+def run_app(app, args):
+    """Run a Hydra entry point in-process, then undo Hydra's logging setup (its handlers hold the
+    streams of the test that ran it; left in place they log into closed files later)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return app(args)
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture
@@ -126,7 +146,7 @@ def test_the_app_fails_before_any_run_or_heavy_work(tmp_path, monkeypatch):
     out = tmp_path / "out"
     started = time.perf_counter()
     with pytest.raises(ValueError, match=r"objective\.n_layers=9"):
-        transfer(SMOKE + [f"paths.output_root={out}", f"paths.cache_dir={tmp_path / 'cache'}",
+        run_app(transfer, SMOKE + [f"paths.output_root={out}", f"paths.cache_dir={tmp_path / 'cache'}",
                           "objective.n_layers=9", f"hydra.run.dir={out / 'run'}"])
     assert time.perf_counter() - started < 60
     assert not (out / "mlflow.db").exists()  # no MLflow run was opened
@@ -137,6 +157,59 @@ def test_the_app_fails_before_any_run_or_heavy_work(tmp_path, monkeypatch):
 def test_dry_run_validates_and_stops(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     out = tmp_path / "out"
-    transfer(SMOKE + [f"paths.output_root={out}", "dry_run=true", f"hydra.run.dir={out / 'run'}"])
+    run_app(transfer, SMOKE + [f"paths.output_root={out}", "dry_run=true", f"hydra.run.dir={out / 'run'}"])
     assert "Config OK (dry run)" in capsys.readouterr().out
     assert not (out / "mlflow.db").exists()
+
+
+def test_local_text_and_parquet_files_and_caps(paths, tmp_path):
+    import datasets
+
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("\n\n".join(SAMPLE_TEXTS) + "\n")
+    plan = preflight(compose("transfer", SMOKE + paths + ["data=local", f"data.path={text_file}",
+                                                          "data.text_sample_by=paragraph", "data.validation_fraction=0.2"]))
+    # 10 paragraphs (one text has an inner blank line, so 11) -> 80/20 split
+    assert sum(plan.documents.summary().values()) == 11 and plan.documents.summary()["validation"] == 3
+
+    parquet = tmp_path / "corpus.parquet"
+    datasets.Dataset.from_dict({"body": [t * 3 for t in SAMPLE_TEXTS * 3]}).to_parquet(str(parquet))
+    base = SMOKE + paths + ["data=local", f"data.path={parquet}", "data.text_column=body"]
+    assert preflight(compose("transfer", base)).documents.summary() == {"train": 27, "validation": 3}
+    assert preflight(compose("transfer", base + ["data.max_documents=5"])).documents.summary()["train"] == 5
+    capped = preflight(compose("transfer", base + ["data.max_tokens=200"])).documents
+    tokenizer = preflight(compose("transfer", SMOKE + paths)).teacher_tokenizer
+    counts = [len(ids) for ids in tokenizer(list(capped.train["text"]), add_special_tokens=False)["input_ids"]]
+    assert sum(counts) >= 200 and sum(counts[:-1]) < 200  # whole documents until the budget is reached
+
+
+def test_hub_datasets_stream_only_what_is_needed(paths, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        rows = [{"text": f"{text} ({i})", "id": i} for i, text in enumerate(SAMPLE_TEXTS * 100)]
+        if streaming:
+            return datasets.IterableDataset.from_generator(lambda: iter(rows))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    plan = preflight(compose("transfer", SMOKE + paths + ["data=hplt_uk", "data.max_documents=50"]))
+    assert calls == [("HPLT/HPLT2.0_cleaned", "ukr_Cyrl", "train", True)]
+    assert plan.documents.summary() == {"train": 49, "validation": 1}  # 50 streamed, 2% held out
+    check(SMOKE + paths + ["data=hplt_uk", "data.text_column=content"],
+          r"data\.text_column='content' is not a column of HPLT/HPLT2\.0_cleaned")
+    plan = preflight(compose("transfer", SMOKE + paths + ["data=hplt_uk", "data.streaming=false", "data.max_documents=20"]))
+    assert plan.documents.summary()["train"] == 20
+
+
+def test_console_script_entry_point(tmp_path, monkeypatch, capsys):
+    from matt import cli
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["matt-transfer", *SMOKE, "dry_run=true", f"paths.output_root={tmp_path}",
+                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    run_app(lambda _: cli.transfer(), None)
+    assert "Config OK (dry run)" in capsys.readouterr().out

@@ -5,6 +5,7 @@ crash -> FAILED run -> resume into the same run, and a run against a real `mlflo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,24 @@ from mlflow import MlflowClient
 from matt.hydra_app import evaluate, report, transfer
 
 FAST = ["experiment=smoke", "eval=quick"]
+
+
+def run_app(app, args):
+    """Run a Hydra entry point in-process, then undo Hydra's logging setup (its handlers hold the
+    streams of the test that ran it; left in place they log into closed files later)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return app(args)
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 def uri(root: Path) -> str:
@@ -57,7 +76,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, env, cache):
     root = tmp_path_factory.mktemp("smoke")
-    transfer(FAST + [f"paths.output_root={root}", f"paths.cache_dir={cache}", f"hydra.run.dir={root / 'run'}"])
+    run_app(transfer, FAST + [f"paths.output_root={root}", f"paths.cache_dir={cache}", f"hydra.run.dir={root / 'run'}"])
     return root
 
 
@@ -109,7 +128,7 @@ def test_the_run_lands_in_mlflow_with_params_metrics_artifacts_tags(smoke_run):
 
 
 def test_evaluate_on_the_saved_model_reproduces_the_final_numbers(smoke_run, env, tmp_path):
-    evaluate(["data=tiny_sample", "eval=quick", f"model_dir={smoke_run / 'run' / 'model'}", "prefix=saved",
+    run_app(evaluate, ["data=tiny_sample", "eval=quick", f"model_dir={smoke_run / 'run' / 'model'}", "prefix=saved",
               f"paths.output_root={smoke_run}", f"hydra.run.dir={tmp_path / 'eval'}"])
     _, transfer_runs = runs_of(uri(smoke_run), "smoke")
     _, eval_runs = runs_of(uri(smoke_run), "evaluate")
@@ -121,7 +140,7 @@ def test_evaluate_on_the_saved_model_reproduces_the_final_numbers(smoke_run, env
 
 def test_multirun_gives_one_mlflow_run_per_job_and_a_report(tmp_path, env, cache):
     root = tmp_path / "sweep"
-    transfer(["-m", "experiment=smoke", "eval=bpb_only", "objective=aim,aim_star", "train.max_steps=4",
+    run_app(transfer, ["-m", "experiment=smoke", "eval=bpb_only", "objective=aim,aim_star", "train.max_steps=4",
               f"paths.output_root={root}", f"paths.cache_dir={cache}", f"hydra.sweep.dir={root / 'sweep'}"])
     client, runs = runs_of(uri(root), "smoke")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
@@ -135,7 +154,7 @@ def test_multirun_gives_one_mlflow_run_per_job_and_a_report(tmp_path, env, cache
         assert "embeddings/embeddings.safetensors" in artifact_paths(client, run.info.run_id, "embeddings")
     assert (root / "sweep" / "0" / "model" / "config.json").is_file() and (root / "sweep" / "1").is_dir()
 
-    report(["experiment_name=smoke", f"paths.output_root={root}", f"hydra.run.dir={root / 'report'}"])
+    run_app(report, ["experiment_name=smoke", f"paths.output_root={root}", f"hydra.run.dir={root / 'report'}"])
     directory = root / "reports" / "smoke"
     table = (directory / "table.md").read_text()
     assert "aim mse L2" in table and "aim_star mse L2" in table and "original (tiny_llama)" in table
@@ -162,7 +181,7 @@ def test_a_crashed_run_is_failed_and_resumes_into_the_same_run(tmp_path, env, ca
 
     monkeypatch.setattr(recipe.JsonlLog, "__call__", crash_at_step_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        transfer(args)
+        run_app(transfer, args)
     client, runs = runs_of(uri(root), "smoke")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert "simulated crash at step 4" in runs[0].data.tags["matt.error"]
@@ -171,7 +190,7 @@ def test_a_crashed_run_is_failed_and_resumes_into_the_same_run(tmp_path, env, ca
     assert state["step"] == 4  # the finished steps were checkpointed on the way out
 
     monkeypatch.setattr(recipe.JsonlLog, "__call__", original_log)
-    transfer(args + ["train.resume=true"])
+    run_app(transfer, args + ["train.resume=true"])
     client, runs = runs_of(uri(root), "smoke")
     assert len(runs) == 1, "resuming must continue the same MLflow run"
     run = runs[0]
@@ -180,7 +199,7 @@ def test_a_crashed_run_is_failed_and_resumes_into_the_same_run(tmp_path, env, ca
     assert "embeddings/embeddings.safetensors" in artifact_paths(client, run.info.run_id, "embeddings")
 
     # ... and ends where an uninterrupted run of the same config ends
-    transfer([a for a in args if not a.startswith("hydra.run.dir")] + [f"hydra.run.dir={root / 'straight'}"])
+    run_app(transfer, [a for a in args if not a.startswith("hydra.run.dir")] + [f"hydra.run.dir={root / 'straight'}"])
     resumed = TransferResult.load(root / "run" / "embeddings")
     straight = TransferResult.load(root / "straight" / "embeddings")
     assert torch.allclose(resumed.input_embeddings, straight.input_embeddings, atol=1e-6)
@@ -225,7 +244,7 @@ def mlflow_server(tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
@@ -233,7 +252,7 @@ def mlflow_server(tmp_path_factory):
 
 def test_a_run_against_a_real_mlflow_server(mlflow_server, tmp_path, env, cache):
     root = tmp_path / "served"
-    transfer(["experiment=smoke", "eval=bpb_only", "train.max_steps=4", "tracking=mlflow_server",
+    run_app(transfer, ["experiment=smoke", "eval=bpb_only", "train.max_steps=4", "tracking=mlflow_server",
               f"tracking.uri={mlflow_server}", f"paths.output_root={root}", f"paths.cache_dir={cache}",
               f"hydra.run.dir={root / 'run'}"])
     assert not (root / "mlflow.db").exists()  # nothing went to the embedded store
@@ -245,3 +264,24 @@ def test_a_run_against_a_real_mlflow_server(mlflow_server, tmp_path, env, cache)
     # artifacts went through the server into its artifact store
     local = Path(client.download_artifacts(run_id, "embeddings/embeddings.safetensors", str(tmp_path)))
     assert local.read_bytes() == (root / "run" / "embeddings" / "embeddings.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("overrides,untied", [
+    (["model=tiny_gemma3", "tokenizer=extend", "tokenizer.num_new_tokens=100", "init=mean"], False),
+    (["model=tiny_qwen3", "objective=aim_star", "init=random"], True),  # untied: NTP on by default
+    (["model=tiny_gpt_neox", "objective=ntp"], True),
+], ids=["gemma3-extend-mean", "qwen3-aim_star-random", "gpt_neox-ntp"])
+def test_other_families_tokenizers_inits_and_objectives(overrides, untied, tmp_path, env, cache):
+    from matt.result import TransferResult
+
+    root = tmp_path / "run"
+    run_app(transfer, ["experiment=smoke", "eval=none", "train.max_steps=2", "save_model=false", f"paths.output_root={tmp_path}",
+              f"paths.cache_dir={cache}", f"hydra.run.dir={root}", *overrides])
+    _, runs = runs_of(uri(tmp_path), "smoke")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    init, learned = TransferResult.load(root / "init"), TransferResult.load(root / "embeddings")
+    assert learned.input_embeddings.shape == init.input_embeddings.shape
+    assert not torch.equal(learned.input_embeddings, init.input_embeddings)
+    assert learned.tie_word_embeddings is not untied
+    if untied:  # the NTP term trained the LM head's new rows too
+        assert not torch.equal(learned.output_embeddings, init.output_embeddings)

@@ -124,10 +124,12 @@ def _load_hub(data_cfg) -> dict[str, Any]:
             stream = datasets.load_dataset(data_cfg.path, name=data_cfg.config_name, split=name, streaming=True)
             limit = data_cfg.max_documents if role == "train" else (data_cfg.max_validation_documents
                                                                    or data_cfg.max_documents)
-            if data_cfg.text_column not in (stream.column_names or [data_cfg.text_column]):
-                raise ValueError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.path} "
-                                 f"({name}); its columns are {stream.column_names}")
-            rows = [{"text": row[data_cfg.text_column]} for row in stream.take(limit)]
+            rows = []
+            for row in stream.take(limit):
+                if data_cfg.text_column not in row:
+                    raise ValueError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.path} "
+                                     f"({name}); its columns are {sorted(row)}")
+                rows.append({"text": row[data_cfg.text_column]})
             splits[role] = datasets.Dataset.from_list(rows)
         else:
             splits[role] = _check_column(
@@ -140,7 +142,7 @@ def _cap_tokens(dataset, max_tokens: int, tokenizer):
     """The first documents whose teacher-token count reaches `max_tokens` (whole documents)."""
     total = 0
     for start in range(0, len(dataset), 256):
-        texts = dataset[start:start + 256]["text"]
+        texts = list(dataset[start:start + 256]["text"])
         for offset, ids in enumerate(tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]):
             total += len(ids)
             if total >= max_tokens:
