@@ -229,17 +229,18 @@ def results_table(results: dict[str, dict[str, float]], baseline: str = "origina
     for name in names:
         row = [name] + [_fmt(results[m].get(name)) for m in models]
         if show_percent:
-            row.append(_fmt(percent_of_baseline(name, results[last].get(name), results[baseline].get(name)), 1))
+            percent = percent_of_baseline(name, results[last].get(name), results[baseline].get(name))
+            row.append("–" if percent is None else f"{percent:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def _fmt(value, digits: int = 4) -> str:
+def _fmt(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float) and (abs(value) >= 1000 or (value.is_integer() and abs(value) >= 10)):
-        return f"{value:.0f}"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+        return f"{value:.0f}"  # counts (tokens) and long durations
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def write_results(results: dict[str, dict[str, float]], directory: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
