@@ -29,6 +29,7 @@ def test_percent_of_baseline_is_direction_aware():
     assert percent_of_baseline("choice_accuracy", 0.3, 0.6) == pytest.approx(50.0)
     assert percent_of_baseline("lm_eval/belebele/acc", 0.5, 0.5) == pytest.approx(100.0)
     assert percent_of_baseline("bytes_per_token", 4.0, 2.0) is None  # compression is not "quality"
+    assert percent_of_baseline("unigram_bpb", 1.5, 3.0) is None  # nor is the tokenizer's unigram floor
     assert percent_of_baseline("bpb", None, 1.0) is None and percent_of_baseline("chrf", 1.0, 0.0) is None
 
 
