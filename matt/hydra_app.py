@@ -50,7 +50,8 @@ def _asset_path(name: str) -> str:
     except Exception as exc:
         raise RuntimeError(
             f"The offline asset {name!r} is not available: {exc}. Fetch the assets with `make assets`, or "
-            "override the key with a local path or a hub id (e.g. model.pretrained=HuggingFaceTB/SmolLM2-135M-Instruct)."
+            "override the key with a local path or a hub id "
+            "(e.g. model.pretrained=HuggingFaceTB/SmolLM2-135M-Instruct)."
         ) from exc
 
 

@@ -146,7 +146,8 @@ def plot_methods(rows: Sequence["TableRow"], path: str | Path, metric: str = "bp
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per method" + (" (lower is better)" if metric_direction(metric) == -1 else ""))
     low, high = min(values), max(values)
-    ax.set_ylim(max(0.0, low - 0.15 * (high - low + 1e-9) - 0.05 * abs(low)), high + 0.1 * (high - low + 1e-9) + 0.02 * abs(high))
+    spread = high - low + 1e-9
+    ax.set_ylim(max(0.0, low - 0.15 * spread - 0.05 * abs(low)), high + 0.1 * spread + 0.02 * abs(high))
     ax.grid(axis="y", alpha=0.3)
     figure.savefig(path, dpi=110)
     return path
@@ -257,8 +258,9 @@ def table_rows(runs: Iterable[RunRecord]) -> list[TableRow]:
                 rows.append(TableRow(method, kind, run.model, dict(models[kind]), baseline=baseline, run_id=run.run_id))
         if "final" in models:
             trained.append(TableRow(run.label, "trained", run.model, models["final"], n_layers=run.n_layers,
-                                    wall_clock_s=run.metrics.get(TIME_METRIC), peak_memory_mb=run.metrics.get(MEMORY_METRIC),
-                                    baseline=baseline, run_id=run.run_id))
+                                    wall_clock_s=run.metrics.get(TIME_METRIC),
+                                    peak_memory_mb=run.metrics.get(MEMORY_METRIC), baseline=baseline,
+                                    run_id=run.run_id))
     return rows + trained
 
 

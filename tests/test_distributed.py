@@ -54,6 +54,7 @@ def test_two_process_accelerate_launch(tmp_path):
     examples = int(run.data.metrics["data/examples"])
     batches = math.ceil(examples / 4)
     per_rank = math.ceil(batches / 2)
-    epochs = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train/epoch"), key=lambda m: m.step)]
+    history = sorted(client.get_metric_history(run.info.run_id, "train/epoch"), key=lambda m: m.step)
+    epochs = [int(m.value) for m in history]
     assert epochs == [(s - 1) // per_rank for s in range(1, steps + 1)]
     assert epochs != [(s - 1) // batches for s in range(1, steps + 1)], "pick data so one process would differ"

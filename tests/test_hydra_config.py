@@ -64,7 +64,8 @@ def test_every_group_has_the_options_the_issue_lists():
     assert {"focus", "mean", "random", "checkpoint"} <= set(options("init"))
     assert {"aim", "aim_star", "ntp", "aim_ntp"} <= set(options("objective"))
     assert {"mlflow", "mlflow_server", "none"} <= set(options("tracking"))
-    assert {"smoke", "demo", "demo_gemma3", "layer_ablation", "loss_ablation", "paper_uk_gemma3"} <= set(options("experiment"))
+    presets = {"smoke", "demo", "demo_gemma3", "layer_ablation", "loss_ablation", "paper_uk_gemma3"}
+    assert presets <= set(options("experiment"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -108,7 +109,8 @@ def test_experiment_presets_override_the_defaults(fake_assets):
     assert smoke.name == "smoke" and smoke.model.name == "tiny_llama" and smoke.data.path == "builtin:sample"
     assert smoke.train.max_steps <= 20
     demo = compose("transfer", ["experiment=demo"])
-    assert (demo.model.name, demo.tokenizer.source, demo.tokenizer.vocab_size) == ("smollm2_135m", schema.TokenizerSource.train, 16000)
+    assert (demo.model.name, demo.tokenizer.source, demo.tokenizer.vocab_size) == (
+        "smollm2_135m", schema.TokenizerSource.train, 16000)
     assert (demo.init.method, demo.init.fasttext_min_count) == (schema.InitMethod.focus, 1)
     assert (demo.objective.loss, demo.objective.n_layers, demo.objective.output_embeddings) == (
         schema.Loss.mse, 10, schema.OutputEmbeddings.keep_init)
@@ -164,7 +166,8 @@ def test_slurm_launcher_config_validates_against_the_submitit_schema():
         assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
         assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
         assert launcher.timeout_min > 0 and launcher.mem_gb > 0
-        for bad, key in (("hydra.launcher.gpus_per_nodee=1", "gpus_per_nodee"), ("hydra.launcher.mem_gb=lots", "mem_gb")):
+        for bad, key in (("hydra.launcher.gpus_per_nodee=1", "gpus_per_nodee"),
+                         ("hydra.launcher.mem_gb=lots", "mem_gb")):
             with pytest.raises(Exception) as excinfo:
                 hydra_compose("transfer", overrides=["experiment=smoke", "hydra/launcher=slurm", bad],
                               return_hydra_config=True)
@@ -198,7 +201,8 @@ def test_group_values_map_onto_matt_config():
     cfg = compose("transfer", ["experiment=smoke", "objective=aim_star", "objective.loss=cosine",
                                "objective.n_layers=3", "train.max_steps=7", "model=tiny_qwen3"])
     config = matt_config(cfg, checkpoint_dir="/tmp/ckpt")
-    assert (config.aim_impl, config.loss, config.max_steps, config.checkpoint_dir) == ("aim_star", "cosine", 7, "/tmp/ckpt")
+    assert (config.aim_impl, config.loss, config.max_steps, config.checkpoint_dir) == (
+        "aim_star", "cosine", 7, "/tmp/ckpt")
     assert resolved_n_layers(cfg) == 3
     assert resolved_with_ntp(cfg) and config.with_ntp  # untied Qwen3 turns NTP on by default ...
     cfg = compose("transfer", ["experiment=smoke", "model=tiny_qwen3", "objective.with_ntp=false"])

@@ -39,9 +39,9 @@ def suite_setup():
     model = tiny_model("llama", len(tokenizer))
     import datasets
 
+    held_out = [" ".join(SAMPLE_TEXTS[i:i + 4]) for i in range(6)]
     documents = Documents(train=datasets.Dataset.from_dict({"text": SAMPLE_TEXTS * 2}),
-                          validation=datasets.Dataset.from_dict({"text": [" ".join(SAMPLE_TEXTS[i:i + 4]) for i in range(6)]}),
-                          test=None, source="unit")
+                          validation=datasets.Dataset.from_dict({"text": held_out}), test=None, source="unit")
     return tokenizer, model, documents
 
 

@@ -102,7 +102,8 @@ def test_missing_data_column(paths, tmp_path):
     data.write_text("\n".join(json.dumps({"content": text}) for text in SAMPLE_TEXTS * 2))
     check(SMOKE + paths + ["data=local", f"data.path={data}"],
           r"data\.text_column='text' is not a column of .*docs\.jsonl; its columns are \['content'\]")
-    plan = preflight(compose("transfer", SMOKE + paths + ["data=local", f"data.path={data}", "data.text_column=content"]))
+    plan = preflight(compose("transfer", SMOKE + paths + ["data=local", f"data.path={data}",
+                                                          "data.text_column=content"]))
     assert plan.documents.train.column_names == ["text"]
 
 
@@ -133,7 +134,8 @@ def test_missing_mandatory_values_and_tracking_uri(paths, monkeypatch):
 
 def test_eval_split_that_does_not_exist(paths):
     check(SMOKE + paths + ["eval.split=test"], r"no test split: set data\.test_split")
-    check(SMOKE + paths + ["eval.split=dev"], r"eval\.split='dev' is invalid: choose one of \['train', 'validation', 'test'\]")
+    check(SMOKE + paths + ["eval.split=dev"],
+          r"eval\.split='dev' is invalid: choose one of \['train', 'validation', 'test'\]")
 
 
 def test_training_values_are_checked_under_their_keys(paths):
@@ -168,7 +170,8 @@ def test_local_text_and_parquet_files_and_caps(paths, tmp_path):
     text_file = tmp_path / "corpus.txt"
     text_file.write_text("\n\n".join(SAMPLE_TEXTS) + "\n")
     plan = preflight(compose("transfer", SMOKE + paths + ["data=local", f"data.path={text_file}",
-                                                          "data.text_sample_by=paragraph", "data.validation_fraction=0.2"]))
+                                                          "data.text_sample_by=paragraph",
+                                                          "data.validation_fraction=0.2"]))
     # 10 paragraphs (one text has an inner blank line, so 11) -> 80/20 split
     assert sum(plan.documents.summary().values()) == 11 and plan.documents.summary()["validation"] == 3
 
@@ -201,7 +204,8 @@ def test_hub_datasets_stream_only_what_is_needed(paths, monkeypatch):
     assert plan.documents.summary() == {"train": 49, "validation": 1}  # 50 streamed, 2% held out
     check(SMOKE + paths + ["data=hplt_uk", "data.text_column=content"],
           r"data\.text_column='content' is not a column of HPLT/HPLT2\.0_cleaned")
-    plan = preflight(compose("transfer", SMOKE + paths + ["data=hplt_uk", "data.streaming=false", "data.max_documents=20"]))
+    plan = preflight(compose("transfer", SMOKE + paths + ["data=hplt_uk", "data.streaming=false",
+                                                          "data.max_documents=20"]))
     assert plan.documents.summary()["train"] == 20
 
 

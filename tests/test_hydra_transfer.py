@@ -86,9 +86,10 @@ def test_a_run_writes_a_loadable_model_and_every_output(smoke_run):
     from matt.result import TransferResult
 
     run_dir = smoke_run / "run"
-    for name in ("config.yaml", "tokenizer/tokenizer.json", "init/embeddings.safetensors", "checkpoints/trainer_state.pt",
-                 "checkpoints/mlflow_run.json", "train_log.jsonl", "embeddings/embeddings.safetensors",
-                 "model/config.json", "eval/results.json", "eval/results.md", "plots/loss.png"):
+    for name in ("config.yaml", "tokenizer/tokenizer.json", "init/embeddings.safetensors",
+                 "checkpoints/trainer_state.pt", "checkpoints/mlflow_run.json", "train_log.jsonl",
+                 "embeddings/embeddings.safetensors", "model/config.json", "eval/results.json", "eval/results.md",
+                 "plots/loss.png"):
         assert (run_dir / name).is_file(), name
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
@@ -275,8 +276,9 @@ def test_other_families_tokenizers_inits_and_objectives(overrides, untied, tmp_p
     from matt.result import TransferResult
 
     root = tmp_path / "run"
-    run_app(transfer, ["experiment=smoke", "eval=none", "train.max_steps=2", "save_model=false", f"paths.output_root={tmp_path}",
-              f"paths.cache_dir={cache}", f"hydra.run.dir={root}", *overrides])
+    run_app(transfer, ["experiment=smoke", "eval=none", "train.max_steps=2", "save_model=false",
+                       f"paths.output_root={tmp_path}", f"paths.cache_dir={cache}", f"hydra.run.dir={root}",
+                       *overrides])
     _, runs = runs_of(uri(tmp_path), "smoke")
     assert [r.info.status for r in runs] == ["FINISHED"]
     init, learned = TransferResult.load(root / "init"), TransferResult.load(root / "embeddings")

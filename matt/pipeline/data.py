@@ -46,11 +46,13 @@ class Documents:
         dataset = getattr(self, name)
         if dataset is None:
             raise ValueError(f"The data {self.source} has no {name} split: set data.{name}_split (or "
-                             f"data.validation_fraction > 0 for a held-out validation split), or choose another eval.split")
+                             "data.validation_fraction > 0 for a held-out validation split), or choose another "
+                             "eval.split")
         return dataset
 
     def summary(self) -> dict[str, int]:
-        return {name: len(getattr(self, name)) for name in ("train", "validation", "test") if getattr(self, name) is not None}
+        splits = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {name: len(split) for name, split in splits.items() if split is not None}
 
 
 def builtin_documents(name: str) -> list[str]:

@@ -243,7 +243,8 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_results(results: dict[str, dict[str, float]], directory: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
+def write_results(results: dict[str, dict[str, float]], directory: str | Path,
+                  extra: dict | None = None) -> tuple[Path, Path]:
     """`results.json` and `results.md` in `directory`; returns both paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,8 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
     method = enum_value(init_cfg.method)
     if method == "checkpoint":
         if not init_cfg.checkpoint:
-            raise ValueError("init=checkpoint needs init.checkpoint=<embeddings.safetensors or a directory holding one>")
+            raise ValueError("init=checkpoint needs init.checkpoint=<embeddings.safetensors or a directory "
+                             "holding one>")
         result = TransferResult.load(init_cfg.checkpoint)
         hidden = teacher_model.get_input_embeddings().weight.shape[1]
         check_checkpoint(result, student_tokenizer, hidden, f"init.checkpoint={init_cfg.checkpoint!r}")

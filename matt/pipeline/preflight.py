@@ -75,7 +75,8 @@ def check_family(model_cfg, model_config) -> None:
     model_type = getattr(model_config, "model_type", None)
     if model_type not in adapters[family].model_types:
         owner = next((name for name, adapter in adapters.items() if model_type in adapter.model_types), None)
-        hint = f" (that is family {owner!r})" if owner else f"; supported model types: {sorted(t for a in adapters.values() for t in a.model_types)}"
+        supported = sorted(t for adapter in adapters.values() for t in adapter.model_types)
+        hint = f" (that is family {owner!r})" if owner else f"; supported model types: {supported}"
         raise ValueError(f"model.family={family!r} does not match the checkpoint {model_cfg.pretrained!r}, whose "
                          f"model_type is {model_type!r}{hint}; allowed families: {[f.value for f in Family]}")
 
@@ -136,7 +137,8 @@ def preflight(cfg) -> Plan:
         raise ValueError(f"eval.split={cfg.eval.split!r} is invalid: choose one of ['train', 'validation', 'test']")
 
     teacher_tokenizer = load_teacher_tokenizer(cfg.model)
-    check_offsets_support(teacher_tokenizer, f"model.tokenizer (the teacher's, {cfg.model.tokenizer or cfg.model.pretrained!r})")
+    teacher_source = cfg.model.tokenizer or cfg.model.pretrained
+    check_offsets_support(teacher_tokenizer, f"model.tokenizer (the teacher's, {teacher_source!r})")
     model_config = load_model_config(cfg.model, teacher_tokenizer)
     check_family(cfg.model, model_config)
     adapter_for(model_config)

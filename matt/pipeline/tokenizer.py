@@ -59,7 +59,8 @@ def _build(tok_cfg, teacher_tokenizer, texts: list[str]):
         return train_tokenizer_like(teacher_tokenizer, texts, tok_cfg.vocab_size, kind=enum_value(tok_cfg.kind))
     logger.info("Extending the teacher vocabulary by up to %d tokens learned on %d documents",
                 tok_cfg.num_new_tokens, len(texts))
-    return extend_tokenizer(teacher_tokenizer, texts, tok_cfg.num_new_tokens, target_vocab_size=tok_cfg.target_vocab_size)
+    return extend_tokenizer(teacher_tokenizer, texts, tok_cfg.num_new_tokens,
+                            target_vocab_size=tok_cfg.target_vocab_size)
 
 
 def load_pretrained_student(tok_cfg):

@@ -117,6 +117,7 @@ def train_embeddings(cfg, matt, teacher_model, student_model, *, log_fns, accele
     logger.info("Training %s (AIM %s, loss %s) at n_layers=%d of %d, with_ntp=%s, %s; %d trainable embedding rows",
                 cfg.objective.name, enum_value(cfg.objective.aim_impl), enum_value(cfg.objective.loss), n_layers,
                 student.original_num_layers, with_ntp,
-                f"output_embeddings={enum_value(cfg.objective.output_embeddings)}" if student.is_tied else "untied LM head",
+                f"output_embeddings={enum_value(cfg.objective.output_embeddings)}" if student.is_tied
+                else "untied LM head",
                 sum(p.shape[0] for p in student.trainable_parameters()))
     return matt.train(teacher, student, log_fns=log_fns, accelerator=accelerator)

@@ -137,6 +137,7 @@ def run_transfer(cfg) -> float | None:
     from matt.pipeline.train import make_accelerator, matt_config, train_embeddings
     from matt.result import TransferResult
     from matt.tracking import flatten, open_tracker, save_run_reference
+    from matt.trainer import CHECKPOINT_FILE
 
     started = time.perf_counter()
     output_dir = job_output_dir(cfg)
@@ -148,6 +149,9 @@ def run_transfer(cfg) -> float | None:
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
     checkpoint_dir = output_dir / "checkpoints"
+    if cfg.train.resume and not (checkpoint_dir / CHECKPOINT_FILE).exists():
+        logger.warning("train.resume=true but %s holds no checkpoint: starting from step 0. To continue a crashed "
+                       "job, rerun it in its own directory: hydra.run.dir=<that job's directory>", checkpoint_dir)
     mcfg = matt_config(cfg, checkpoint_dir=checkpoint_dir)
     tied = bool(getattr(text_config(plan.model_config), "tie_word_embeddings",
                         getattr(plan.model_config, "tie_word_embeddings", False)))
@@ -224,7 +228,8 @@ def run_transfer(cfg) -> float | None:
         result.save(output_dir / "embeddings")
         if cfg.tracking.log_embeddings:
             tracker.log_artifacts(output_dir / "embeddings", "embeddings")
-        tracker.log_metrics({f"train/final_{k}": v for k, v in _numeric(result.metrics).items()}, step=cfg.train.max_steps)
+        tracker.log_metrics({f"train/final_{k}": v for k, v in _numeric(result.metrics).items()},
+                            step=cfg.train.max_steps)
 
         # 5. the adapted full model
         final_model = adapted_model(load_teacher_model(cfg.model, teacher_tokenizer), result, student_tokenizer)
