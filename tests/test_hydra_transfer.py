@@ -120,7 +120,7 @@ def test_the_run_lands_in_mlflow_with_params_metrics_artifacts_tags(smoke_run):
             assert f"{prefix}/{metric}" in run.data.metrics, f"{prefix}/{metric}"
     results = json.loads((smoke_run / "run" / "eval" / "results.json").read_text())["models"]
     assert run.data.metrics["final/bpb"] == pytest.approx(results["final"]["bpb"])
-    assert run.data.metrics["init/num_new"] > 0 and run.data.metrics["data/examples"] > 0
+    assert run.data.metrics["initialization/num_new"] > 0 and run.data.metrics["data/examples"] > 0
     tags = run.data.tags
     assert tags["matt.model_family"] == "llama" and tags["matt.aim_impl"] == "aim" and tags["matt.host"]
     assert len(tags["mlflow.source.git.commit"]) == 40 or tags["mlflow.source.git.commit"] == "unknown"

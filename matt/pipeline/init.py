@@ -121,11 +121,12 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
 
 
 def init_metrics(info: dict[str, Any]) -> dict[str, float]:
-    """Numbers of the init report worth tracking (`init/num_new`, `init/count_focus`, ...)."""
-    metrics = {f"init/{k}": float(v) for k, v in info.items()
+    """Numbers of the init report worth tracking (`initialization/num_new`, `initialization/count_focus`, ...);
+    not `init/...`, which holds the evaluation of the initialised model."""
+    metrics = {f"initialization/{k}": float(v) for k, v in info.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for kind, count in (info.get("counts") or {}).items():
-        metrics[f"init/count_{kind}"] = float(count)
+        metrics[f"initialization/count_{kind}"] = float(count)
     return metrics
 
 
