@@ -34,8 +34,10 @@ demo: $(STAMP) assets
 demo-gemma3: $(STAMP) assets
 	$(PY) experiments/transfer.py experiment=demo_gemma3
 
+# A tiny end-to-end transfer (offline, seconds) and the report over all smoke runs so far.
 smoke: $(STAMP)
 	$(PY) experiments/transfer.py experiment=smoke
+	$(PY) experiments/report.py experiment_name=smoke
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_aim.py

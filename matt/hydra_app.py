@@ -1,0 +1,163 @@
+"""Hydra entry points: `transfer`, `evaluate` and `report`.
+
+`experiments/*.py` and the console scripts `matt-transfer` / `matt-evaluate` / `matt-report` all
+land here. This module only wires Hydra (config directory, resolvers, the structured-config
+schemas, one run-directory stamp shared by all processes of a distributed launch); the work
+itself is in `matt.pipeline` (one module per step) and `matt.report`.
+
+Resolvers available in configs:
+- `${matt_asset:NAME}` - local path of an offline asset (`matt.assets.resolve`, imported lazily,
+  so configs that do not use it never need the asset machinery).
+- `${matt_stamp:}` - the run directory's timestamp; identical in every process of an
+  `accelerate launch` (rank 0 picks it, the others receive it), so all ranks share one directory.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+STAMP_ENV = "MATT_RUN_STAMP"
+CONFIG_DIR_ENV = "MATT_CONFIG_DIR"
+
+
+# ------------------------------------------------------------------------------------------------
+# config directory and resolvers
+# ------------------------------------------------------------------------------------------------
+def config_dir() -> Path:
+    """`$MATT_CONFIG_DIR`, else the `configs/` directory of this source checkout."""
+    candidate = Path(os.environ.get(CONFIG_DIR_ENV) or Path(__file__).resolve().parents[1] / "configs")
+    if not (candidate / "transfer.yaml").is_file():
+        raise FileNotFoundError(
+            f"No MATT Hydra configs at {candidate}. Run from a source checkout of the project, or point "
+            f"{CONFIG_DIR_ENV} at a copy of its configs/ directory."
+        )
+    return candidate
+
+
+def _asset_path(name: str) -> str:
+    try:
+        from matt.assets import resolve
+    except ImportError as exc:
+        raise RuntimeError(f"${{matt_asset:{name}}} needs matt.assets, which is not available ({exc}). "
+                           "Point the config at a local directory or a hub id instead.") from exc
+    try:
+        return str(resolve(name))
+    except Exception as exc:
+        raise RuntimeError(
+            f"The offline asset {name!r} is not available: {exc}. Fetch the assets with `make assets`, or "
+            "override the key with a local path or a hub id "
+            "(e.g. model.pretrained=HuggingFaceTB/SmolLM2-135M-Instruct)."
+        ) from exc
+
+
+def _run_stamp() -> str:
+    return os.environ.get(STAMP_ENV) or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_resolvers() -> None:
+    """Register MATT's OmegaConf resolvers (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("matt_asset"):
+        OmegaConf.register_new_resolver("matt_asset", _asset_path, use_cache=True)
+    if not OmegaConf.has_resolver("matt_stamp"):
+        OmegaConf.register_new_resolver("matt_stamp", _run_stamp, use_cache=True)
+
+
+def setup() -> Path:
+    """Everything Hydra needs before composing a MATT config; returns the config directory."""
+    from matt.pipeline.config import register_configs
+
+    register_resolvers()
+    register_configs()
+    return config_dir()
+
+
+def share_run_stamp_across_processes() -> None:
+    """Under `accelerate launch`/torchrun, make every rank use rank 0's run-directory stamp.
+
+    Hydra names the run directory before our code runs, from `${matt_stamp:}`; without this the
+    ranks could pick different seconds and write to different directories."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get(STAMP_ENV):
+        return
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from matt.pipeline.train import distributed_on_cpu
+
+    state = PartialState(cpu=distributed_on_cpu())
+    stamp = [_dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") if state.is_main_process else None]
+    broadcast_object_list(stamp, from_process=0)
+    os.environ[STAMP_ENV] = stamp[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hydra mains
+# ------------------------------------------------------------------------------------------------
+def _hydra_main(task: Callable[[Any], Any], config_name: str, argv: Sequence[str] | None) -> None:
+    import hydra
+
+    directory = setup()
+    main = hydra.main(version_base="1.3", config_path=str(directory), config_name=config_name)(task)
+    if argv is None:
+        main()
+        return
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else config_name, *argv]
+    try:
+        main()
+    finally:
+        sys.argv = saved
+
+
+def _transfer_task(cfg) -> float | None:
+    from matt.pipeline.transfer import run_transfer
+
+    return run_transfer(cfg)
+
+
+def _evaluate_task(cfg) -> None:
+    from matt.pipeline.evaluate import run_evaluate
+
+    run_evaluate(cfg)
+
+
+def _report_task(cfg) -> None:
+    from matt.report import run_report
+
+    run_report(cfg)
+
+
+def transfer(argv: Sequence[str] | None = None) -> None:
+    """`matt-transfer` / `experiments/transfer.py`: tokenizer -> data -> init -> train -> save -> eval."""
+    share_run_stamp_across_processes()
+    _hydra_main(_transfer_task, "transfer", argv)
+
+
+def evaluate(argv: Sequence[str] | None = None) -> None:
+    """`matt-evaluate` / `experiments/evaluate.py`: the `eval` group on a saved model directory."""
+    _hydra_main(_evaluate_task, "evaluate", argv)
+
+
+def report(argv: Sequence[str] | None = None) -> None:
+    """`matt-report` / `experiments/report.py`: MLflow runs of an experiment -> tables + plots."""
+    _hydra_main(_report_task, "report", argv)
+
+
+def compose(config_name: str = "transfer", overrides: Sequence[str] = ()):
+    """The composed (unresolved) config, as Hydra would build it, without running anything.
+
+    Handy in notebooks and tests: `compose("transfer", ["experiment=smoke"])`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    directory = setup()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

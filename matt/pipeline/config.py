@@ -1,0 +1,404 @@
+"""Structured configs (schemas) of the Hydra groups, registered in Hydra's ConfigStore.
+
+The YAML files under `configs/` only fill these in. Because the primary configs are typed by the
+root dataclasses below, Hydra validates every group option and every command-line override
+against them while composing: a misspelt key, a value of the wrong type or an option outside an
+enum fails before anything runs, with a message naming the full key (and, for enums, the
+allowed values). Semantic checks that need more than the config (layer depth of the model,
+dataset columns, tokenizer offsets) are done by `matt.pipeline.preflight`.
+
+No `from __future__ import annotations` here: OmegaConf reads the annotations at runtime.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+# ------------------------------------------------------------------------------------------------
+# choices (enum member names are what users type: `objective.loss=cosine`)
+# ------------------------------------------------------------------------------------------------
+class Family(Enum):
+    llama = "llama"
+    gemma3 = "gemma3"
+    mistral = "mistral"
+    qwen3 = "qwen3"
+    gpt_neox = "gpt_neox"
+
+
+class TokenizerStyle(Enum):
+    byte_level = "byte_level"
+    sentencepiece = "sentencepiece"
+
+
+class TokenizerSource(Enum):
+    pretrained = "pretrained"
+    train = "train"
+    extend = "extend"
+
+
+class TokenizerKind(Enum):
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+class DataFormat(Enum):
+    auto = "auto"
+    hub = "hub"
+    builtin = "builtin"
+    json = "json"
+    text = "text"
+    parquet = "parquet"
+    csv = "csv"
+
+
+class TextSampleBy(Enum):
+    line = "line"
+    paragraph = "paragraph"
+    document = "document"
+
+
+class InitMethod(Enum):
+    focus = "focus"
+    mean = "mean"
+    random = "random"
+    checkpoint = "checkpoint"
+
+
+class AimImpl(Enum):
+    aim = "aim"
+    aim_star = "aim_star"
+    none = "none"
+
+
+class Loss(Enum):
+    mse = "mse"
+    cosine = "cosine"
+
+
+class OutputEmbeddings(Enum):
+    tied = "tied"
+    keep_init = "keep_init"
+    ntp = "ntp"
+
+
+class TrackingBackend(Enum):
+    mlflow = "mlflow"
+    none = "none"
+
+
+# ------------------------------------------------------------------------------------------------
+# groups
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TinyModelConfig:
+    """A random model of `family` built from its real config class (tests, smoke runs).
+
+    Its teacher tokenizer is trained in-process on `matt.tiny.SAMPLE_TEXTS` (deterministic)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    tokenizer_style: TokenizerStyle = TokenizerStyle.byte_level
+    tokenizer_vocab_size: int = 400
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The teacher: weights (local dir or hub id), its tokenizer, and the default AIM depth."""
+
+    name: str = MISSING
+    family: Family = MISSING
+    pretrained: Optional[str] = None
+    """Local HF model directory or hub id (`${matt_asset:smollm2_135m}` resolves offline assets)."""
+    tokenizer: Optional[str] = None
+    """Teacher tokenizer dir or hub id; None = `pretrained`."""
+    revision: Optional[str] = None
+    dtype: str = "float32"
+    """Weights dtype when loading: float32 | bfloat16 | float16 | auto."""
+    n_layers: int = MISSING
+    """Default AIM depth (about a third of the layers); `objective.n_layers` overrides it."""
+    with_ntp: bool = False
+    """Whether AIM runs on this model add the NTP term by default (untied LM heads learn their new
+    rows only through it, e.g. Qwen3-8B)."""
+    trust_remote_code: bool = False
+    tiny: Optional[TinyModelConfig] = None
+    """Set for random tiny models (then `pretrained` is ignored)."""
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the student tokenizer comes from."""
+
+    source: TokenizerSource = MISSING
+    path: Optional[str] = None
+    """`pretrained`: tokenizer dir or hub id."""
+    kind: TokenizerKind = TokenizerKind.bpe
+    """`train`: BPE or Unigram."""
+    vocab_size: int = 16000
+    """`train`: size of the new vocabulary (an upper bound on small corpora)."""
+    num_new_tokens: int = 8192
+    """`extend`: target-language tokens appended to the teacher vocabulary."""
+    target_vocab_size: Optional[int] = None
+    """`extend`: size of the helper target BPE (default 2 * num_new_tokens + 1000)."""
+    max_documents: Optional[int] = None
+    """Cap on training documents used to learn the tokenizer (None = the whole train split)."""
+
+
+@dataclass
+class DataConfig:
+    """Target-language text: a hub dataset, local files, or the built-in sample."""
+
+    name: str = MISSING
+    path: str = MISSING
+    """Hub dataset id, a local file (.txt/.jsonl/.json/.parquet/.csv), a local directory holding
+    `{split}.{jsonl,json,parquet,txt,csv}` files, or `builtin:sample`."""
+    config_name: Optional[str] = None
+    """Hub dataset configuration (e.g. a language subset)."""
+    format: DataFormat = DataFormat.auto
+    train_split: str = "train"
+    validation_split: Optional[str] = "validation"
+    """Held-out split; when the source lacks it, `validation_fraction` of train is held out."""
+    test_split: Optional[str] = "test"
+    validation_fraction: float = 0.1
+    text_column: str = "text"
+    text_sample_by: TextSampleBy = TextSampleBy.paragraph
+    """How .txt files are cut into documents."""
+    streaming: bool = False
+    """Stream a hub dataset and keep the first `max_documents` (needs max_documents)."""
+    max_documents: Optional[int] = None
+    """Cap on training documents (first N)."""
+    max_tokens: Optional[int] = None
+    """Cap on training text, in teacher tokens (first documents until reached)."""
+    max_validation_documents: Optional[int] = None
+    max_length: int = 512
+    """Max tokens per training example on either side."""
+    num_proc: int = 1
+    seed: int = 0
+    """Seed of the train/validation split by fraction."""
+    cache_dir: Optional[str] = None
+    """Prepared (segmented) datasets cache; None = `${paths.cache_dir}/datasets`."""
+
+
+@dataclass
+class InitConfig:
+    """How the new tokens' embeddings start (shared tokens always copy the teacher's rows)."""
+
+    method: InitMethod = MISSING
+    fasttext_min_count: int = 1
+    fasttext_epochs: int = 3
+    fasttext_dim: int = 100
+    fasttext_threads: int = 1
+    checkpoint: Optional[str] = None
+    """`checkpoint`: an `embeddings.safetensors` or a directory holding one (a previous run)."""
+    seed: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    """What trains the student's embeddings."""
+
+    name: str = MISSING
+    aim_impl: AimImpl = AimImpl.aim
+    loss: Loss = Loss.mse
+    with_ntp: Optional[bool] = None
+    """None = the model's default (`model.with_ntp`)."""
+    n_layers: Optional[int] = None
+    """AIM depth (AIM layer = n_layers - 1); None = `model.n_layers`."""
+    freeze_shared: bool = True
+    """Keep the embeddings of tokens shared with the teacher fixed."""
+    output_embeddings: OutputEmbeddings = OutputEmbeddings.tied
+    """Output side of tied models: tied | keep_init | ntp (ignored for untied models)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (mapped onto `MATTConfig`)."""
+
+    max_steps: int = 1000
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    num_warmup_steps: int = 0
+    num_decay_steps: int = 0
+    precision: str = "32"
+    """32 | bf16-mixed | fp16-mixed."""
+    cpu: bool = False
+    seed: int = 42
+    log_every_n_steps: int = 10
+    save_every_n_steps: int = 100
+    num_workers: int = 0
+    shuffle: bool = True
+    progress_bar: bool = True
+    resume: bool = False
+    """Continue the checkpoint (and the MLflow run) found in this job's output directory."""
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded."""
+
+    backend: TrackingBackend = TrackingBackend.mlflow
+    uri: Optional[str] = None
+    """None = an embedded sqlite file `${paths.output_root}/mlflow.db`; else any MLflow URI."""
+    require_uri: bool = False
+    """Fail (before any work) when `uri` is not set: `tracking=mlflow_server` must not silently
+    fall back to the embedded store."""
+    experiment_name: str = "${name}"
+    run_name: Optional[str] = None
+    """None = the job's overrides (sweeps) or the preset name."""
+    log_embeddings: bool = True
+    log_tokenizer: bool = True
+    log_model: bool = False
+    """Also upload the adapted HF model directory (large)."""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ChoiceEvalConfig:
+    enabled: bool = True
+    num_items: int = 40
+    num_choices: int = 4
+    context_sentences: int = 3
+    seed: int = 0
+
+
+@dataclass
+class GenerationEvalConfig:
+    enabled: bool = True
+    num_items: int = 16
+    prompt_chars: int = 200
+    target_chars: int = 100
+    max_new_tokens: int = 48
+    seed: int = 0
+
+
+@dataclass
+class LmEvalConfig:
+    enabled: bool = False
+    tasks: list[str] = field(default_factory=list)
+    include_path: Optional[str] = None
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = None
+    batch_size: int = 4
+
+
+@dataclass
+class EvalConfig:
+    """Which evaluations run, on which models, with what caps (CPU evaluation is slow)."""
+
+    enabled: bool = True
+    original: bool = True
+    """The teacher with its own tokenizer."""
+    init: bool = True
+    """The student before training (e.g. FOCUS)."""
+    final: bool = True
+    """The trained student."""
+    split: str = "validation"
+    """validation | test | train: which split of the `data` group is evaluated."""
+    max_documents: Optional[int] = 64
+    max_bytes: Optional[int] = 200000
+    """Cap on evaluated UTF-8 bytes (documents in order; the last one is cut to fit)."""
+    max_length: int = 512
+    """Window length (tokens) for bits-per-byte."""
+    batch_size: int = 4
+    device: Optional[str] = None
+    """None = cuda if available, else cpu."""
+    bpb: bool = True
+    compression: bool = True
+    unigram: bool = True
+    """Context-free unigram floor of each tokenizer (fit on the train split)."""
+    unigram_max_train_documents: Optional[int] = None
+    choice: ChoiceEvalConfig = field(default_factory=ChoiceEvalConfig)
+    generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    progress: bool = True
+
+
+@dataclass
+class PathsConfig:
+    output_root: str = "outputs"
+    """Hydra run/sweep directories and the default MLflow sqlite file live here."""
+    cache_dir: str = "${oc.env:MATT_CACHE,${oc.env:HOME,.}/.cache/matt}"
+    """Trained tokenizers, fastText models and prepared datasets (shared by runs)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# primary configs
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TransferConfig:
+    """`experiments/transfer.py`: tokenizer -> data -> init -> train -> save -> evaluate."""
+
+    name: str = "matt"
+    """Preset name; the default MLflow experiment name."""
+    label: Optional[str] = None
+    """Method label in reports; None = derived from objective, loss and depth."""
+    model: ModelConfig = MISSING
+    tokenizer: TokenizerConfig = MISSING
+    data: DataConfig = MISSING
+    init: InitConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    train: TrainConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    eval: EvalConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    save_model: bool = True
+    """Write the adapted model + tokenizer as a HF directory (`<output_dir>/model`)."""
+    dry_run: bool = False
+    """Only compose and validate the config (preflight), then stop."""
+
+
+@dataclass
+class EvaluateConfig:
+    """`experiments/evaluate.py`: evaluate a saved model directory with the `eval` group."""
+
+    name: str = "evaluate"
+    model_dir: str = MISSING
+    """A HF model directory (or hub id) loadable by AutoModelForCausalLM."""
+    tokenizer: Optional[str] = None
+    """None = `model_dir`."""
+    prefix: str = "model"
+    """Metric prefix (`<prefix>/bpb`, ...)."""
+    dtype: str = "float32"
+    data: DataConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    eval: EvalConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class ReportConfig:
+    """`experiments/report.py`: MLflow runs of an experiment -> tables and plots."""
+
+    name: str = "report"
+    experiment_name: str = MISSING
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    output_dir: Optional[str] = None
+    """None = `${paths.output_root}/reports/<experiment_name>`."""
+    include_failed: bool = False
+    metrics: list[str] = field(default_factory=lambda: ["bpb", "choice_accuracy", "chrf", "bytes_per_token"])
+
+
+def register_configs() -> None:
+    """Register the root schemas (the YAML primary configs extend them through their defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="transfer_schema", node=TransferConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="report_schema", node=ReportConfig)
+
+
+def enum_value(value: Any) -> Any:
+    """The plain value of an enum member (configs hold members), anything else unchanged."""
+    return value.value if isinstance(value, Enum) else value

@@ -1,0 +1,289 @@
+"""The `eval` group: one fixed evaluation suite applied to several models, and the `evaluate` recipe.
+
+An `EvalSuite` is built once per job from the held-out split (capped by documents and bytes, since
+CPU evaluation of a 135M model is slow): the texts, the multiple-choice and the generation items.
+Every model - the original with its own tokenizer, the initialised student, the trained student -
+is then scored on exactly the same text and items, so the numbers are comparable across
+tokenizers. Metrics (names without the model prefix):
+
+  bpb, bpb_tokens        bits per UTF-8 byte of the held-out text (and the tokens it took)
+  bytes_per_token, tokens_per_word, chars_per_token    compression of the tokenizer
+  unigram_bpb            the tokenizer's context-free unigram floor (fit on the train split)
+  choice_accuracy        next-sentence multiple choice (by log-likelihood per byte)
+  chrf                   greedy continuation vs the true one (chrF)
+  lm_eval/<task>/<metric>  lm-evaluation-harness tasks (optional `eval` extra)
+  eval_seconds           wall-clock of this model's evaluation
+
+A model's results can be cached on disk (`<paths.cache_dir>/eval/`) under a key of the model's
+identity and the suite; sweeps then evaluate the original model and a shared initialisation once.
+Metrics that cannot be computed on the given text (e.g. no document with two sentences for
+multiple choice) are skipped with a logged reason, listed in `EvalSuite.skipped`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def cap_texts(texts: list[str], max_documents: int | None, max_bytes: int | None) -> list[str]:
+    """Non-empty documents in order until `max_documents` / `max_bytes` (UTF-8); the document that
+    crosses the byte budget is cut to fit (at a character boundary)."""
+    capped: list[str] = []
+    used = 0
+    for text in texts:
+        if not text:
+            continue
+        if max_documents is not None and len(capped) >= max_documents:
+            break
+        size = len(text.encode("utf-8"))
+        if max_bytes is not None and used + size > max_bytes:
+            room = max_bytes - used
+            cut = text.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+            if cut.strip():
+                capped.append(cut)
+            break
+        capped.append(text)
+        used += size
+    return capped
+
+
+def eval_device(eval_cfg) -> torch.device:
+    if eval_cfg.device:
+        return torch.device(eval_cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class EvalSuite:
+    """The held-out texts and items every model of a job is evaluated on."""
+
+    cfg: Any
+    texts: list[str]
+    train_texts: list[str]
+    choice_items: list = field(default_factory=list)
+    generation_items: list = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, eval_cfg, documents) -> "EvalSuite":
+        from matt.evaluation.choice import build_choice_items
+        from matt.evaluation.generation import build_generation_items
+
+        texts = cap_texts(list(documents.split(eval_cfg.split)["text"]), eval_cfg.max_documents, eval_cfg.max_bytes)
+        if not texts:
+            raise ValueError(f"eval.split={eval_cfg.split!r} has no non-empty documents to evaluate on")
+        train_texts = [t for t in documents.train["text"] if t]
+        if eval_cfg.unigram_max_train_documents is not None:
+            train_texts = train_texts[: eval_cfg.unigram_max_train_documents]
+        suite = cls(cfg=eval_cfg, texts=texts, train_texts=train_texts)
+        if eval_cfg.choice.enabled:
+            try:
+                suite.choice_items = build_choice_items(
+                    texts, num_items=eval_cfg.choice.num_items, num_choices=eval_cfg.choice.num_choices,
+                    seed=eval_cfg.choice.seed, context_sentences=eval_cfg.choice.context_sentences)
+            except ValueError as exc:
+                suite.skipped["choice_accuracy"] = str(exc)
+            if not suite.choice_items and "choice_accuracy" not in suite.skipped:
+                suite.skipped["choice_accuracy"] = "no document of the evaluated text has two usable sentences"
+        if eval_cfg.generation.enabled:
+            suite.generation_items = build_generation_items(
+                texts, num_items=eval_cfg.generation.num_items, prompt_chars=eval_cfg.generation.prompt_chars,
+                target_chars=eval_cfg.generation.target_chars, seed=eval_cfg.generation.seed)
+            if not suite.generation_items:
+                suite.skipped["chrf"] = "no evaluated document is long enough for a prompt + target"
+        for metric, reason in suite.skipped.items():
+            logger.warning("Evaluation of %s skipped: %s", metric, reason)
+        return suite
+
+    def describe(self) -> dict[str, float]:
+        """What the suite holds (logged once per job as `eval/...`)."""
+        from matt.evaluation.choice import chance_accuracy
+
+        info = {
+            "eval/num_documents": float(len(self.texts)),
+            "eval/num_bytes": float(sum(len(t.encode("utf-8")) for t in self.texts)),
+            "eval/choice_items": float(len(self.choice_items)),
+            "eval/generation_items": float(len(self.generation_items)),
+            "eval/skipped_metrics": float(len(self.skipped)),
+        }
+        if self.choice_items:
+            info["eval/choice_chance"] = chance_accuracy(self.choice_items)
+        return info
+
+    def fingerprint(self) -> str:
+        from matt.pipeline.models import digest
+
+        options = {k: v for k, v in _plain(self.cfg).items() if k not in ("progress", "device", "original", "init",
+                                                                          "final", "enabled")}
+        return digest({"options": options, "texts": self.texts, "train": len(self.train_texts),
+                       "train_head": self.train_texts[:50], "choice": [repr(i) for i in self.choice_items],
+                       "generation": [repr(i) for i in self.generation_items]})
+
+    # --------------------------------------------------------------------------------------------
+    def run(self, model, tokenizer, *, name: str = "model", cache_dir: str | Path | None = None,
+            cache_key: Any = None) -> dict[str, float]:
+        """All enabled metrics of `model` with `tokenizer` (see the module docstring)."""
+        cache_file = None
+        if cache_dir is not None and cache_key is not None:
+            from matt.pipeline.models import digest
+
+            cache_file = Path(cache_dir) / "eval" / f"{digest({'model': cache_key, 'suite': self.fingerprint()})}.json"
+            if cache_file.is_file():
+                logger.info("Evaluation of %s from cache %s", name, cache_file)
+                return json.loads(cache_file.read_text())
+
+        cfg = self.cfg
+        device = eval_device(cfg)
+        model.to(device)
+        started = time.perf_counter()
+        results: dict[str, float] = {}
+        logger.info("Evaluating %s on %d documents (%s)", name, len(self.texts), device)
+        if cfg.bpb:
+            from matt.evaluation.bpb import bits_per_byte
+
+            bpb = bits_per_byte(model, tokenizer, self.texts, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                                device=device, progress=cfg.progress)
+            results["bpb"], results["bpb_tokens"] = bpb.bpb, float(bpb.tokens)
+        if cfg.compression:
+            from matt.evaluation.compression import compression
+
+            results.update({k: float(v) for k, v in compression(tokenizer, self.texts).items()})
+        if cfg.unigram:
+            from matt.evaluation.unigram import UnigramModel
+
+            results["unigram_bpb"] = UnigramModel.fit(tokenizer, self.train_texts).bits_per_byte(self.texts).bpb
+        if self.choice_items:
+            from matt.evaluation.choice import multiple_choice_accuracy
+
+            results["choice_accuracy"] = float(multiple_choice_accuracy(
+                model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                device=device, progress=cfg.progress)["accuracy"])
+        if self.generation_items:
+            from matt.evaluation.generation import generation_chrf
+
+            results["chrf"] = float(generation_chrf(
+                model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
+                batch_size=cfg.batch_size, device=device, progress=cfg.progress)["chrf"])
+        if cfg.lm_eval.enabled:
+            results.update(run_lm_eval(cfg.lm_eval, model, tokenizer, device))
+        results["eval_seconds"] = time.perf_counter() - started
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(results, indent=2))
+        return results
+
+
+def run_lm_eval(lm_cfg, model, tokenizer, device) -> dict[str, float]:
+    """lm-evaluation-harness tasks through `matt.evaluation.lm_eval_bridge` (the `eval` extra)."""
+    if not lm_cfg.tasks:
+        raise ValueError("eval.lm_eval.enabled=true needs eval.lm_eval.tasks=[...]")
+    try:
+        from matt.evaluation.lm_eval_bridge import run_lm_eval as bridge
+    except ImportError as exc:
+        raise ImportError(f"eval.lm_eval needs the lm-eval bridge and `lm-eval` "
+                          f"(pip install 'matt-tokenizer-transfer[eval]'): {exc}") from exc
+    scores = bridge(model, tokenizer, list(lm_cfg.tasks), include_path=lm_cfg.include_path,
+                    num_fewshot=lm_cfg.num_fewshot, limit=lm_cfg.limit, batch_size=lm_cfg.batch_size,
+                    device=str(device))
+    return {f"lm_eval/{key}": float(value) for key, value in scores.items()}
+
+
+def _plain(node) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return dict(node)
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+# ------------------------------------------------------------------------------------------------
+def prefixed(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`{"final": {"bpb": 1.6}}` -> `{"final/bpb": 1.6}` (MLflow metric names)."""
+    return {f"{prefix}/{name}": value for prefix, metrics in results.items() for name, value in metrics.items()}
+
+
+def results_table(results: dict[str, dict[str, float]], baseline: str = "original") -> str:
+    """A markdown table: one row per metric, one column per model, plus `% of <baseline>` for the
+    last model (direction-aware: for bits per byte, 100 * baseline / value)."""
+    from matt.report import percent_of_baseline
+
+    models = list(results)
+    names: list[str] = []
+    for metrics in results.values():
+        names.extend(n for n in metrics if n not in names)
+    last = models[-1] if models else None
+    show_percent = baseline in results and last is not None and last != baseline
+    header = ["metric", *models] + ([f"{last} % of {baseline}"] if show_percent else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        row = [name] + [_fmt(results[m].get(name)) for m in models]
+        if show_percent:
+            percent = percent_of_baseline(name, results[last].get(name), results[baseline].get(name))
+            row.append("–" if percent is None else f"{percent:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and (abs(value) >= 1000 or (value.is_integer() and abs(value) >= 10)):
+        return f"{value:.0f}"  # counts (tokens) and long durations
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_results(results: dict[str, dict[str, float]], directory: str | Path,
+                  extra: dict | None = None) -> tuple[Path, Path]:
+    """`results.json` and `results.md` in `directory`; returns both paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / "results.json"
+    json_path.write_text(json.dumps({"models": results, **(extra or {})}, indent=2))
+    table_path = directory / "results.md"
+    table_path.write_text(results_table(results) + "\n")
+    return json_path, table_path
+
+
+# ------------------------------------------------------------------------------------------------
+# the `evaluate` recipe
+# ------------------------------------------------------------------------------------------------
+def run_evaluate(cfg) -> dict[str, float]:
+    """Evaluate `cfg.model_dir` (+ tokenizer) with the `eval` group on the `data` group's split."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from matt.pipeline.data import load_documents
+    from matt.pipeline.models import DTYPES
+    from matt.pipeline.transfer import job_output_dir
+    from matt.tracking import flatten, open_tracker
+
+    output_dir = job_output_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model_dir)
+    documents = load_documents(cfg.data, tokenizer)
+    suite = EvalSuite.build(cfg.eval, documents)
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r} is invalid: choose one of {sorted(DTYPES)}")
+    tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, run_name=f"evaluate {cfg.prefix}",
+                           tags={"matt.kind": "evaluate", "matt.model_dir": cfg.model_dir})
+    with tracker.run():
+        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+        tracker.log_metrics(suite.describe())
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=DTYPES[cfg.dtype]).eval()
+        results = {cfg.prefix: suite.run(model, tokenizer, name=cfg.prefix)}
+        tracker.log_metrics(prefixed(results))
+        json_path, table_path = write_results(results, output_dir / "eval", {"skipped": suite.skipped})
+        tracker.log_artifact(json_path, "eval")
+        tracker.log_artifact(table_path, "eval")
+        print(results_table(results), flush=True)
+    return prefixed(results)

@@ -1,0 +1,139 @@
+"""The student's initial embeddings from the `init` group: focus | mean | random | checkpoint.
+
+The initial embeddings are stored as a `TransferResult` (`<output_dir>/init/embeddings.safetensors`)
+together with the key of what produced them. A resumed job, and every non-main process of a
+distributed launch, loads them from there instead of recomputing, so all of them train from the
+same starting point (FOCUS's fastText is only reproducible single-threaded).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from matt.pipeline.config import enum_value
+
+logger = logging.getLogger(__name__)
+
+INIT_DIR = "init"
+KEY_FILE = "init_key.json"
+
+
+def embeddings_of(model) -> "TransferResult":  # noqa: F821 - imported lazily
+    """A model's current embeddings as a `TransferResult` (untied LM head included)."""
+    from matt.result import TransferResult
+
+    inputs = model.get_input_embeddings().weight.detach().float().cpu().clone()
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is model.get_input_embeddings().weight
+    outputs = None if tied else head.weight.detach().float().cpu().clone()
+    return TransferResult(input_embeddings=inputs, output_embeddings=outputs, tie_word_embeddings=tied)
+
+
+def set_special_token_ids(model, tokenizer) -> None:
+    """Point the model's (and its generation config's) pad/bos/eos ids at the tokenizer's."""
+    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in ("pad", "bos", "eos")}
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config") and model.config.get_text_config() is not model.config:
+        configs.append(model.config.get_text_config())
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        configs.append(generation_config)
+    for config in configs:
+        for key, value in ids.items():
+            setattr(config, key, value)
+
+
+def with_embeddings(teacher_model, embeddings, student_tokenizer, *, copy_model: bool = True):
+    """`teacher_model` (a deep copy unless `copy_model=False`) carrying `embeddings` (a
+    `TransferResult`) and the student tokenizer's special-token ids."""
+    model = copy.deepcopy(teacher_model) if copy_model else teacher_model
+    embeddings.apply_to(model)
+    set_special_token_ids(model, student_tokenizer)
+    return model
+
+
+def check_checkpoint(result, student_tokenizer, hidden_size: int, where: str) -> None:
+    """Learned embeddings must fit the student vocabulary and the teacher's hidden size."""
+    rows, dim = result.input_embeddings.shape
+    if dim != hidden_size:
+        raise ValueError(f"{where}: embeddings of width {dim}, but the model's hidden size is {hidden_size} "
+                         "(teacher/student architecture mismatch: they were learned for another model)")
+    if rows != len(student_tokenizer):
+        raise ValueError(f"{where}: {rows} embedding rows, but the student tokenizer has {len(student_tokenizer)} "
+                         "tokens (they were learned for another tokenizer)")
+
+
+def init_key(init_cfg, model_identity: dict[str, Any], student_tokenizer, texts_digest: str) -> str:
+    from matt.data import tokenizer_fingerprint
+    from matt.pipeline.models import digest
+
+    options = {k: enum_value(v) for k, v in init_cfg.items()} if hasattr(init_cfg, "items") else dict(init_cfg)
+    return digest({"init": options, "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
+                   "texts": texts_digest})
+
+
+def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_tokenizer, texts: list[str], *,
+                       cache_dir: str | Path, output_dir: str | Path, key: str):
+    """`(student_model, info)`: a copy of the teacher with initial embeddings for the student vocabulary.
+
+    Reuses `<output_dir>/init` when it was written for the same `key` (resume, non-main ranks)."""
+    from matt.initialization import build_student_model
+    from matt.result import TransferResult
+
+    directory = Path(output_dir) / INIT_DIR
+    key_file = directory / KEY_FILE
+    if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
+        stored = json.loads(key_file.read_text())
+        logger.info("Initial embeddings from %s", directory)
+        return with_embeddings(teacher_model, TransferResult.load(directory), student_tokenizer), stored["info"]
+
+    method = enum_value(init_cfg.method)
+    if method == "checkpoint":
+        if not init_cfg.checkpoint:
+            raise ValueError("init=checkpoint needs init.checkpoint=<embeddings.safetensors or a directory "
+                             "holding one>")
+        result = TransferResult.load(init_cfg.checkpoint)
+        hidden = teacher_model.get_input_embeddings().weight.shape[1]
+        check_checkpoint(result, student_tokenizer, hidden, f"init.checkpoint={init_cfg.checkpoint!r}")
+        student = with_embeddings(teacher_model, result, student_tokenizer)
+        info: dict[str, Any] = {"method": "checkpoint", "checkpoint": str(init_cfg.checkpoint)}
+    else:
+        student, report = build_student_model(
+            teacher_model, teacher_tokenizer, student_tokenizer, method,
+            texts=texts if method == "focus" else None,
+            fasttext_min_count=init_cfg.fasttext_min_count, fasttext_epochs=init_cfg.fasttext_epochs,
+            fasttext_dim=init_cfg.fasttext_dim, fasttext_threads=init_cfg.fasttext_threads,
+            cache_dir=Path(cache_dir) / "fasttext", seed=init_cfg.seed,
+        )
+        info = report.to_dict()
+        info.pop("overlap_summary", None)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    embeddings_of(student).save(directory)
+    key_file.write_text(json.dumps({"key": key, "info": info}, indent=2, default=str))
+    return student, info
+
+
+def init_metrics(info: dict[str, Any]) -> dict[str, float]:
+    """Numbers of the init report worth tracking (`initialization/num_new`, `initialization/count_focus`, ...);
+    not `init/...`, which holds the evaluation of the initialised model."""
+    metrics = {f"initialization/{k}": float(v) for k, v in info.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for kind, count in (info.get("counts") or {}).items():
+        metrics[f"initialization/count_{kind}"] = float(count)
+    return metrics
+
+
+def release_memory() -> None:
+    """Collect garbage and return cached accelerator memory (call after dropping a model)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,161 @@
+"""Validate a composed transfer config before any heavy work, naming the key and the allowed values.
+
+Hydra already rejects unknown group options, unknown keys and enum values outside their choices
+while composing (against `matt.pipeline.config`). This adds the checks that need more than the
+config, all cheap (no weights are loaded, no tokenizer is trained):
+
+- missing mandatory values (`???`), MATTConfig's own ranges and combinations;
+- the teacher tokenizer loads and is a fast tokenizer (offsets are needed for segmentation);
+- the model's config exists, its `model_type` matches `model.family` and has an AIM adapter;
+- `objective.n_layers` lies within the model's depth;
+- the data source exists and has `data.text_column`; the evaluated split exists;
+- a pretrained student tokenizer is a fast tokenizer; `init.checkpoint` fits the model width;
+- `tracking=mlflow_server` has a URI.
+
+Everything loaded here is returned in a `Plan`, so the recipe does not load it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from matt.pipeline.config import Family, enum_value
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What preflight loaded and decided (reused by the recipe)."""
+
+    teacher_tokenizer: Any
+    model_config: Any
+    documents: Any
+    n_layers: int
+    depth: int
+    hidden_size: int
+    with_ntp: bool
+    student_tokenizer: Any | None = None
+    """Loaded here only for `tokenizer=pretrained` (trained ones are built by the recipe)."""
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_layers": self.n_layers, "depth": self.depth, "hidden_size": self.hidden_size,
+                "with_ntp": self.with_ntp, "teacher_vocab": len(self.teacher_tokenizer),
+                "documents": self.documents.summary(), "model_type": self.model_config.model_type}
+
+
+def family_adapters() -> dict[str, Any]:
+    from matt.modeling import Gemma3ForAIM, GPTNeoXForAIM, LlamaForAIM, MistralForAIM, Qwen3ForAIM
+
+    return {"llama": LlamaForAIM, "gemma3": Gemma3ForAIM, "mistral": MistralForAIM, "qwen3": Qwen3ForAIM,
+            "gpt_neox": GPTNeoXForAIM}
+
+
+def check_missing(cfg, groups: tuple[str, ...]) -> None:
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if key.split(".")[0] in groups)
+    if missing:
+        raise ValueError(f"Missing mandatory value(s): {', '.join(missing)} - set them on the command line, "
+                         f"e.g. {missing[0]}=...")
+
+
+def check_tracking(tracking_cfg) -> None:
+    if enum_value(tracking_cfg.backend) == "mlflow" and tracking_cfg.require_uri and not tracking_cfg.uri:
+        raise ValueError("tracking=mlflow_server needs tracking.uri=<http://host:port> (or MLFLOW_TRACKING_URI in "
+                         "the environment); use tracking=mlflow for the embedded sqlite store")
+
+
+def check_family(model_cfg, model_config) -> None:
+    family = enum_value(model_cfg.family)
+    adapters = family_adapters()
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in adapters[family].model_types:
+        owner = next((name for name, adapter in adapters.items() if model_type in adapter.model_types), None)
+        supported = sorted(t for adapter in adapters.values() for t in adapter.model_types)
+        hint = f" (that is family {owner!r})" if owner else f"; supported model types: {supported}"
+        raise ValueError(f"model.family={family!r} does not match the checkpoint {model_cfg.pretrained!r}, whose "
+                         f"model_type is {model_type!r}{hint}; allowed families: {[f.value for f in Family]}")
+
+
+def check_n_layers(cfg, depth: int) -> int:
+    from matt.pipeline.train import resolved_n_layers
+
+    n_layers = resolved_n_layers(cfg)
+    if not 1 <= n_layers <= depth:
+        key = "objective.n_layers" if cfg.objective.n_layers is not None else "model.n_layers"
+        raise ValueError(f"{key}={n_layers} is invalid for {cfg.model.name} with {depth} layers: choose an "
+                         f"integer in [1, {depth}] (the AIM layer is n_layers - 1)")
+    return n_layers
+
+
+def check_eval(eval_cfg, documents) -> None:
+    if not eval_cfg.enabled:
+        return
+    documents.split(eval_cfg.split)  # raises naming eval.split / data.*_split
+    if eval_cfg.lm_eval.enabled and not eval_cfg.lm_eval.tasks:
+        raise ValueError("eval.lm_eval.enabled=true needs eval.lm_eval.tasks=[task, ...]")
+
+
+def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) -> None:
+    if enum_value(init_cfg.method) != "checkpoint":
+        return
+    from matt.pipeline.init import check_checkpoint
+    from matt.result import EMBEDDINGS_FILE, TransferResult
+
+    if not init_cfg.checkpoint:
+        raise ValueError("init=checkpoint needs init.checkpoint=<embeddings.safetensors or a directory holding one>")
+    path = Path(str(init_cfg.checkpoint)).expanduser()
+    if not (path.is_file() or (path / EMBEDDINGS_FILE).is_file()):
+        raise ValueError(f"init.checkpoint={init_cfg.checkpoint!r}: no {EMBEDDINGS_FILE} there (give the file or "
+                         "the directory of a previous run's embeddings)")
+    result = TransferResult.load(path)
+    where = f"init.checkpoint={init_cfg.checkpoint!r}"
+    if student_tokenizer is not None:
+        check_checkpoint(result, student_tokenizer, hidden_size, where)
+    elif result.input_embeddings.shape[1] != hidden_size:
+        raise ValueError(f"{where}: embeddings of width {result.input_embeddings.shape[1]}, but the model's hidden "
+                         f"size is {hidden_size} (teacher/student architecture mismatch)")
+
+
+def preflight(cfg) -> Plan:
+    """Validate the transfer config `cfg`; raise `ValueError` naming the offending key."""
+    from matt.modeling import adapter_for
+    from matt.pipeline.data import load_documents
+    from matt.pipeline.models import load_model_config, load_teacher_tokenizer, text_config
+    from matt.pipeline.tokenizer import load_pretrained_student
+    from matt.pipeline.train import matt_config, resolved_with_ntp
+    from matt.segmentation import check_offsets_support
+
+    check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))
+    matt_config(cfg)  # MATTConfig's ranges and combinations, reported under their Hydra keys
+    check_tracking(cfg.tracking)
+    if cfg.eval.split not in ("train", "validation", "test"):
+        raise ValueError(f"eval.split={cfg.eval.split!r} is invalid: choose one of ['train', 'validation', 'test']")
+
+    teacher_tokenizer = load_teacher_tokenizer(cfg.model)
+    teacher_source = cfg.model.tokenizer or cfg.model.pretrained
+    check_offsets_support(teacher_tokenizer, f"model.tokenizer (the teacher's, {teacher_source!r})")
+    model_config = load_model_config(cfg.model, teacher_tokenizer)
+    check_family(cfg.model, model_config)
+    adapter_for(model_config)
+    decoder = text_config(model_config)
+    depth, hidden = int(decoder.num_hidden_layers), int(decoder.hidden_size)
+    n_layers = check_n_layers(cfg, depth)
+
+    student_tokenizer = None
+    if enum_value(cfg.tokenizer.source) == "pretrained":  # load_pretrained_student names a missing tokenizer.path
+        student_tokenizer = load_pretrained_student(cfg.tokenizer)
+        check_offsets_support(student_tokenizer, f"tokenizer.path={cfg.tokenizer.path!r}")
+    check_init_checkpoint(cfg.init, hidden, student_tokenizer)
+
+    documents = load_documents(cfg.data, teacher_tokenizer)
+    check_eval(cfg.eval, documents)
+    plan = Plan(teacher_tokenizer=teacher_tokenizer, model_config=model_config, documents=documents,
+                n_layers=n_layers, depth=depth, hidden_size=hidden, with_ntp=resolved_with_ntp(cfg),
+                student_tokenizer=student_tokenizer)
+    logger.info("Preflight OK: %s", plan.summary())
+    return plan

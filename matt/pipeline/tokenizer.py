@@ -1,0 +1,103 @@
+"""The student tokenizer from the `tokenizer` group: pretrained | train | extend.
+
+Trained and extended tokenizers are cached under `<cache_dir>/tokenizers/<key>`, the key hashing
+the teacher tokenizer, the options and the training texts, so sweeps over other settings reuse
+one tokenizer. A tokenizer is always returned as loaded back from disk, so a fresh and a cached
+run see the identical object (and share prepared-dataset caches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from matt.pipeline.config import enum_value
+
+logger = logging.getLogger(__name__)
+
+
+def _texts_digest(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def tokenizer_key(tok_cfg, teacher_tokenizer, texts: list[str]) -> str:
+    """Hash of everything a trained/extended student tokenizer depends on."""
+    from matt.data import tokenizer_fingerprint
+    from matt.pipeline.models import digest
+
+    options = {
+        "source": enum_value(tok_cfg.source),
+        "kind": enum_value(tok_cfg.kind),
+        "vocab_size": tok_cfg.vocab_size if enum_value(tok_cfg.source) == "train" else None,
+        "num_new_tokens": tok_cfg.num_new_tokens if enum_value(tok_cfg.source) == "extend" else None,
+        "target_vocab_size": tok_cfg.target_vocab_size if enum_value(tok_cfg.source) == "extend" else None,
+        "path": tok_cfg.path if enum_value(tok_cfg.source) == "pretrained" else None,
+    }
+    return digest({"teacher": tokenizer_fingerprint(teacher_tokenizer), "options": options,
+                   "texts": _texts_digest(texts) if options["path"] is None else None})
+
+
+def training_texts(tok_cfg, documents) -> list[str]:
+    texts = [t for t in documents.train["text"] if t]
+    return texts[: tok_cfg.max_documents] if tok_cfg.max_documents is not None else texts
+
+
+def _build(tok_cfg, teacher_tokenizer, texts: list[str]):
+    from matt.tokenizers import extend_tokenizer, train_tokenizer_like
+
+    source = enum_value(tok_cfg.source)
+    if source == "train":
+        logger.info("Training a %s student tokenizer (vocab %d) on %d documents", enum_value(tok_cfg.kind),
+                    tok_cfg.vocab_size, len(texts))
+        return train_tokenizer_like(teacher_tokenizer, texts, tok_cfg.vocab_size, kind=enum_value(tok_cfg.kind))
+    logger.info("Extending the teacher vocabulary by up to %d tokens learned on %d documents",
+                tok_cfg.num_new_tokens, len(texts))
+    return extend_tokenizer(teacher_tokenizer, texts, tok_cfg.num_new_tokens,
+                            target_vocab_size=tok_cfg.target_vocab_size)
+
+
+def load_pretrained_student(tok_cfg):
+    from transformers import AutoTokenizer
+
+    if not tok_cfg.path:
+        raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer directory or hub id>")
+    return AutoTokenizer.from_pretrained(tok_cfg.path)
+
+
+def build_student_tokenizer(tok_cfg, teacher_tokenizer, documents, *, cache_dir: str | Path):
+    """The student tokenizer (loaded from the cache when this exact one was built before)."""
+    from transformers import AutoTokenizer
+
+    from matt.segmentation import check_offsets_support
+
+    if enum_value(tok_cfg.source) == "pretrained":
+        tokenizer = load_pretrained_student(tok_cfg)
+        check_offsets_support(tokenizer, f"tokenizer.path={tok_cfg.path!r}")
+        return tokenizer
+
+    texts = training_texts(tok_cfg, documents)
+    if not texts:
+        raise ValueError("No non-empty training documents to learn the student tokenizer from")
+    directory = Path(cache_dir) / "tokenizers" / tokenizer_key(tok_cfg, teacher_tokenizer, texts)
+    if not (directory / "tokenizer.json").is_file():
+        tokenizer = _build(tok_cfg, teacher_tokenizer, texts)
+        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(str(tmp))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if directory.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    else:
+        logger.info("Student tokenizer from cache %s", directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    check_offsets_support(tokenizer, "student tokenizer")
+    return tokenizer

@@ -1,0 +1,362 @@
+"""Reports: MLflow runs of an experiment -> a paper-style table (markdown + CSV) and PNG plots.
+
+Table rows: the original model (per teacher), each distinct initialisation before training
+(e.g. FOCUS), and every trained run (labelled by method, e.g. `aim mse L10 keep_init`). For each
+metric, the value and `% of original` of the same teacher - direction-aware: for accuracy-like
+metrics 100·value/original, for bits per byte (lower is better) 100·original/value, so above 100
+always means "better than the original". Training wall-clock and peak memory per run come from
+the trainer's final metrics.
+
+Plots: `loss_curves.png` (training loss per run), `layer_depth.png` (AIM depth vs quality, time and
+memory, when runs differ in depth), `methods.png` (bits per byte per table row).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {"bpb"}
+HIGHER_IS_BETTER = {"choice_accuracy", "chrf"}
+"""Model-quality metrics get a `% of original` column; compression, counts and the unigram floor
+do not (they describe the tokenizer, not how much of the model's quality was kept)."""
+TIME_METRIC = "train/final_wall_clock_s"
+MEMORY_METRIC = "train/final_peak_memory_mb"
+
+
+def metric_direction(name: str) -> int | None:
+    """+1 when higher is better, -1 when lower is better, None when unknown (no % shown)."""
+    if name in LOWER_IS_BETTER:
+        return -1
+    if name in HIGHER_IS_BETTER:
+        return 1
+    if name.startswith("lm_eval/"):
+        if "stderr" in name:
+            return None
+        if any(word in name for word in ("perplexity", "bits_per", "loss")):
+            return -1
+        return 1
+    return None
+
+
+def percent_of_baseline(name: str, value: float | None, baseline: float | None) -> float | None:
+    """How much of the baseline's quality `value` keeps, in percent (see the module docstring)."""
+    direction = metric_direction(name)
+    if direction is None or value is None or baseline is None:
+        return None
+    if any(not math.isfinite(x) for x in (value, baseline)):
+        return None
+    if direction > 0:
+        return 100.0 * value / baseline if baseline else None
+    return 100.0 * baseline / value if value else None
+
+
+# ------------------------------------------------------------------------------------------------
+# plots (matplotlib's object API: no global backend state)
+# ------------------------------------------------------------------------------------------------
+def _figure(ncols: int, width: float = 5.0, height: float = 3.6):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = figure.subplots(1, ncols, squeeze=False)[0]
+    return figure, axes
+
+
+def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                         keys: Sequence[str] = ("loss", "lr")) -> Path:
+    """One panel per key (`loss`, `lr`, ...), one line per run; rows are `{"step": s, key: value}`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = _figure(len(keys))
+    for ax, key in zip(axes, keys):
+        for label, rows in curves.items():
+            points = [(row["step"], row[key]) for row in rows if key in row and row[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"training {key}")
+        ax.grid(alpha=0.3)
+        values = [row[key] for rows in curves.values() for row in rows if key in row]
+        if key != "lr" and values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+    if len(curves) > 1 or any(len(r) for r in curves.values()):
+        axes[0].legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_layer_depth(runs: Sequence["RunRecord"], path: str | Path, metric: str = "bpb") -> Path | None:
+    """AIM depth vs final `metric`, training time and peak memory (runs with a depth only)."""
+    from matplotlib.ticker import MaxNLocator
+
+    points = sorted(((r.n_layers, r) for r in runs if r.n_layers is not None and r.final.get(metric) is not None),
+                    key=lambda point: point[0])
+    if not points:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = _figure(3, width=4.4)
+    panels = ((f"final {metric}", lambda r: r.final.get(metric)),
+              ("training wall-clock (s)", lambda r: r.metrics.get(TIME_METRIC)),
+              ("peak memory (MB)", lambda r: r.metrics.get(MEMORY_METRIC)))
+    groups: dict[str, list] = {}
+    for depth, run in points:
+        groups.setdefault(run.group_label, []).append((depth, run))
+    for ax, (title, get) in zip(axes, panels):
+        for group, members in groups.items():
+            xy = [(depth, get(run)) for depth, run in members if get(run) is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=group)
+        if title.startswith("final"):
+            for name, style in (("original", "--"), ("init", ":")):
+                values = [r.models.get(name, {}).get(metric) for _, r in points]
+                values = [v for v in values if v is not None]
+                if values:
+                    ax.axhline(values[0], linestyle=style, color="grey", label=name)
+        ax.set_xlabel("AIM depth (n_layers)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_methods(rows: Sequence["TableRow"], path: str | Path, metric: str = "bpb") -> Path | None:
+    """A bar per table row for `metric` (original, init, trained runs)."""
+    bars = [(row.method, row.values.get(metric)) for row in rows if row.values.get(metric) is not None]
+    if not bars:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = _figure(1, width=max(5.0, 0.9 * len(bars) + 2))
+    ax = axes[0]
+    labels, values = zip(*bars)
+    ax.bar(range(len(values)), values, color=["grey" if row.kind != "trained" else "tab:blue" for row in rows
+                                              if row.values.get(metric) is not None])
+    ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize="small")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per method" + (" (lower is better)" if metric_direction(metric) == -1 else ""))
+    low, high = min(values), max(values)
+    spread = high - low + 1e-9
+    ax.set_ylim(max(0.0, low - 0.15 * spread - 0.05 * abs(low)), high + 0.1 * spread + 0.02 * abs(high))
+    ax.grid(axis="y", alpha=0.3)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# MLflow runs -> records -> table rows
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class RunRecord:
+    """What the report needs from one MLflow run of the transfer recipe."""
+
+    run_id: str
+    name: str
+    status: str
+    label: str
+    model: str
+    init: str
+    n_layers: int | None
+    metrics: dict[str, float]
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def models(self) -> dict[str, dict[str, float]]:
+        """`{"original": {...}, "init": {...}, "final": {...}}` from the prefixed metrics."""
+        grouped: dict[str, dict[str, float]] = {}
+        for key, value in self.metrics.items():
+            prefix, _, name = key.partition("/")
+            if prefix in ("original", "init", "final") and name:
+                grouped.setdefault(prefix, {})[name] = value
+        return grouped
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.models.get("final", {})
+
+    @property
+    def group_label(self) -> str:
+        """The label without the depth (lines of the depth plot)."""
+        return " ".join(part for part in self.label.split() if not (part.startswith("L") and part[1:].isdigit()))
+
+
+@dataclass
+class TableRow:
+    method: str
+    kind: str
+    """original | init | trained"""
+    model: str
+    values: dict[str, float]
+    n_layers: int | None = None
+    wall_clock_s: float | None = None
+    peak_memory_mb: float | None = None
+    baseline: dict[str, float] = field(default_factory=dict)
+    """The original model's metrics this row is compared with (`% of original`)."""
+    run_id: str = ""
+
+
+def load_runs(tracking_uri: str, experiment_name: str, *, include_failed: bool = False) -> list[RunRecord]:
+    """Transfer runs of `experiment_name` (oldest first); FINISHED only unless `include_failed`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        known = [e.name for e in client.search_experiments()]
+        raise ValueError(f"experiment_name={experiment_name!r}: no such MLflow experiment in {tracking_uri}; "
+                         f"experiments there: {known}")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`matt.kind` = 'transfer'",
+                              order_by=["attributes.start_time ASC"], max_results=5000)
+    records = []
+    for run in runs:
+        if run.info.status != "FINISHED" and not include_failed:
+            logger.info("Skipping run %s (%s)", run.info.run_id, run.info.status)
+            continue
+        tags, params = run.data.tags, run.data.params
+        depth = params.get("resolved.n_layers") or tags.get("matt.n_layers")
+        records.append(RunRecord(
+            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, status=run.info.status,
+            label=tags.get("matt.label", run.info.run_name or run.info.run_id), model=tags.get("matt.model", "?"),
+            init=tags.get("matt.init", "?"), n_layers=int(depth) if depth not in (None, "", "null") else None,
+            metrics=dict(run.data.metrics), params=dict(params), tags=dict(tags)))
+    return records
+
+
+def _key(values: Mapping[str, float]) -> tuple:
+    return tuple(sorted((k, round(v, 6)) for k, v in values.items() if k != "eval_seconds"))
+
+
+def table_rows(runs: Iterable[RunRecord]) -> list[TableRow]:
+    """Original models, initialisations and trained runs; identical evaluations (cached in sweeps)
+    appear once. Each row's `baseline` is the original model evaluated in the same run (same text,
+    same caps), else the first original of the same teacher."""
+    runs = list(runs)
+    first_original = {}
+    for run in runs:
+        if "original" in run.models:
+            first_original.setdefault(run.model, run.models["original"])
+    rows: list[TableRow] = []
+    seen: set[tuple] = set()
+    trained = []
+    for run in runs:
+        models = run.models
+        baseline = models.get("original") or first_original.get(run.model, {})
+        for kind, method in (("original", f"original ({run.model})"), ("init", f"{run.init} init")):
+            if kind in models and (kind, run.model, run.init, _key(models[kind])) not in seen:
+                seen.add((kind, run.model, run.init, _key(models[kind])))
+                rows.append(TableRow(method, kind, run.model, dict(models[kind]), baseline=baseline, run_id=run.run_id))
+        if "final" in models:
+            trained.append(TableRow(run.label, "trained", run.model, models["final"], n_layers=run.n_layers,
+                                    wall_clock_s=run.metrics.get(TIME_METRIC),
+                                    peak_memory_mb=run.metrics.get(MEMORY_METRIC), baseline=baseline,
+                                    run_id=run.run_id))
+    return rows + trained
+
+
+def table_columns(rows: Sequence[TableRow], metrics: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
+    """Header and cells (numbers stay numbers) of the comparison table."""
+    shown = [m for m in metrics if any(m in row.values for row in rows)]
+    header = ["method", "model", "n_layers"]
+    for metric in shown:
+        header.append(metric)
+        if metric_direction(metric) is not None:
+            header.append(f"{metric} % of original")
+    header += ["train time (s)", "peak memory (MB)", "run"]
+    cells = []
+    for row in rows:
+        line: list[Any] = [row.method, row.model, row.n_layers]
+        for metric in shown:
+            value = row.values.get(metric)
+            line.append(value)
+            if metric_direction(metric) is not None:
+                line.append(percent_of_baseline(metric, value, row.baseline.get(metric)))
+        line += [row.wall_clock_s, row.peak_memory_mb, row.run_id[:8]]
+        cells.append(line)
+    return header, cells
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.4g}" if abs(value) >= 1 else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], cells: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def write_csv(header: Sequence[str], cells: Sequence[Sequence[Any]], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in cells])
+    return path
+
+
+def loss_histories(tracking_uri: str, runs: Sequence[RunRecord], key: str = "train/loss") -> dict[str, list[dict]]:
+    """`{label: [{"step": s, "loss": v}, ...]}` from the MLflow metric history of each run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    short = key.split("/", 1)[-1]
+    curves: dict[str, list[dict]] = {}
+    for run in runs:
+        history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)
+        label = run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"
+        curves[label] = [{"step": m.step, short: m.value} for m in history]
+    return curves
+
+
+def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path, *,
+                 metrics: Sequence[str] = ("bpb", "choice_accuracy", "chrf", "bytes_per_token"),
+                 include_failed: bool = False) -> dict[str, Path]:
+    """Write `table.md`, `table.csv` and the PNG plots for an experiment; returns their paths."""
+    runs = load_runs(tracking_uri, experiment_name, include_failed=include_failed)
+    if not runs:
+        raise ValueError(f"No finished transfer runs in MLflow experiment {experiment_name!r} ({tracking_uri})")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(runs)
+    header, cells = table_columns(rows, metrics)
+    markdown = markdown_table(header, cells)
+    paths = {"table.md": output_dir / "table.md", "table.csv": write_csv(header, cells, output_dir / "table.csv")}
+    paths["table.md"].write_text(f"# {experiment_name}\n\n{markdown}\n", encoding="utf-8")
+    curves = loss_histories(tracking_uri, runs)
+    if any(curves.values()):
+        paths["loss_curves.png"] = plot_training_curves(curves, output_dir / "loss_curves.png", keys=("loss",))
+    depth = plot_layer_depth(runs, output_dir / "layer_depth.png")
+    if depth is not None:
+        paths["layer_depth.png"] = depth
+    methods = plot_methods(rows, output_dir / "methods.png")
+    if methods is not None:
+        paths["methods.png"] = methods
+    print(f"\n# {experiment_name} ({len(runs)} runs)\n\n{markdown}\n\nWritten to {output_dir}", flush=True)
+    return paths
+
+
+def run_report(cfg) -> dict[str, Path]:
+    """The `report` recipe (Hydra config `configs/report.yaml`)."""
+    from matt.tracking import default_tracking_uri
+
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.paths.output_root)
+    output_dir = cfg.output_dir or Path(cfg.paths.output_root) / "reports" / cfg.experiment_name
+    return build_report(uri, cfg.experiment_name, output_dir, metrics=list(cfg.metrics),
+                        include_failed=cfg.include_failed)

@@ -1,0 +1,321 @@
+"""Experiment tracking: one MLflow run per job, written by the main process only.
+
+`open_tracker` gives every process a `Tracker`; only the main process of a distributed launch gets
+a real `MLflowTracker`, the others a no-op one, so code calls `tracker.log_metrics(...)`
+unconditionally. `MLflowTracker` talks to MLflow through `MlflowClient` (no global "active run"
+state, so several runs in one Python process - Hydra multirun with the basic launcher - cannot
+leak into each other).
+
+Where runs go: `uri=None` means an embedded sqlite file `<output_root>/mlflow.db` with artifacts
+in `<output_root>/mlartifacts/`; any other MLflow URI (e.g. `http://127.0.0.1:5000`) is used as is.
+
+Crashes and resumption: `run()` used as a context manager ends the run FINISHED, or FAILED with
+the exception recorded (tag `matt.error`, artifact `error/traceback.txt`; Ctrl-C ends it KILLED).
+The run id is written to `<checkpoint_dir>/mlflow_run.json` as soon as the run exists, so a
+resumed job (`train.resume=true` in the same output directory) reopens the SAME run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import socket
+import subprocess
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "mlflow_run.json"
+MAX_PARAM_LENGTH = 6000
+"""MLflow's limit on a param value (longer values are cut, with a warning)."""
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def default_tracking_uri(output_root: str | Path) -> str:
+    """The embedded store: `sqlite:///<abs output_root>/mlflow.db`."""
+    root = Path(output_root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def metric_name(name: str) -> str:
+    """A name MLflow accepts (letters, digits, `_-. /:`); anything else becomes `_`."""
+    return _METRIC_NAME.sub("_", name)
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}`; lists stay one value (JSON), None becomes "null"."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if value:
+                flat.update(flatten(value, f"{name}."))
+            else:
+                flat[name] = "{}"
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(list(value), default=str)
+        elif value is None:
+            flat[name] = "null"
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit(path: str | Path | None = None) -> tuple[str, bool]:
+    """(commit hash, dirty) of the git checkout holding `path` (this package by default)."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def base_tags() -> dict[str, str]:
+    """Tags every run gets: git commit (+ dirty flag) and host."""
+    commit, dirty = git_commit()
+    return {
+        "mlflow.source.git.commit": commit,
+        "matt.git_commit": commit,
+        "matt.git_dirty": str(dirty).lower(),
+        "matt.host": socket.gethostname(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+class Tracker:
+    """The no-op tracker (non-main processes, `tracking=none`); also the interface."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    resumed: bool = False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def fail(self, exc: BaseException) -> None:
+        pass
+
+    def training_logger(self, prefix: str = "train/"):
+        """A `matt.trainer` log function: metrics of step `s` logged as `<prefix><name>` at step `s`."""
+
+        def log(metrics: Mapping[str, float], step: int) -> None:
+            self.log_metrics({f"{prefix}{name}": value for name, value in metrics.items()}, step=step)
+
+        return log
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator["Tracker"]:
+        """End the run FINISHED, or FAILED (KILLED on Ctrl-C) with the exception recorded."""
+        try:
+            yield self
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        else:
+            self.finish()
+
+
+class MLflowTracker(Tracker):
+    """One MLflow run, created (or reopened with `run_id`) on construction."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        *,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        artifact_location: str | None = None,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if run_id is not None:
+            run = self.client.get_run(run_id)  # raises if the run is gone
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id, self.experiment_id, self.resumed = run_id, run.info.experiment_id, True
+            logger.info("Resuming MLflow run %s (%s)", run_id, tracking_uri)
+        else:
+            self.experiment_id = self._experiment_id(experiment_name, artifact_location)
+            run = self.client.create_run(self.experiment_id, run_name=run_name)
+            self.run_id = run.info.run_id
+            logger.info("MLflow run %s in experiment %r (%s)", self.run_id, experiment_name, tracking_uri)
+        self._finished = False
+        if tags:
+            self.set_tags(tags)
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise ValueError(f"MLflow experiment {name!r} is deleted in {self.tracking_uri}: restore it "
+                                 "or choose another tracking.experiment_name")
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # created by a parallel job in the meantime
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    # --- logging --------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params; on a resumed run, keys already logged keep their first value (MLflow params
+        are immutable) and changed ones are listed in the tag `matt.resume_changed_params`."""
+        from mlflow.entities import Param
+
+        values = {}
+        for key, value in params.items():
+            text = str(value)
+            if len(text) > MAX_PARAM_LENGTH:
+                logger.warning("Param %s is %d characters long; logging its first %d", key, len(text), MAX_PARAM_LENGTH)
+                text = text[:MAX_PARAM_LENGTH]
+            values[key[:250]] = text
+        if self.resumed:
+            existing = self.client.get_run(self.run_id).data.params
+            changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
+            if changed:
+                logger.info("Resumed run: params %s differ from the first attempt; keeping the first values", changed)
+                self.set_tags({"matt.resume_changed_params": ",".join(changed)[:5000]})
+            values = {k: v for k, v in values.items() if k not in existing}
+        items = [Param(k, v) for k, v in values.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for name, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                logger.warning("Metric %s=%r is not a number; not logged", name, value)
+                continue
+            if math.isnan(value):
+                logger.warning("Metric %s is NaN; logged as NaN", name)
+            items.append(Metric(metric_name(name), value, now, step or 0))
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)[:5000]) for k, v in tags.items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    # --- end of run -----------------------------------------------------------------------------
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self._finished:
+            self.client.set_terminated(self.run_id, status=status)
+            self._finished = True
+
+    def fail(self, exc: BaseException) -> None:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            self.set_tags({"matt.error": f"{type(exc).__name__}: {exc}"})
+            self.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
+        except Exception:  # the store itself may be what failed; the status still matters most
+            logger.exception("Could not record the exception in MLflow run %s", self.run_id)
+        self.finish(status)
+        logger.error("MLflow run %s ended %s: %s: %s", self.run_id, status, type(exc).__name__, exc)
+
+
+# ------------------------------------------------------------------------------------------------
+def save_run_reference(tracker: Tracker, directory: str | Path) -> Path | None:
+    """Write `{run_id, tracking_uri}` next to the checkpoints (what a resumed job reopens)."""
+    if tracker.run_id is None:
+        return None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / RUN_FILE
+    path.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}, indent=2))
+    return path
+
+
+def load_run_reference(directory: str | Path) -> dict[str, str] | None:
+    path = Path(directory) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def open_tracker(
+    tracking_cfg,
+    *,
+    output_root: str | Path,
+    is_main_process: bool = True,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    resume_from: str | Path | None = None,
+) -> Tracker:
+    """The tracker of this process for the `tracking` config group.
+
+    `resume_from`: a checkpoint directory; if it holds a run reference, that run is reopened
+    (and must live in the same tracking store)."""
+    from matt.pipeline.config import enum_value
+
+    if not is_main_process or enum_value(tracking_cfg.backend) == "none":
+        return Tracker()
+    uri = tracking_cfg.uri or default_tracking_uri(output_root)
+    artifact_location = None
+    if uri.startswith("sqlite:///") and not tracking_cfg.uri:
+        artifact_location = (Path(output_root).expanduser().resolve() / "mlartifacts").as_uri()
+    run_id = None
+    if resume_from is not None:
+        reference = load_run_reference(resume_from)
+        if reference is not None:
+            if reference.get("tracking_uri") != uri:
+                raise ValueError(
+                    f"The checkpoint in {resume_from} belongs to MLflow run {reference['run_id']} in "
+                    f"{reference.get('tracking_uri')}, but tracking.uri resolves to {uri}; resume with the same "
+                    "tracking settings (or delete mlflow_run.json to start a new run)"
+                )
+            run_id = reference["run_id"]
+    all_tags = {**base_tags(), **(tags or {}), **dict(tracking_cfg.tags or {})}
+    return MLflowTracker(uri, tracking_cfg.experiment_name, run_name=run_name, tags=all_tags, run_id=run_id,
+                         artifact_location=artifact_location)

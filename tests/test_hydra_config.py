@@ -1,0 +1,219 @@
+"""Config composition: every option of every group composes against the structured-config schema,
+bad configs fail at composition naming the key, the launcher configs validate against their
+plugins' schemas, and the `${matt_asset:...}` resolver defers to `matt.assets` lazily."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from matt.hydra_app import compose, config_dir
+from matt.pipeline import config as schema
+
+CONFIGS = config_dir()
+GROUPS = ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval", "experiment")
+GROUP_SCHEMAS = {
+    "model": schema.ModelConfig, "tokenizer": schema.TokenizerConfig, "data": schema.DataConfig,
+    "init": schema.InitConfig, "objective": schema.ObjectiveConfig, "train": schema.TrainConfig,
+    "tracking": schema.TrackingConfig, "eval": schema.EvalConfig,
+}
+# Depth of each real model (public configs); `n_layers` must be about a third of it.
+REAL_DEPTHS = {"smollm2_135m": 30, "gemma3_270m": 18, "gemma3_4b": 34, "gemma3_12b": 48, "llama3_8b": 32,
+               "mistral_7b": 32, "qwen3_0_6b": 28, "qwen3_8b": 36, "pythia_1b": 16}
+UNTIED = {"llama3_8b", "mistral_7b", "qwen3_8b", "pythia_1b", "tiny_mistral", "tiny_qwen3", "tiny_gpt_neox"}
+
+
+def chain_text(exc: BaseException) -> str:
+    """The messages of an exception and its causes (Hydra wraps OmegaConf's detailed error)."""
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def fake_assets(monkeypatch, tmp_path):
+    """A stand-in `matt.assets` recording which assets were resolved."""
+    calls = []
+    module = types.ModuleType("matt.assets")
+
+    def resolve(name, *, prepare=True):
+        calls.append(name)
+        return tmp_path / "assets" / name
+
+    module.resolve = resolve
+    monkeypatch.setitem(sys.modules, "matt.assets", module)
+    return calls
+
+
+def test_every_group_has_the_options_the_issue_lists():
+    assert {"smollm2_135m", "gemma3_270m", "gemma3_4b", "gemma3_12b", "llama3_8b", "mistral_7b", "qwen3_0_6b",
+            "qwen3_8b", "pythia_1b"} <= set(options("model"))
+    assert {f"tiny_{family}" for family in ("llama", "gemma3", "mistral", "qwen3", "gpt_neox")} <= set(options("model"))
+    assert {"pretrained", "train", "extend"} <= set(options("tokenizer"))
+    assert {"focus", "mean", "random", "checkpoint"} <= set(options("init"))
+    assert {"aim", "aim_star", "ntp", "aim_ntp"} <= set(options("objective"))
+    assert {"mlflow", "mlflow_server", "none"} <= set(options("tracking"))
+    presets = {"smoke", "demo", "demo_gemma3", "layer_ablation", "loss_ablation", "paper_uk_gemma3"}
+    assert presets <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_against_the_schema(group, option, fake_assets):
+    cfg = compose("transfer", [f"{group}={option}"])
+    for name, dataclass_type in GROUP_SCHEMAS.items():
+        assert OmegaConf.get_type(cfg[name]) is dataclass_type, name
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # every interpolation resolves
+    if group == "model":
+        model = resolved["model"]
+        assert model["family"] in [f.value for f in schema.Family]
+        if option in REAL_DEPTHS:
+            assert model["n_layers"] == max(1, round(REAL_DEPTHS[option] / 3))
+            assert model["pretrained"]
+        else:
+            assert model["tiny"] is not None and 1 <= model["n_layers"] <= model["tiny"]["num_hidden_layers"]
+        assert model["with_ntp"] == (option in UNTIED)
+        assert resolved["objective"]["n_layers"] == model["n_layers"]  # the objective follows the model's depth
+
+
+def test_offline_assets_resolve_lazily_through_matt_assets(fake_assets, tmp_path):
+    cfg = compose("transfer", ["model=smollm2_135m", "data=manpages_uk"])
+    assert fake_assets == []  # composing alone does not touch the assets
+    assert cfg.model.pretrained == str(tmp_path / "assets" / "smollm2_135m")
+    assert cfg.data.path == str(tmp_path / "assets" / "manpages_uk")
+    assert fake_assets == ["smollm2_135m", "manpages_uk"]
+    # a hub id or a plain path works the same way
+    cfg = compose("transfer", ["model=smollm2_135m", "model.pretrained=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert cfg.model.pretrained == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_missing_asset_machinery_gives_an_actionable_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matt.assets", None)  # import fails
+    cfg = compose("transfer", ["model=gemma3_270m"])
+    with pytest.raises(Exception, match="hub id"):
+        _ = cfg.model.pretrained
+
+
+def test_experiment_presets_override_the_defaults(fake_assets):
+    smoke = compose("transfer", ["experiment=smoke"])
+    assert smoke.name == "smoke" and smoke.model.name == "tiny_llama" and smoke.data.path == "builtin:sample"
+    assert smoke.train.max_steps <= 20
+    demo = compose("transfer", ["experiment=demo"])
+    assert (demo.model.name, demo.tokenizer.source, demo.tokenizer.vocab_size) == (
+        "smollm2_135m", schema.TokenizerSource.train, 16000)
+    assert (demo.init.method, demo.init.fasttext_min_count) == (schema.InitMethod.focus, 1)
+    assert (demo.objective.loss, demo.objective.n_layers, demo.objective.output_embeddings) == (
+        schema.Loss.mse, 10, schema.OutputEmbeddings.keep_init)
+    assert (demo.train.lr, demo.train.batch_size, demo.data.max_length) == (1e-3, 4, 256)
+    assert demo.eval.original and demo.eval.init and demo.eval.final
+    gemma = compose("transfer", ["experiment=demo_gemma3"])
+    assert gemma.model.family == schema.Family.gemma3 and gemma.tokenizer.source == schema.TokenizerSource.extend
+    paper = compose("transfer", ["experiment=paper_uk_gemma3"])
+    assert paper.train.precision == "bf16-mixed" and paper.eval.lm_eval.enabled
+
+
+@pytest.mark.parametrize("preset,params", [
+    ("layer_ablation", {"objective.n_layers"}),
+    ("loss_ablation", {"objective", "objective.loss"}),
+])
+def test_ablation_presets_carry_their_sweeps(preset, params, fake_assets):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = hydra_compose("transfer", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    assert set(cfg.hydra.sweeper.params) == params
+    assert cfg.name == preset and cfg.model.name == "smollm2_135m"  # built on the demo setting
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model=no_such_model", "Available options in 'model'"),
+    ("objective.typo=1", "objective.typo"),
+    ("objective.loss=l1", r"expected one of \[mse, cosine\]"),
+    ("objective=aim_star2", "aim_star"),
+    ("init.method=wechsel", r"expected one of \[focus, mean, random, checkpoint\]"),
+    ("train.lr=fast", "train.lr"),
+    ("tracking.backend=wandb", r"expected one of \[mlflow, none\]"),
+])
+def test_bad_overrides_fail_at_composition_naming_the_key(override, message):
+    with pytest.raises(Exception) as excinfo:
+        compose("transfer", ["experiment=smoke", override])
+    assert re.search(message, chain_text(excinfo.value)), chain_text(excinfo.value)
+
+
+def test_slurm_launcher_config_validates_against_the_submitit_schema():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = hydra_compose("transfer", overrides=["experiment=smoke", "hydra/launcher=slurm",
+                                                   "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        launcher = cfg.hydra.launcher
+        assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+        assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
+        assert launcher.timeout_min > 0 and launcher.mem_gb > 0
+        for bad, key in (("hydra.launcher.gpus_per_nodee=1", "gpus_per_nodee"),
+                         ("hydra.launcher.mem_gb=lots", "mem_gb")):
+            with pytest.raises(Exception) as excinfo:
+                hydra_compose("transfer", overrides=["experiment=smoke", "hydra/launcher=slurm", bad],
+                              return_hydra_config=True)
+            assert key in chain_text(excinfo.value)
+        # every key our YAML sets is a field of the plugin's schema (typos in the file would not merge)
+        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+        ours = OmegaConf.load(CONFIGS / "hydra" / "launcher" / "slurm.yaml")
+        assert set(ours) - {"defaults"} <= set(SlurmQueueConf.__dataclass_fields__)
+        parallel = hydra_compose("transfer", overrides=["hydra/launcher=local_parallel"], return_hydra_config=True)
+        assert parallel.hydra.launcher._target_.endswith("JoblibLauncher") and parallel.hydra.launcher.n_jobs == 2
+
+
+def test_matt_config_errors_name_the_hydra_key():
+    from matt.pipeline.train import matt_config
+
+    cfg = compose("transfer", ["experiment=smoke", "train.lr=-1"])
+    with pytest.raises(ValueError, match=r"^train\.lr: "):
+        matt_config(cfg)
+    cfg = compose("transfer", ["experiment=smoke", "objective.output_embeddings=ntp"])
+    with pytest.raises(ValueError, match=r"^objective\.output_embeddings: .*with_ntp"):
+        matt_config(cfg)
+    cfg = compose("transfer", ["experiment=smoke", "train.precision=fp8"])
+    with pytest.raises(ValueError, match=r"^train\.precision: .*choose one of"):
+        matt_config(cfg)
+
+
+def test_group_values_map_onto_matt_config():
+    from matt.pipeline.train import matt_config, resolved_n_layers, resolved_with_ntp
+
+    cfg = compose("transfer", ["experiment=smoke", "objective=aim_star", "objective.loss=cosine",
+                               "objective.n_layers=3", "train.max_steps=7", "model=tiny_qwen3"])
+    config = matt_config(cfg, checkpoint_dir="/tmp/ckpt")
+    assert (config.aim_impl, config.loss, config.max_steps, config.checkpoint_dir) == (
+        "aim_star", "cosine", 7, "/tmp/ckpt")
+    assert resolved_n_layers(cfg) == 3
+    assert resolved_with_ntp(cfg) and config.with_ntp  # untied Qwen3 turns NTP on by default ...
+    cfg = compose("transfer", ["experiment=smoke", "model=tiny_qwen3", "objective.with_ntp=false"])
+    assert not resolved_with_ntp(cfg)  # ... unless the objective says otherwise
+    ntp = compose("transfer", ["experiment=smoke", "objective=ntp"])
+    assert matt_config(ntp).aim_impl == "none" and matt_config(ntp).with_ntp
+
+
+def test_config_dir_can_be_relocated(monkeypatch, tmp_path):
+    monkeypatch.setenv("MATT_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="MATT_CONFIG_DIR"):
+        config_dir()
+    monkeypatch.setenv("MATT_CONFIG_DIR", str(CONFIGS))
+    assert config_dir() == Path(CONFIGS)
