@@ -64,7 +64,7 @@ def test_every_group_has_the_options_the_issue_lists():
     assert {"focus", "mean", "random", "checkpoint"} <= set(options("init"))
     assert {"aim", "aim_star", "ntp", "aim_ntp"} <= set(options("objective"))
     assert {"mlflow", "mlflow_server", "none"} <= set(options("tracking"))
-    presets = {"smoke", "demo", "demo_gemma3", "layer_ablation", "loss_ablation", "paper_uk_gemma3"}
+    presets = {"smoke", "demo", "demo_en", "demo_gemma3", "layer_ablation", "loss_ablation", "paper_uk_gemma3"}
     assert presets <= set(options("experiment"))
 
 
