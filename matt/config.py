@@ -13,6 +13,7 @@ from typing import Any
 AIM_IMPLS = ("aim", "aim_star", "none")
 LOSSES = ("mse", "cosine")
 OUTPUT_EMBEDDINGS = ("tied", "keep_init", "ntp")
+NTP_SCOPES = ("all", "head")
 PRECISIONS = {
     "32": "no",
     "fp32": "no",
@@ -58,6 +59,10 @@ class MATTConfig:
     """Output side of tied models: `tied` (LM head = AIM-trained input embeddings), `keep_init`
     (untie; LM head keeps the initialised student embeddings) or `ntp` (untie and train the LM
     head with the NTP term; needs `with_ntp`)."""
+    ntp_scope: str = "all"
+    """What the NTP term trains: `all` (input embeddings through every layer, and the LM head where it
+    trains) or `head` (only the LM head, on detached final hidden states: the input embeddings learn
+    from AIM alone and no backward pass runs through the layers above the AIM layer)."""
 
     # --- data ---------------------------------------------------------------------------------
     max_length: int = 512
@@ -127,12 +132,17 @@ class MATTConfig:
             bad("aim_impl", f"choose one of {AIM_IMPLS}")
         if self.output_embeddings not in OUTPUT_EMBEDDINGS:
             bad("output_embeddings", f"choose one of {OUTPUT_EMBEDDINGS}")
+        if self.ntp_scope not in NTP_SCOPES:
+            bad("ntp_scope", f"choose one of {NTP_SCOPES}")
         if self.precision not in PRECISIONS:
             bad("precision", f"choose one of {sorted(PRECISIONS)}")
         if self.aim_impl == "none" and not self.with_ntp:
             bad("aim_impl", "'none' leaves no training signal; set with_ntp=True for the NTP baseline")
         if self.output_embeddings == "ntp" and not self.with_ntp:
             bad("output_embeddings", "'ntp' trains the LM head with the NTP term; set with_ntp=True")
+        if self.ntp_scope == "head" and (not self.with_ntp or self.aim_impl == "none"):
+            bad("ntp_scope", "'head' means AIM trains the input embeddings and NTP the LM head: it needs "
+                "with_ntp=True and an AIM objective (aim_impl 'aim' or 'aim_star')")
         if self.resume and not self.checkpoint_dir:
             bad("resume", "resuming needs checkpoint_dir")
 

@@ -226,7 +226,8 @@ def train(
                 with sync:
                     # 2. student
                     with accelerator.autocast():
-                        s_out = student(s_ids, s_mask, return_logits=use_ntp)
+                        s_out = student(s_ids, s_mask, return_logits=use_ntp,
+                                        detach_head_input=config.ntp_scope == "head")
                         # 3. objective
                         aim = (aim_loss(t_attn, t_values, t_seg.to(t_attn.device), s_out.attn_probs, s_out.values,
                                         s_seg, impl=config.aim_impl, loss=config.loss)

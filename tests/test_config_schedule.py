@@ -27,6 +27,9 @@ def test_defaults_are_valid_and_roundtrip():
         ({"aim_impl": "none"}, "aim_impl"),
         ({"output_embeddings": "ntp"}, "output_embeddings"),
         ({"resume": True}, "resume"),
+        ({"ntp_scope": "inputs"}, "ntp_scope"),
+        ({"ntp_scope": "head"}, "ntp_scope"),  # needs with_ntp
+        ({"ntp_scope": "head", "with_ntp": True, "aim_impl": "none"}, "ntp_scope"),  # nothing would train inputs
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):

@@ -125,6 +125,27 @@ def test_output_side_of_tied_models(tmp_path, mode, byte_level_tokenizer, senten
         assert not torch.equal(result.output_embeddings, result.input_embeddings)
 
 
+def test_ntp_scope_head_trains_the_head_and_leaves_input_embeddings_to_aim(tmp_path, byte_level_tokenizer,
+                                                                              sentencepiece_tokenizer):
+    """ntp_scope=head: the NTP term reaches only the LM head, so the input embeddings follow exactly the
+    AIM-only trajectory (keep_init) while the head moves; with scope `all` NTP moves the inputs too."""
+    runs = {}
+    for name, overrides in {
+        "aim_only": dict(output_embeddings="keep_init"),
+        "head": dict(with_ntp=True, output_embeddings="ntp", ntp_scope="head"),
+        "all": dict(with_ntp=True, output_embeddings="ntp", ntp_scope="all"),
+    }.items():
+        with_ntp = overrides.pop("with_ntp", False)
+        matt, teacher, student = setup_run(tmp_path / name, "llama", byte_level_tokenizer, sentencepiece_tokenizer,
+                                           with_ntp=with_ntp, gradient_clip_val=None, max_steps=3, **overrides)
+        init = student.input_embedding_weight().clone()
+        runs[name] = (matt.train(teacher, student), init)
+    aim_only, head, every = (runs[k][0] for k in ("aim_only", "head", "all"))
+    torch.testing.assert_close(head.input_embeddings, aim_only.input_embeddings, rtol=0, atol=1e-7)
+    assert not torch.equal(head.output_embeddings, runs["head"][1])
+    assert (every.input_embeddings - aim_only.input_embeddings).abs().max() > 1e-4
+
+
 def test_resume_after_a_crash_continues_exactly(tmp_path, byte_level_tokenizer, sentencepiece_tokenizer):
     """6 steps straight == crash during step 5 + resume (optimizer, scheduler, data position, RNG)."""
     texts = list(SAMPLE_TEXTS)  # 10 docs, batch 2 -> shuffling and epoch boundaries matter

@@ -262,10 +262,13 @@ class PreTrainedModelForAIM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
+        detach_head_input: bool = False,
     ) -> AIMOutput:
         """Attention probabilities and values at the AIM layer (+ logits if `return_logits`).
 
-        Without `return_logits` the forward stops right after the AIM layer's attention.
+        Without `return_logits` the forward stops right after the AIM layer's attention. With
+        `detach_head_input` the LM head sees detached hidden states: a loss on the logits then
+        trains the head only, never the layers' inputs.
         """
         if return_logits and not self.with_ntp:
             raise ValueError("return_logits=True needs the full model: wrap it with with_ntp=True")
@@ -277,6 +280,8 @@ class PreTrainedModelForAIM(nn.Module):
             )
         self._capture.reset(stop_after_capture=not return_logits)
         logits = None
+        hook = (self.causal_lm.get_output_embeddings().register_forward_pre_hook(_detach_first_input)
+                if return_logits and detach_head_input else None)
         try:
             logits = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         except StopForward:
@@ -284,6 +289,9 @@ class PreTrainedModelForAIM(nn.Module):
         except BaseException:
             self._capture.reset(stop_after_capture=True)  # drop half-recorded tensors
             raise
+        finally:
+            if hook is not None:
+                hook.remove()
         attn_probs, values = self._capture.take()
         return AIMOutput(attn_probs=attn_probs, values=values, logits=logits)
 
@@ -357,6 +365,10 @@ class PreTrainedModelForAIM(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_layers={self.n_layers}/{self.original_num_layers}, aim_layer={self.aim_layer}, "
                 f"with_ntp={self.with_ntp}, tied={self.is_tied}, output_mode={self.output_mode}")
+
+
+def _detach_first_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].detach(), *args[1:])
 
 
 def attention_geometry(adapter: PreTrainedModelForAIM) -> dict[str, object]:

@@ -84,6 +84,11 @@ class OutputEmbeddings(Enum):
     ntp = "ntp"
 
 
+class NtpScope(Enum):
+    all = "all"
+    head = "head"
+
+
 class TrackingBackend(Enum):
     mlflow = "mlflow"
     none = "none"
@@ -214,6 +219,9 @@ class ObjectiveConfig:
     """Keep the embeddings of tokens shared with the teacher fixed."""
     output_embeddings: OutputEmbeddings = OutputEmbeddings.tied
     """Output side of tied models: tied | keep_init | ntp (ignored for untied models)."""
+    ntp_scope: NtpScope = NtpScope.all
+    """What the NTP term trains: all (input embeddings through every layer + LM head) | head (LM head
+    only, on detached hidden states; input embeddings from AIM alone)."""
 
 
 @dataclass

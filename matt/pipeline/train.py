@@ -28,7 +28,7 @@ HYDRA_KEYS = {
     "save_every_n_steps": "train.save_every_n_steps", "num_workers": "train.num_workers",
     "shuffle": "train.shuffle", "progress_bar": "train.progress_bar", "resume": "train.resume",
     "loss": "objective.loss", "aim_impl": "objective.aim_impl", "with_ntp": "objective.with_ntp",
-    "output_embeddings": "objective.output_embeddings", "max_length": "data.max_length",
+    "output_embeddings": "objective.output_embeddings", "ntp_scope": "objective.ntp_scope", "max_length": "data.max_length",
     "num_proc": "data.num_proc", "dataset_cache_dir": "data.cache_dir",
 }
 
@@ -59,7 +59,7 @@ def matt_config(cfg, *, checkpoint_dir: str | Path | None = None):
         num_warmup_steps=train.num_warmup_steps, num_decay_steps=train.num_decay_steps, seed=train.seed,
         loss=enum_value(cfg.objective.loss), aim_impl=enum_value(cfg.objective.aim_impl),
         with_ntp=resolved_with_ntp(cfg), output_embeddings=enum_value(cfg.objective.output_embeddings),
-        max_length=cfg.data.max_length, text_column="text", dataset_cache_dir=dataset_cache_dir(cfg),
+        ntp_scope=enum_value(cfg.objective.ntp_scope), max_length=cfg.data.max_length, text_column="text", dataset_cache_dir=dataset_cache_dir(cfg),
         num_proc=cfg.data.num_proc, num_workers=train.num_workers, shuffle=train.shuffle,
         precision=str(train.precision), cpu=train.cpu, log_every_n_steps=train.log_every_n_steps,
         save_every_n_steps=train.save_every_n_steps,

@@ -75,6 +75,8 @@ def method_label(cfg, n_layers: int, with_ntp: bool, tied: bool) -> str:
         parts += [enum_value(cfg.objective.loss), f"L{n_layers}"]
         if with_ntp and cfg.objective.name != "aim_ntp":
             parts.append("+ntp")
+        if with_ntp and enum_value(cfg.objective.ntp_scope) == "head":
+            parts.append("ntp-head-only")
     if tied and enum_value(cfg.objective.output_embeddings) != "tied":
         parts.append(enum_value(cfg.objective.output_embeddings))
     if not cfg.objective.freeze_shared:
