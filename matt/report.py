@@ -24,7 +24,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"bpb"}
-HIGHER_IS_BETTER = {"choice_accuracy", "chrf"}
+HIGHER_IS_BETTER = {"choice_accuracy", "choice_accuracy_pmi", "chrf"}
 """Model-quality metrics get a `% of original` column; compression, counts and the unigram floor
 do not (they describe the tokenizer, not how much of the model's quality was kept)."""
 TIME_METRIC = "train/final_wall_clock_s"
@@ -326,7 +326,7 @@ def loss_histories(tracking_uri: str, runs: Sequence[RunRecord], key: str = "tra
 
 
 def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path, *,
-                 metrics: Sequence[str] = ("bpb", "choice_accuracy", "chrf", "bytes_per_token"),
+                 metrics: Sequence[str] = ("bpb", "choice_accuracy", "choice_accuracy_pmi", "chrf", "bytes_per_token"),
                  include_failed: bool = False) -> dict[str, Path]:
     """Write `table.md`, `table.csv` and the PNG plots for an experiment; returns their paths."""
     runs = load_runs(tracking_uri, experiment_name, include_failed=include_failed)

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from test_evaluation_helpers import ConstantLM, OracleLM, byte_alphabet, hand_bpe_tokenizer, token_bytes
+from test_evaluation_helpers import (ConstantLM, OracleLM, TwoTokenLM, byte_alphabet, hand_bpe_tokenizer,
+                                     token_bytes)
 
 from matt.evaluation import ChoiceItem, build_choice_items, chance_accuracy, multiple_choice_accuracy
 from matt.evaluation.choice import continuation_tokens, split_sentences
@@ -124,6 +125,35 @@ def test_ties_are_split_and_do_not_favour_the_label():
     model = ConstantLM(prefers_ab)
     items = [ChoiceItem("xyz", ("a", "b", "c", "d"), 1), ChoiceItem("xyz", ("a", "b", "c", "d"), 2)]
     assert multiple_choice_accuracy(model, tok, items, progress=False)["accuracy"] == pytest.approx(0.25)
+
+
+def test_pmi_scores_what_the_context_adds():
+    """A model that likes "a" anyway but likes "b" more after "z": per byte it picks "a" whatever the
+    context says; PMI (log p(c | context) - log p(c | nothing)) picks "b", the choice the context raised."""
+    tok = char_tokenizer()
+    ids = {c: tok.convert_tokens_to_ids(c) for c in "abz "}
+    a = torch.zeros(len(tok), len(tok))
+    a[ids[" "], ids["a"]], a[ids[" "], ids["b"]] = 5.0, 1.0  # after a space: "a" is the likely letter
+    b = torch.zeros(len(tok), len(tok))
+    b[ids["z"], ids["b"]] = 2.0  # ... but a "z" two tokens back makes "b" likelier than usual
+    model = TwoTokenLM(a, b)
+    item = ChoiceItem("xyz", ("a", "b", "c", "d"), 1)
+    result = multiple_choice_accuracy(model, tok, [item], progress=False, pmi=True)
+    assert result["accuracy"] == 0.0 and result["accuracy_pmi"] == 1.0
+
+
+@pytest.mark.parametrize("tokenizer_name", ["byte_level_tokenizer", "sentencepiece_tokenizer"])
+def test_pmi_of_context_blind_and_context_aware_models(tokenizer_name, request, sample_texts):
+    tok = request.getfixturevalue(tokenizer_name)
+    items = build_choice_items(sample_texts + make_documents(3), num_items=8, min_sentence_chars=5, seed=0)
+    biased = torch.randn(len(tok), generator=torch.Generator().manual_seed(0)) * 3
+    blind = multiple_choice_accuracy(ConstantLM(biased), tok, items, progress=False, pmi=True)
+    assert blind["accuracy_pmi"] == pytest.approx(0.25) and blind["ties_pmi"] == len(items)  # context adds nothing
+    prefix = prefix_token_id(tok)
+    truths = [[prefix, *tok(item.context + " " + item.choices[item.label], add_special_tokens=False)["input_ids"]]
+              for item in items]
+    oracle = multiple_choice_accuracy(OracleLM(len(tok), truths), tok, items, progress=False, pmi=True)
+    assert oracle["accuracy_pmi"] == 1.0 and oracle["accuracy"] == 1.0
 
 
 def test_longer_choice_is_not_penalised_for_its_length():

@@ -110,11 +110,13 @@ def test_experiment_presets_override_the_defaults(fake_assets):
     assert smoke.train.max_steps <= 20
     demo = compose("transfer", ["experiment=demo"])
     assert (demo.model.name, demo.tokenizer.source, demo.tokenizer.vocab_size) == (
-        "smollm2_135m", schema.TokenizerSource.train, 16000)
+        "smollm2_135m", schema.TokenizerSource.train, 16384)
     assert (demo.init.method, demo.init.fasttext_min_count) == (schema.InitMethod.focus, 1)
     assert (demo.objective.loss, demo.objective.n_layers, demo.objective.output_embeddings) == (
-        schema.Loss.mse, 10, schema.OutputEmbeddings.keep_init)
-    assert (demo.train.lr, demo.train.batch_size, demo.data.max_length) == (1e-3, 4, 256)
+        schema.Loss.mse, 10, schema.OutputEmbeddings.ntp)
+    assert demo.objective.with_ntp and demo.objective.ntp_scope == schema.NtpScope.head
+    assert (demo.train.lr, demo.train.batch_size, demo.data.max_length) == (3e-4, 4, 256)
+    assert demo.eval.max_length >= 4096 and demo.eval.max_document_bytes  # whole documents as context
     assert demo.eval.original and demo.eval.init and demo.eval.final
     gemma = compose("transfer", ["experiment=demo_gemma3"])
     assert gemma.model.family == schema.Family.gemma3 and gemma.tokenizer.source == schema.TokenizerSource.extend

@@ -22,6 +22,11 @@ def test_cap_texts_by_documents_and_bytes():
     # "Привіт" is 12 bytes: with 7 bytes left it is cut at a character boundary (3 letters = 6 bytes)
     assert cap_texts(texts, None, 9) == ["ab", "При"]
     assert sum(len(t.encode()) for t in cap_texts(texts * 10, None, 25)) <= 25
+    # per-document heads, cut at a line break: every document still contributes
+    lines = ["перший рядок\nдругий рядок\nтретій", "one\ntwo\nthree", "no-newline-here"]
+    heads = cap_texts(lines, None, None, max_document_bytes=30)
+    assert heads == ["перший рядок", "one\ntwo\nthree", "no-newline-here"]
+    assert cap_texts(["ab\ncd"], None, None, max_document_bytes=3) == ["ab"]
 
 
 def test_percent_of_baseline_is_direction_aware():
@@ -49,7 +54,8 @@ def test_one_suite_scores_every_model_on_the_same_items(suite_setup, tmp_path):
     tokenizer, model, documents = suite_setup
     cfg = compose("transfer", ["experiment=smoke", "eval=quick"]).eval
     suite = EvalSuite.build(cfg, documents)
-    assert suite.texts == cap_texts(list(documents.validation["text"]), cfg.max_documents, cfg.max_bytes)
+    assert suite.texts == cap_texts(list(documents.validation["text"]), cfg.max_documents, cfg.max_bytes,
+                                    cfg.max_document_bytes)
     assert suite.choice_items and suite.generation_items and not suite.skipped
     first = suite.run(model, tokenizer, name="a", cache_dir=tmp_path, cache_key={"m": 1})
     assert {"bpb", "bytes_per_token", "unigram_bpb", "choice_accuracy", "chrf", "eval_seconds"} <= set(first)

@@ -171,8 +171,16 @@ def multiple_choice_accuracy(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = True,
+    pmi: bool = False,
 ) -> dict[str, float]:
     """Share of items whose true choice has the highest log-likelihood per UTF-8 byte.
+
+    With `pmi=True` also `accuracy_pmi` (and `ties_pmi`): the choice scored by
+    log p(choice | context) − log p(choice | no context), i.e. by how much the context raises its
+    likelihood. Per-byte scores still favour choices that are likely anyway (short, formulaic
+    sentences), so a model that ignores the context can land far from chance; under PMI such a
+    model scores exactly chance, which makes it the sharper test of "does the model still use what
+    it reads" (lm-eval's `acc_mutual_info`). It costs one more, short, forward pass per choice.
 
     Each choice is scored as `delimiter + choice` after the context (the delimiter belongs to the
     continuation, so the context tokens are identical for all choices). Inputs are
@@ -189,7 +197,7 @@ def multiple_choice_accuracy(
         raise ValueError("No multiple-choice items to evaluate")
     check_max_length(model, max_length)
     prefix_id = prefix_token_id(tokenizer)
-    sequences, num_context, num_bytes = [], [], []
+    sequences, num_context, num_bytes, unconditional = [], [], [], []
     for item in items:
         if not 0 <= item.label < len(item.choices):
             raise ValueError(f"Item label {item.label} is out of range for {len(item.choices)} choices")
@@ -203,21 +211,36 @@ def multiple_choice_accuracy(
             sequences.append([prefix_id, *context_ids, *scored_ids])
             num_context.append(1 + len(context_ids))
             num_bytes.append(len(scored.encode("utf-8")))
+            if pmi:
+                alone = tokenizer(scored, add_special_tokens=False)["input_ids"][: max_length - 1]
+                unconditional.append([prefix_id, *alone])
     nll = score_sequences(model, sequences, num_context, batch_size=batch_size, device=device,
                           progress=progress, desc="choice")
+    result = {"n": len(items), "chance": chance_accuracy(items)}
+    result["accuracy"], result["ties"] = _accuracy(items, [-value / size for value, size in zip(nll, num_bytes)])
+    if pmi:
+        nll_alone = score_sequences(model, unconditional, [1] * len(unconditional), batch_size=batch_size,
+                                    device=device, progress=progress, desc="choice (no context)")
+        result["accuracy_pmi"], result["ties_pmi"] = _accuracy(
+            items, [alone - with_context for with_context, alone in zip(nll, nll_alone)])
+    return result
+
+
+def _accuracy(items: Sequence[ChoiceItem], scores: list[float]) -> tuple[float, int]:
+    """Accuracy with split credit for ties (see `multiple_choice_accuracy`) and the number of ties."""
     credit = 0.0
     ties = 0
     position = 0
     for item in items:
-        scores = [-nll[position + j] / num_bytes[position + j] for j in range(len(item.choices))]
+        item_scores = scores[position:position + len(item.choices)]
         position += len(item.choices)
-        best = max(scores)
-        tied = [j for j, score in enumerate(scores) if score == best]
+        best = max(item_scores)
+        tied = [j for j, score in enumerate(item_scores) if score == best]
         ties += len(tied) > 1
         credit += 1 / len(tied) if item.label in tied else 0.0
     if ties:
         logger.info("%d of %d multiple-choice items had tied best choices (split credit)", ties, len(items))
-    return {"accuracy": credit / len(items), "n": len(items), "ties": ties, "chance": chance_accuracy(items)}
+    return credit / len(items), ties
 
 
 def chance_accuracy(items: Sequence[ChoiceItem]) -> float:

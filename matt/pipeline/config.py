@@ -277,6 +277,8 @@ class ChoiceEvalConfig:
     num_choices: int = 4
     context_sentences: int = 3
     seed: int = 0
+    pmi: bool = True
+    """Also `choice_accuracy_pmi`: choices ranked by how much the context raises their likelihood."""
 
 
 @dataclass
@@ -315,6 +317,9 @@ class EvalConfig:
     max_documents: Optional[int] = 64
     max_bytes: Optional[int] = 200000
     """Cap on evaluated UTF-8 bytes (documents in order; the last one is cut to fit)."""
+    max_document_bytes: Optional[int] = None
+    """Cut each document to its first ~N UTF-8 bytes (at a line break) before the caps above, so a
+    small budget still covers every document instead of the first few long ones."""
     max_length: int = 512
     """Window length (tokens) for bits-per-byte."""
     batch_size: int = 4
@@ -394,7 +399,8 @@ class ReportConfig:
     output_dir: Optional[str] = None
     """None = `${paths.output_root}/reports/<experiment_name>`."""
     include_failed: bool = False
-    metrics: list[str] = field(default_factory=lambda: ["bpb", "choice_accuracy", "chrf", "bytes_per_token"])
+    metrics: list[str] = field(default_factory=lambda: ["bpb", "choice_accuracy", "choice_accuracy_pmi", "chrf",
+                                                         "bytes_per_token"])
 
 
 def register_configs() -> None:

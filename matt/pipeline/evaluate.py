@@ -10,6 +10,7 @@ tokenizers. Metrics (names without the model prefix):
   bytes_per_token, tokens_per_word, chars_per_token    compression of the tokenizer
   unigram_bpb            the tokenizer's context-free unigram floor (fit on the train split)
   choice_accuracy        next-sentence multiple choice (by log-likelihood per byte)
+  choice_accuracy_pmi    the same items ranked by how much the context raises each choice's likelihood
   chrf                   greedy continuation vs the true one (chrF)
   lm_eval/<task>/<metric>  lm-evaluation-harness tasks (optional `eval` extra)
   eval_seconds           wall-clock of this model's evaluation
@@ -34,12 +35,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def cap_texts(texts: list[str], max_documents: int | None, max_bytes: int | None) -> list[str]:
+def cap_texts(texts: list[str], max_documents: int | None, max_bytes: int | None,
+              max_document_bytes: int | None = None) -> list[str]:
     """Non-empty documents in order until `max_documents` / `max_bytes` (UTF-8); the document that
-    crosses the byte budget is cut to fit (at a character boundary)."""
+    crosses the byte budget is cut to fit (at a character boundary). With `max_document_bytes` each
+    document is first cut to its head (at the last line break within the limit, if there is one)."""
     capped: list[str] = []
     used = 0
     for text in texts:
+        if max_document_bytes is not None and len(text.encode("utf-8")) > max_document_bytes:
+            head = text.encode("utf-8")[:max_document_bytes].decode("utf-8", errors="ignore")
+            text = head[: head.rfind("\n")] if "\n" in head else head
         if not text:
             continue
         if max_documents is not None and len(capped) >= max_documents:
@@ -78,7 +84,8 @@ class EvalSuite:
         from matt.evaluation.choice import build_choice_items
         from matt.evaluation.generation import build_generation_items
 
-        texts = cap_texts(list(documents.split(eval_cfg.split)["text"]), eval_cfg.max_documents, eval_cfg.max_bytes)
+        texts = cap_texts(list(documents.split(eval_cfg.split)["text"]), eval_cfg.max_documents, eval_cfg.max_bytes,
+                          eval_cfg.max_document_bytes)
         if not texts:
             raise ValueError(f"eval.split={eval_cfg.split!r} has no non-empty documents to evaluate on")
         train_texts = [t for t in documents.train["text"] if t]
@@ -164,9 +171,12 @@ class EvalSuite:
         if self.choice_items:
             from matt.evaluation.choice import multiple_choice_accuracy
 
-            results["choice_accuracy"] = float(multiple_choice_accuracy(
+            choice = multiple_choice_accuracy(
                 model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                device=device, progress=cfg.progress)["accuracy"])
+                device=device, progress=cfg.progress, pmi=cfg.choice.pmi)
+            results["choice_accuracy"] = float(choice["accuracy"])
+            if cfg.choice.pmi:
+                results["choice_accuracy_pmi"] = float(choice["accuracy_pmi"])
         if self.generation_items:
             from matt.evaluation.generation import generation_chrf
 
