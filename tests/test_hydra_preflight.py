@@ -4,36 +4,18 @@ the key and the allowed values."""
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 
 import pytest
 import torch
 
+from hydra_helpers import run_app
 from matt.hydra_app import compose, transfer
 from matt.pipeline.preflight import preflight
 from matt.tiny import SAMPLE_TEXTS, tiny_model, train_tokenizer
 
 SMOKE = ["experiment=smoke"]
-
-
-def run_app(app, args):
-    """Run a Hydra entry point in-process, then undo Hydra's logging setup (its handlers hold the
-    streams of the test that ran it; left in place they log into closed files later)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        return app(args)
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
 
 
 @pytest.fixture

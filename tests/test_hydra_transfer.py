@@ -5,7 +5,6 @@ crash -> FAILED run -> resume into the same run, and a run against a real `mlflo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -19,27 +18,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from hydra_helpers import run_app
 from matt.hydra_app import evaluate, report, transfer
 
 FAST = ["experiment=smoke", "eval=quick"]
-
-
-def run_app(app, args):
-    """Run a Hydra entry point in-process, then undo Hydra's logging setup (its handlers hold the
-    streams of the test that ran it; left in place they log into closed files later)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        return app(args)
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
 
 
 def uri(root: Path) -> str:
