@@ -15,6 +15,7 @@ LOSSES = ("mse", "cosine")
 OUTPUT_EMBEDDINGS = ("tied", "keep_init", "ntp")
 NTP_SCOPES = ("all", "head")
 PRECISIONS = {
+    "auto": "auto",
     "32": "no",
     "fp32": "no",
     "no": "no",
@@ -23,6 +24,17 @@ PRECISIONS = {
     "fp16-mixed": "fp16",
     "fp16": "fp16",
 }
+
+
+def resolve_mixed_precision(precision: str, *, cpu: bool = False) -> str:
+    """Accelerate's `mixed_precision` value for a `precision` setting (`auto`: bf16 on a capable GPU)."""
+    value = PRECISIONS[precision]
+    if value != "auto":
+        return value
+    import torch
+
+    gpu = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if gpu else "no"
 
 
 @dataclass
@@ -77,8 +89,10 @@ class MATTConfig:
     shuffle: bool = True
 
     # --- hardware -----------------------------------------------------------------------------
-    precision: str = "32"
-    """`32`, `bf16-mixed` or `fp16-mixed` (through Accelerate's autocast)."""
+    precision: str = "auto"
+    """`auto`, `32`, `bf16-mixed` or `fp16-mixed` (through Accelerate's autocast). `auto` = bf16
+    autocast on a CUDA GPU that supports it, else float32: on CPU, bf16 autocast measured no faster
+    than float32 (`make bench`), and AIM compares small differences that bf16 blurs."""
     cpu: bool = False
     """Force CPU even when an accelerator is present."""
 
@@ -148,8 +162,8 @@ class MATTConfig:
 
     @property
     def mixed_precision(self) -> str:
-        """The value Accelerate's `mixed_precision` expects."""
-        return PRECISIONS[self.precision]
+        """The value Accelerate's `mixed_precision` expects (`auto` resolved for this machine)."""
+        return resolve_mixed_precision(self.precision, cpu=self.cpu)
 
     @property
     def accumulate_grad_batches(self) -> int:

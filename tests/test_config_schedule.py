@@ -9,7 +9,11 @@ from matt.schedule import wsd_factor, wsd_scheduler
 
 def test_defaults_are_valid_and_roundtrip():
     cfg = MATTConfig()
-    assert cfg.mixed_precision == "no"
+    assert cfg.precision == "auto"
+    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    assert cfg.mixed_precision == expected
+    assert MATTConfig(precision="auto", cpu=True).mixed_precision == "no"
+    assert MATTConfig(precision="32").mixed_precision == "no"
     assert MATTConfig.from_dict(cfg.to_dict()) == cfg
 
 

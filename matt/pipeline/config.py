@@ -237,7 +237,7 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     num_warmup_steps: int = 0
     num_decay_steps: int = 0
-    precision: str = "32"
+    precision: str = "auto"
     """32 | bf16-mixed | fp16-mixed."""
     cpu: bool = False
     seed: int = 42

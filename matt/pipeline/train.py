@@ -90,13 +90,16 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from matt.config import PRECISIONS
+    from matt.config import PRECISIONS, resolve_mixed_precision
 
     # torch 2.13 renamed the DDP flag; accelerate still passes the old name, which keeps the
     # semantics we want (no sync at init either: every rank loaded identical frozen rows).
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-    return Accelerator(mixed_precision=PRECISIONS.get(str(cfg.train.precision), "no"),
-                       cpu=bool(cfg.train.cpu) or distributed_on_cpu(),
+    cpu = bool(cfg.train.cpu) or distributed_on_cpu()
+    precision = str(cfg.train.precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r} is invalid: choose one of {sorted(PRECISIONS)}")
+    return Accelerator(mixed_precision=resolve_mixed_precision(precision, cpu=cpu), cpu=cpu,
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
