@@ -219,3 +219,18 @@ def test_config_dir_can_be_relocated(monkeypatch, tmp_path):
         config_dir()
     monkeypatch.setenv("MATT_CONFIG_DIR", str(CONFIGS))
     assert config_dir() == Path(CONFIGS)
+
+
+def test_method_labels_name_what_trains(fake_assets):
+    from matt.pipeline.transfer import method_label
+
+    def label(*overrides, with_ntp=False, tied=True):
+        return method_label(compose("transfer", ["experiment=demo", *overrides]), 10, with_ntp, tied)
+
+    assert label(with_ntp=True) == "aim mse L10 +ntp(head)"
+    assert label("objective.output_embeddings=keep_init", "objective.with_ntp=false") == "aim mse L10 keep_init"
+    assert label("objective=aim_star", "objective.output_embeddings=tied", "objective.loss=cosine") == \
+        "aim_star cosine L10"
+    assert label("objective=ntp", "objective.ntp_scope=all", with_ntp=True) == "ntp"
+    assert label("objective.freeze_shared=false", "objective.ntp_scope=all", with_ntp=True) == "aim mse L10 +ntp unfrozen"
+    assert label("label=mine") == "mine"
