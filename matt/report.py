@@ -7,7 +7,7 @@ metrics 100·value/original, for bits per byte (lower is better) 100·original/v
 always means "better than the original". Training wall-clock and peak memory per run come from
 the trainer's final metrics.
 
-Plots: `loss_curves.png` (training loss per run), `layer_depth.png` (AIM depth vs quality, time and
+Plots: `loss_curves.png` (the AIM and NTP loss terms per run), `layer_depth.png` (AIM depth vs quality, time and
 memory, when runs differ in depth), `methods.png` (bits per byte per table row).
 """
 
@@ -76,10 +76,10 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = _figure(len(keys))
     for ax, key in zip(axes, keys):
-        for label, rows in curves.items():
+        for index, (label, rows) in enumerate(curves.items()):  # one colour per run across panels
             points = [(row["step"], row[key]) for row in rows if key in row and row[key] is not None]
             if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label, color=f"C{index % 10}")
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.set_title(f"training {key}")
@@ -87,8 +87,9 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
         values = [row[key] for rows in curves.values() for row in rows if key in row]
         if key != "lr" and values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
-    if len(curves) > 1 or any(len(r) for r in curves.values()):
-        axes[0].legend(fontsize="small")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     figure.savefig(path, dpi=110)
     return path
 
@@ -311,17 +312,26 @@ def write_csv(header: Sequence[str], cells: Sequence[Sequence[Any]], path: str |
     return path
 
 
-def loss_histories(tracking_uri: str, runs: Sequence[RunRecord], key: str = "train/loss") -> dict[str, list[dict]]:
-    """`{label: [{"step": s, "loss": v}, ...]}` from the MLflow metric history of each run."""
+def loss_histories(tracking_uri: str, runs: Sequence[RunRecord],
+                   keys: Sequence[str] = ("train/aim_loss", "train/ntp_loss")) -> dict[str, list[dict]]:
+    """`{label: [{"step": s, "aim_loss": v, "ntp_loss": w}, ...]}` from the MLflow metric histories.
+
+    A term a run does not use (logged as 0: AIM in the NTP baseline, NTP in AIM-only runs) is left
+    out of its rows, so each panel only shows the runs that optimise that term."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    short = key.split("/", 1)[-1]
     curves: dict[str, list[dict]] = {}
     for run in runs:
-        history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)
+        by_step: dict[int, dict] = {}
+        for key in keys:
+            history = client.get_metric_history(run.run_id, key)
+            if not any(m.value for m in history):
+                continue
+            for m in history:
+                by_step.setdefault(m.step, {"step": m.step})[key.split("/", 1)[-1]] = m.value
         label = run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"
-        curves[label] = [{"step": m.step, short: m.value} for m in history]
+        curves[label] = [by_step[step] for step in sorted(by_step)]
     return curves
 
 
@@ -341,7 +351,8 @@ def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path
     paths["table.md"].write_text(f"# {experiment_name}\n\n{markdown}\n", encoding="utf-8")
     curves = loss_histories(tracking_uri, runs)
     if any(curves.values()):
-        paths["loss_curves.png"] = plot_training_curves(curves, output_dir / "loss_curves.png", keys=("loss",))
+        keys = [key for key in ("aim_loss", "ntp_loss") if any(key in row for rows in curves.values() for row in rows)]
+        paths["loss_curves.png"] = plot_training_curves(curves, output_dir / "loss_curves.png", keys=keys)
     depth = plot_layer_depth(runs, output_dir / "layer_depth.png")
     if depth is not None:
         paths["layer_depth.png"] = depth
