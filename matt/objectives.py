@@ -83,8 +83,8 @@ def aim_loss(
             return _vector_loss(teacher.queries() @ teacher.values, student.queries() @ student.values,
                                 teacher.valid, loss)
         mask = _pair_mask(teacher.valid)  # (B, S, S)
-        total = _PairwiseAIM.apply(teacher.queries(), teacher.values, student.queries(), student.values,
-                                   teacher.seg, student.seg, mask, loss)
+        total = _PairwiseAIM.apply(teacher.attn, teacher.values, student.attn, student.values,
+                                   teacher.positions, student.positions, teacher.seg, student.seg, mask, loss)
         count = mask.sum() * teacher.values.shape[1]  # pairs × heads
         return total / (count * teacher.values.shape[-1] if loss == "mse" else count)
 
@@ -143,30 +143,34 @@ class _PairwiseAIM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tq, tv, sq, sv, t_seg, s_seg, mask, loss):  # noqa: D401 - autograd signature
-        ctx.save_for_backward(tq, tv, sq, sv, t_seg, s_seg, mask)
+    def forward(ctx, t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask, loss):  # noqa: D401
+        ctx.save_for_backward(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask)
         ctx.loss = loss
-        total = tq.new_zeros(())
-        for chunk in _head_chunks(tq):
-            terms = _ChunkTerms(tq, tv, sq, sv, t_seg, s_seg, chunk)
+        total = tv.new_zeros(())
+        for chunk in _head_chunks(tv):
+            terms = _ChunkTerms(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, chunk)
             total = total + _pair_losses(terms, mask[chunk.batch], loss).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        tq, tv, sq, sv, t_seg, s_seg, mask = ctx.saved_tensors
+        t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask = ctx.saved_tensors
         need_t = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_s = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        grads = {name: torch.zeros_like(x) if needed else None for name, x, needed in
-                 (("tq", tq, need_t), ("tv", tv, need_t), ("sq", sq, need_s), ("sv", sv, need_s))}
-        for chunk in _head_chunks(tq):
-            terms = _ChunkTerms(tq, tv, sq, sv, t_seg, s_seg, chunk)
+        # Only the query rows of the attention get a gradient; it is written straight into these
+        # (B, H, L, L) buffers, so no (B, H, S, L) query tensor or its gradient is ever stored.
+        grads = {name: torch.zeros(x.shape, dtype=tv.dtype, device=x.device) if needed else None
+                 for name, x, needed in (("t_attn", t_attn, need_t), ("tv", tv, need_t),
+                                         ("s_attn", s_attn, need_s), ("sv", sv, need_s))}
+        for chunk in _head_chunks(tv):
+            terms = _ChunkTerms(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, chunk)
             a_t, a_s, a_c = (a * grad_total for a in _pair_partials(terms, mask[chunk.batch], ctx.loss))
             if need_s:
                 coef_s = (2 * a_s) @ terms.s_onehot.mT  # weight of (i, token j') through n_s
                 cross_s = a_c @ terms.s_onehot.mT  # ... and through c
                 q, q_other = terms.sq, terms.tq
-                grads["sq"][chunk.index] = coef_s * terms.x_ss + cross_s * terms.x_ts
+                grad_q = coef_s * terms.x_ss + cross_s * terms.x_ts
+                grads["s_attn"][chunk.index].index_add_(1, s_pos[chunk.batch], grad_q)
                 own = ((coef_s * q).mT @ q) * terms.same_ss
                 other = ((cross_s * q).mT @ q_other) * terms.same_ts.mT
                 grads["sv"][chunk.index] = own @ terms.sv + other @ terms.tv
@@ -174,11 +178,15 @@ class _PairwiseAIM(torch.autograd.Function):
                 coef_t = (2 * a_t) @ terms.t_onehot.mT
                 cross_t = a_c @ terms.t_onehot.mT
                 q, q_other = terms.tq, terms.sq
-                grads["tq"][chunk.index] = coef_t * terms.x_tt + cross_t * (q_other @ terms.g_ts.mT)
+                grad_q = coef_t * terms.x_tt + cross_t * (q_other @ terms.g_ts.mT)
+                grads["t_attn"][chunk.index].index_add_(1, t_pos[chunk.batch], grad_q)
                 own = ((coef_t * q).mT @ q) * terms.same_tt
                 other = ((cross_t * q).mT @ q_other) * terms.same_ts
                 grads["tv"][chunk.index] = own @ terms.tv + other @ terms.sv
-        return grads["tq"], grads["tv"], grads["sq"], grads["sv"], None, None, None, None
+        for name, x in (("t_attn", t_attn), ("s_attn", s_attn)):
+            if grads[name] is not None:
+                grads[name] = grads[name].to(x.dtype)
+        return grads["t_attn"], grads["tv"], grads["s_attn"], grads["sv"], *([None] * 6)
 
 
 @dataclass
@@ -207,18 +215,21 @@ def _head_chunks(queries: Tensor) -> list[_HeadChunk]:
 class _ChunkTerms:
     """Masked Gram matrices and query products of one chunk of heads of one sequence."""
 
-    def __init__(self, tq, tv, sq, sv, t_seg, s_seg, chunk: _HeadChunk) -> None:
+    def __init__(self, t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, chunk: _HeadChunk) -> None:
         b = chunk.batch
-        self.tq, self.tv, self.sq, self.sv = tq[chunk.index], tv[chunk.index], sq[chunk.index], sv[chunk.index]
-        n_segments = tq.shape[2]
+        self.tv, self.sv = tv[chunk.index], sv[chunk.index]
+        # the attention rows of the segments' last tokens (h, S, L), for these heads only
+        self.tq = t_attn[chunk.index].index_select(1, t_pos[b]).to(tv.dtype)
+        self.sq = s_attn[chunk.index].index_select(1, s_pos[b]).to(tv.dtype)
+        n_segments = t_pos.shape[1]
         # segment-less tokens (-100) match no segment: masked out of every Gram entry
         t, s = t_seg[b], s_seg[b]
         self.same_tt = _same_segment(t, t)
         self.same_ss = _same_segment(s, s)
         self.same_ts = _same_segment(t, s)
         ids = torch.arange(n_segments, device=t.device)
-        self.t_onehot = (t.unsqueeze(-1) == ids).to(tq.dtype)  # (Lt, S)
-        self.s_onehot = (s.unsqueeze(-1) == ids).to(tq.dtype)
+        self.t_onehot = (t.unsqueeze(-1) == ids).to(tv.dtype)  # (Lt, S)
+        self.s_onehot = (s.unsqueeze(-1) == ids).to(tv.dtype)
         g_tt = (self.tv @ self.tv.mT) * self.same_tt
         g_ss = (self.sv @ self.sv.mT) * self.same_ss
         self.g_ts = (self.tv @ self.sv.mT) * self.same_ts
@@ -353,7 +364,10 @@ def _side(name: str, attn: Tensor, values: Tensor, seg: Tensor, dtype: torch.dty
         raise ValueError(f"{name}_seg must hold integer segment ids, got {seg.dtype}")
     seg = seg.to(attn.device)
     values = values.to(dtype)
-    if values.is_inference():  # inference tensors cannot be saved for the student's backward
+    # inference tensors (a teacher run under torch.inference_mode) cannot be saved for backward
+    if values.is_inference():
         values = values.clone()
+    if attn.is_inference():
+        attn = attn.clone()
     positions, valid = segment_last_positions(seg)
     return _Side(attn, values, seg, positions, valid)
