@@ -127,7 +127,8 @@ def _segment_ids(lengths: list[int], n_segments: int, lead: int, rng: random.Ran
 # ------------------------------------------------------------------------------------------------
 # part 1: the loss alone
 # ------------------------------------------------------------------------------------------------
-def loss_worker(impl: str, shape: str, length: int, batch: int, repeats: int, device: str) -> dict:
+def loss_worker(impl: str, shape: str, length: int, batch: int, repeats: int, device: str,
+                measure: str = "both") -> dict:
     import torch
 
     from matt.objectives import aim_loss, naive_aim_loss
@@ -164,11 +165,22 @@ def loss_worker(impl: str, shape: str, length: int, batch: int, repeats: int, de
     inputs_ = (t_attn, t_kv, t_seg, s_attn, s_kv, s_seg)
 
     inputs = sum(t.numel() * t.element_size() for t in (t_attn, t_kv, s_attn, s_kv))
-    with PeakMemory(device) as memory:
-        value = step(*inputs_)
-    seconds = _timed(lambda: step(*inputs_), repeats, device)
+    extra = seconds = None
+    if measure in ("memory", "both"):
+        with PeakMemory(device) as memory:
+            value = step(*inputs_)
+        extra = memory.extra / 2**20
+    else:
+        value = step(*inputs_)  # warm-up
+    if measure in ("time", "both"):
+        seconds = _timed(lambda: step(*inputs_), repeats, device)
     return {"impl": impl, "shape": shape, "L": length, "S": n_segments, "batch": batch, "seconds": seconds,
-            "peak_extra_mb": memory.extra / 2**20, "inputs_mb": inputs / 2**20, "loss": value.detach().item()}
+            "peak_extra_mb": extra, "inputs_mb": inputs / 2**20, "loss": value.detach().item()}
+
+
+def _ratio(numerator: float, denominator: float, floor: float = 1.0, digits: int = 2) -> str:
+    """`a/b` as text; '–' when the denominator is below the measurement floor (noise, not a ratio)."""
+    return f"{numerator / denominator:.{digits}f}x" if denominator >= floor else "–"
 
 
 def naive_bytes(shape: str, length: int, batch: int) -> int:
@@ -309,18 +321,27 @@ def step_worker(kind: str, n_layers: int, batch: int, length: int, steps: int, w
 # ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
-def run_isolated(fn, **kwargs) -> dict:
+def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
     """Run `fn(**kwargs)` in a fresh spawned process (its own memory high-water mark).
 
-    glibc's malloc keeps freed blocks below a threshold that it raises as large blocks come and
-    go, so the peak RSS would count memory that was already free; a fixed mmap threshold (read
-    at process start) returns every large block to the OS on free."""
+    `exact_rss`: glibc's malloc keeps freed blocks below a threshold that it raises as large blocks
+    come and go, so the peak RSS would count memory that was already free; a fixed mmap threshold
+    (read at process start) returns every large block to the OS on free. It also makes every
+    large allocation a fresh mmap (slow), so timings are taken in a separate process without it."""
     import os
 
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, kwds=kwargs)
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if exact_rss:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
+    try:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            return pool.apply(fn, kwds=kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
 def part_loss(args, device: str) -> tuple[list[dict], list[str]]:
@@ -332,8 +353,13 @@ def part_loss(args, device: str) -> tuple[list[dict], list[str]]:
                 if impl == "naive" and naive_bytes(shape, length, args.batch) > NAIVE_LIMIT_BYTES:
                     rows.append({"impl": impl, "shape": shape, "L": length, "skipped": True})
                     continue
-                row = run_isolated(loss_worker, impl=impl, shape=shape, length=length, batch=args.batch,
-                                   repeats=args.repeats, device=device)
+                kwargs = dict(impl=impl, shape=shape, length=length, batch=args.batch, repeats=args.repeats,
+                              device=device)
+                if device == "cuda":
+                    row = run_isolated(loss_worker, **kwargs)
+                else:
+                    row = run_isolated(loss_worker, exact_rss=True, measure="memory", **kwargs)
+                    row["seconds"] = run_isolated(loss_worker, measure="time", **kwargs)["seconds"]
                 rows.append(row)
                 print(f"  loss {shape} L={length} {impl}: {row['seconds'] * 1e3:.1f} ms, "
                       f"+{row['peak_extra_mb']:.0f} MB", flush=True)
@@ -348,14 +374,14 @@ def part_loss(args, device: str) -> tuple[list[dict], list[str]]:
                 naive_ms = naive_mb = mem_naive = time_naive = "skipped"
             else:
                 naive_ms, naive_mb = f"{naive['seconds'] * 1e3:.1f}", f"{naive['peak_extra_mb']:.0f}"
-                mem_naive = f"{naive['peak_extra_mb'] / max(full['peak_extra_mb'], 1e-9):.1f}x"
+                mem_naive = _ratio(naive["peak_extra_mb"], full["peak_extra_mb"], digits=1)
                 time_naive = f"{naive['seconds'] / full['seconds']:.1f}x"
             heads, kv_heads, dim = HEAD_SHAPES[shape]
             lines.append(
                 f"| {shape} ({heads}/{kv_heads}x{dim}) | {length}/{int(length * 0.8)} | {full['S']} "
                 f"| {full['seconds'] * 1e3:.1f} | {star['seconds'] * 1e3:.1f} | {naive_ms} "
                 f"| {full['peak_extra_mb']:.0f} | {star['peak_extra_mb']:.0f} | {naive_mb} "
-                f"| {full['peak_extra_mb'] / max(star['peak_extra_mb'], 1e-9):.2f}x | {mem_naive} "
+                f"| {_ratio(full['peak_extra_mb'], star['peak_extra_mb'])} | {mem_naive} "
                 f"| {full['seconds'] / star['seconds']:.2f}x | {time_naive} |")
     lines += ["", f"Batch {args.batch}; '+MB' = peak memory beyond the inputs ({'CUDA allocator' if device == 'cuda' else 'peak RSS growth'}).", ""]
     return rows, lines

@@ -127,19 +127,21 @@ class _Side:
 class _PairwiseAIM(torch.autograd.Function):
     """Σ over valid pairs (b,h,i,k) of the per-pair loss, with an explicit backward.
 
-    Forward and backward walk over chunks of (b, h) so that the O(L²) temporaries (masked Gram
-    matrices, their products with the queries) exist for a few heads at a time: the extra memory
-    is a small fraction of the attention tensors themselves. Nothing is saved between forward and
-    backward but the inputs; the backward recomputes each chunk.
+    Segments are runs of consecutive tokens, so the same-segment Gram matrices are block diagonal
+    with blocks of at most w tokens (the longest segment). Everything is computed in that banded
+    form: for token j of one side, only the ≤ w tokens of its segment on the other side are
+    visited, which costs O(S·L·w) instead of the O(S·L²) of dense masked matrices. The loop runs
+    over chunks of (b, h) heads and nothing but the inputs is kept between forward and backward
+    (the backward recomputes), so the temporaries (a few (h, S, L) tensors) stay a fraction of
+    the attention tensors themselves.
 
-    Per pair the loss is f(n_t, n_s, c) with n_t = <s,s>, n_s = <s',s'>, c = <s,s'>. The backward
-    needs the partials a_t, a_s, a_c of f (per pair) and, with P = the pair weights spread over the
-    tokens of segment k,
-        ∂/∂q'_j' = 2·a_s·(q'G_ss)_j' + a_c·(qG_ts)_j'
-        ∂/∂V'_j' = Σ_i [2·a_s q'_j' Σ_{j''∈k} q'_j'' V'_j'' + a_c q'_j' Σ_{j∈k} q_j V_j]
-    (and symmetrically for the teacher). For mse a_c = −2·a_s exactly, so when teacher and student
-    are bit-identical every gradient is a difference of two bit-identical products: exactly zero,
-    not rounding noise that Adam would blow up into steps of size lr.
+    Per pair the loss is f(n_t, n_s, c) with n_t = <s,s>, n_s = <s',s'>, c = <s,s'>. With a_* the
+    partials of f per pair and x_xy[i, j] = Σ_{j''∈seg(j)} q_x[i,j''] <V_x[j''], V_y[j]>,
+        ∂/∂q'_j'  = 2·a_s·x_ss[j'] + a_c·x_ts[j']
+        ∂/∂V'_j'  = Σ_i [2·a_s q'_j' Σ_{j''∈k} q'_j'' V'_j'' + a_c q'_j' Σ_{j∈k} q_j V_j]
+    (symmetrically for the teacher). For mse a_c = −2·a_s exactly, and both terms of every sum run
+    through the same code on the same layout, so bit-identical teacher and student give gradients
+    of exactly zero, not rounding noise that Adam would blow up into steps of size lr.
     """
 
     @staticmethod
@@ -147,9 +149,11 @@ class _PairwiseAIM(torch.autograd.Function):
         ctx.save_for_backward(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask)
         ctx.loss = loss
         total = tv.new_zeros(())
-        for chunk in _head_chunks(tv):
-            terms = _ChunkTerms(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, chunk)
-            total = total + _pair_losses(terms, mask[chunk.batch], loss).sum()
+        for layout, heads in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
+            b = layout.batch
+            tq, sq = _query_rows(t_attn, b, heads, t_pos, tv.dtype), _query_rows(s_attn, b, heads, s_pos, tv.dtype)
+            terms = _PairTerms.compute(layout, tq, tv[b, heads], sq, sv[b, heads])
+            total = total + _pair_losses(terms, mask[b], loss).sum()
         return total
 
     @staticmethod
@@ -162,90 +166,170 @@ class _PairwiseAIM(torch.autograd.Function):
         grads = {name: torch.zeros(x.shape, dtype=tv.dtype, device=x.device) if needed else None
                  for name, x, needed in (("t_attn", t_attn, need_t), ("tv", tv, need_t),
                                          ("s_attn", s_attn, need_s), ("sv", sv, need_s))}
-        for chunk in _head_chunks(tv):
-            terms = _ChunkTerms(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, chunk)
-            a_t, a_s, a_c = (a * grad_total for a in _pair_partials(terms, mask[chunk.batch], ctx.loss))
-            if need_s:
-                coef_s = (2 * a_s) @ terms.s_onehot.mT  # weight of (i, token j') through n_s
-                cross_s = a_c @ terms.s_onehot.mT  # ... and through c
-                q, q_other = terms.sq, terms.tq
-                grad_q = coef_s * terms.x_ss + cross_s * terms.x_ts
-                grads["s_attn"][chunk.index].index_add_(1, s_pos[chunk.batch], grad_q)
-                own = ((coef_s * q).mT @ q) * terms.same_ss
-                other = ((cross_s * q).mT @ q_other) * terms.same_ts.mT
-                grads["sv"][chunk.index] = own @ terms.sv + other @ terms.tv
+        for layout, heads in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
+            b = layout.batch
+            tq, sq = _query_rows(t_attn, b, heads, t_pos, tv.dtype), _query_rows(s_attn, b, heads, s_pos, tv.dtype)
+            t_values, s_values = tv[b, heads], sv[b, heads]
+            terms = _PairTerms.compute(layout, tq, t_values, sq, s_values, with_x_st=need_t)
+            a_t, a_s, a_c = (a * grad_total for a in _pair_partials(terms, mask[b], ctx.loss))
+            sides = []
+            if need_s:  # (own side, other side, band own-own, band other-own, partials, x own/own, x other/own)
+                sides.append(("s", s_pos, sq, s_values, tq, t_values, layout.ss, layout.ts, layout.s_seg,
+                              a_s, terms.x_ss, terms.x_ts))
             if need_t:
-                coef_t = (2 * a_t) @ terms.t_onehot.mT
-                cross_t = a_c @ terms.t_onehot.mT
-                q, q_other = terms.tq, terms.sq
-                grad_q = coef_t * terms.x_tt + cross_t * (q_other @ terms.g_ts.mT)
-                grads["t_attn"][chunk.index].index_add_(1, t_pos[chunk.batch], grad_q)
-                own = ((coef_t * q).mT @ q) * terms.same_tt
-                other = ((cross_t * q).mT @ q_other) * terms.same_ts
-                grads["tv"][chunk.index] = own @ terms.tv + other @ terms.sv
+                sides.append(("t", t_pos, tq, t_values, sq, s_values, layout.tt, layout.st, layout.t_seg,
+                              a_t, terms.x_tt, terms.x_st))
+            for name, pos, q, values, q_other, values_other, own_band, other_band, seg, a_own, x_own, x_other in sides:
+                coef = _per_token(2 * a_own, seg)  # weight of (i, token j) through <s_own, s_own>
+                cross = _per_token(a_c, seg)  # ... and through the cross term c
+                grads[f"{name}_attn"][b, heads].index_add_(1, pos[b], (coef * x_own + cross * x_other).transpose(1, 2))
+                own = _band_combine(_band_pair_weights(coef * q, q, own_band), values, own_band)
+                other = _band_combine(_band_pair_weights(cross * q, q_other, other_band), values_other, other_band)
+                grads["tv" if name == "t" else "sv"][b, heads] = own + other
         for name, x in (("t_attn", t_attn), ("s_attn", s_attn)):
             if grads[name] is not None:
                 grads[name] = grads[name].to(x.dtype)
         return grads["t_attn"], grads["tv"], grads["s_attn"], grads["sv"], *([None] * 6)
 
 
-@dataclass
-class _HeadChunk:
-    batch: int
-    heads: slice
-
-    @property
-    def index(self) -> tuple[int, slice]:
-        return self.batch, self.heads
-
-
 MAX_HEAD_CHUNKS = 16
-"""Full AIM processes the B·H heads in about this many groups: its O(L²) temporaries then take
-~1/16 of the memory of the attention tensors (and the loop stays short enough for a GPU)."""
+"""Full AIM processes the B·H heads in about this many groups: its temporaries then take a small
+fraction of the memory of the attention tensors (and the loop stays short enough for a GPU)."""
 
 
-def _head_chunks(queries: Tensor) -> list[_HeadChunk]:
-    """Split the B·H heads into about `MAX_HEAD_CHUNKS` groups (never across sequences)."""
-    batch, heads = queries.shape[:2]
+@dataclass
+class _Band:
+    """For each token j of side y: the (≤ w) positions of side x in the segment of j."""
+
+    index: Tensor  # (L_y, w) long, clamped to valid positions
+    valid: Tensor  # (L_y, w) float 1/0: that position exists and belongs to j's segment
+
+
+@dataclass
+class _Layout:
+    """The segment structure of one sequence on both sides (shared by all its heads)."""
+
+    batch: int
+    t_seg: Tensor
+    s_seg: Tensor
+    tt: _Band  # teacher rows for teacher tokens
+    ss: _Band  # student rows for student tokens
+    ts: _Band  # teacher rows for student tokens
+    st: _Band  # student rows for teacher tokens
+    n_segments: int
+
+
+def _chunks(t_pos: Tensor, s_pos: Tensor, t_seg: Tensor, s_seg: Tensor, heads: int):
+    """(layout of sequence b, slice of heads) pairs: about `MAX_HEAD_CHUNKS` chunks in all."""
+    batch, n_segments = t_pos.shape
     per_chunk = max(1, -(-batch * heads // MAX_HEAD_CHUNKS))
-    return [_HeadChunk(b, slice(h, min(h + per_chunk, heads))) for b in range(batch)
-            for h in range(0, heads, per_chunk)]
+    for b in range(batch):
+        t_first, t_span = _segment_spans(t_seg[b], t_pos[b], n_segments)
+        s_first, s_span = _segment_spans(s_seg[b], s_pos[b], n_segments)
+        layout = _Layout(
+            batch=b, t_seg=t_seg[b], s_seg=s_seg[b], n_segments=n_segments,
+            tt=_band(t_seg[b], t_first, t_span, t_seg[b]), ss=_band(s_seg[b], s_first, s_span, s_seg[b]),
+            ts=_band(t_seg[b], t_first, t_span, s_seg[b]), st=_band(s_seg[b], s_first, s_span, t_seg[b]),
+        )
+        for h in range(0, heads, per_chunk):
+            yield layout, slice(h, min(h + per_chunk, heads))
 
 
-class _ChunkTerms:
-    """Masked Gram matrices and query products of one chunk of heads of one sequence."""
-
-    def __init__(self, t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, chunk: _HeadChunk) -> None:
-        b = chunk.batch
-        self.tv, self.sv = tv[chunk.index], sv[chunk.index]
-        # the attention rows of the segments' last tokens (h, S, L), for these heads only
-        self.tq = t_attn[chunk.index].index_select(1, t_pos[b]).to(tv.dtype)
-        self.sq = s_attn[chunk.index].index_select(1, s_pos[b]).to(tv.dtype)
-        n_segments = t_pos.shape[1]
-        # segment-less tokens (-100) match no segment: masked out of every Gram entry
-        t, s = t_seg[b], s_seg[b]
-        self.same_tt = _same_segment(t, t)
-        self.same_ss = _same_segment(s, s)
-        self.same_ts = _same_segment(t, s)
-        ids = torch.arange(n_segments, device=t.device)
-        self.t_onehot = (t.unsqueeze(-1) == ids).to(tv.dtype)  # (Lt, S)
-        self.s_onehot = (s.unsqueeze(-1) == ids).to(tv.dtype)
-        g_tt = (self.tv @ self.tv.mT) * self.same_tt
-        g_ss = (self.sv @ self.sv.mT) * self.same_ss
-        self.g_ts = (self.tv @ self.sv.mT) * self.same_ts
-        self.x_tt = self.tq @ g_tt  # (h, S, Lt): <V_j, s_{i,k(j)}>
-        self.x_ss = self.sq @ g_ss
-        self.x_ts = self.tq @ self.g_ts  # (h, S, Ls): <V'_j', s_{i,k(j')}>
-        self.n_t = (self.x_tt * self.tq) @ self.t_onehot  # (h, S, S)
-        self.n_s = (self.x_ss * self.sq) @ self.s_onehot
-        self.c = (self.x_ts * self.sq) @ self.s_onehot
+def _segment_spans(seg: Tensor, last: Tensor, n_segments: int) -> tuple[Tensor, Tensor]:
+    """First position and span (last − first + 1; 0 for absent segments) of every segment."""
+    length = seg.shape[0]
+    positions = torch.arange(length, device=seg.device)
+    member = seg >= 0
+    first = torch.full((n_segments,), length, dtype=torch.long, device=seg.device)
+    first = first.scatter_reduce(0, seg[member], positions[member], reduce="amin")
+    present = first < length
+    span = torch.where(present, last - first + 1, 0)
+    return first.clamp(max=max(length - 1, 0)), span
 
 
-def _same_segment(x: Tensor, y: Tensor) -> Tensor:
-    return ((x.unsqueeze(-1) == y.unsqueeze(-2)) & (x >= 0).unsqueeze(-1)).float()
+def _band(seg_x: Tensor, first_x: Tensor, span_x: Tensor, seg_y: Tensor) -> _Band:
+    width = max(int(span_x.max()), 1) if span_x.numel() else 1
+    k = seg_y.clamp_min(0)
+    offsets = torch.arange(width, device=seg_y.device)
+    index = (first_x[k].unsqueeze(1) + offsets).clamp(max=seg_x.shape[0] - 1)  # (L_y, w)
+    valid = (seg_y >= 0).unsqueeze(1) & (offsets < span_x[k].unsqueeze(1)) & (seg_x[index] == seg_y.unsqueeze(1))
+    return _Band(index, valid)
 
 
-def _pair_losses(terms: _ChunkTerms, mask: Tensor, loss: str) -> Tensor:
+def _query_rows(attn: Tensor, b: int, heads: slice, positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """The attention rows of the segments' last tokens for these heads, token-major: (h, L, S).
+
+    Token-major so that gathering the tokens of a segment (the inner loop of every banded
+    product) copies contiguous rows."""
+    return attn[b, heads].index_select(1, positions[b]).to(dtype).transpose(1, 2).contiguous()
+
+
+def _band_gram(v_x: Tensor, v_y: Tensor, band: _Band) -> Tensor:
+    """(h, L_y, w): <V_x[index[j, r]], V_y[j]> where valid, else 0."""
+    gram = torch.stack([(v_x.index_select(1, band.index[:, r]) * v_y).sum(-1) for r in range(band.index.shape[1])], dim=-1)
+    return gram * band.valid
+
+
+def _band_apply(q_x: Tensor, gram: Tensor, band: _Band) -> Tensor:
+    """x[h, j, i] = Σ_r q_x[h, index[j, r], i] · gram[h, j, r]  (h, L_y, S), token-major."""
+    out = q_x.index_select(1, band.index[:, 0]) * gram[..., 0, None]
+    for r in range(1, band.index.shape[1]):
+        out += q_x.index_select(1, band.index[:, r]) * gram[..., r, None]
+    return out
+
+
+def _band_pair_weights(weighted_q: Tensor, q_x: Tensor, band: _Band) -> Tensor:
+    """P[h, j, r] = Σ_i weighted_q[h, j, i] · q_x[h, index[j, r], i] where valid, else 0."""
+    weights = torch.stack([(weighted_q * q_x.index_select(1, band.index[:, r])).sum(-1)
+                           for r in range(band.index.shape[1])], dim=-1)
+    return weights * band.valid
+
+
+def _band_combine(weights: Tensor, v_x: Tensor, band: _Band) -> Tensor:
+    """out[h, j] = Σ_r weights[h, j, r] · V_x[h, index[j, r]]  (h, L_y, D)."""
+    out = weights[..., 0, None] * v_x.index_select(1, band.index[:, 0])
+    for r in range(1, band.index.shape[1]):
+        out += weights[..., r, None] * v_x.index_select(1, band.index[:, r])
+    return out
+
+
+def _per_token(per_pair: Tensor, seg: Tensor) -> Tensor:
+    """(h, S_i, S_k) values per (query i, segment k) -> (h, L, S_i): the value of token j's segment
+    (0 for a token without one), token-major."""
+    return per_pair.transpose(1, 2).index_select(1, seg.clamp_min(0)) * (seg >= 0).unsqueeze(-1)
+
+
+def _segment_sum(per_token: Tensor, seg: Tensor, n_segments: int) -> Tensor:
+    """(h, L, S_i) token-major -> (h, S_i, S_k): sum over the tokens of each segment k (tokens
+    without a segment add 0)."""
+    out = per_token.new_zeros(per_token.shape[0], n_segments, per_token.shape[2])
+    return out.index_add_(1, seg.clamp_min(0), per_token * (seg >= 0).unsqueeze(-1)).transpose(1, 2)
+
+
+@dataclass
+class _PairTerms:
+    """n_t, n_s, c per pair (h, S, S) and the banded products the backward needs."""
+
+    n_t: Tensor
+    n_s: Tensor
+    c: Tensor
+    x_tt: Tensor
+    x_ss: Tensor
+    x_ts: Tensor
+    x_st: Tensor | None
+
+    @classmethod
+    def compute(cls, layout: _Layout, tq, tv, sq, sv, *, with_x_st: bool = False) -> "_PairTerms":
+        x_tt = _band_apply(tq, _band_gram(tv, tv, layout.tt), layout.tt)
+        x_ss = _band_apply(sq, _band_gram(sv, sv, layout.ss), layout.ss)
+        x_ts = _band_apply(tq, _band_gram(tv, sv, layout.ts), layout.ts)
+        x_st = _band_apply(sq, _band_gram(sv, tv, layout.st), layout.st) if with_x_st else None
+        n = layout.n_segments
+        return cls(n_t=_segment_sum(x_tt * tq, layout.t_seg, n), n_s=_segment_sum(x_ss * sq, layout.s_seg, n),
+                   c=_segment_sum(x_ts * sq, layout.s_seg, n), x_tt=x_tt, x_ss=x_ss, x_ts=x_ts, x_st=x_st)
+
+
+def _pair_losses(terms: _PairTerms, mask: Tensor, loss: str) -> Tensor:
     """Per-pair loss (h, S, S), zero outside `mask`."""
     if loss == "mse":
         # ||s - s'||² >= 0; the Gram form can round to a tiny negative number near identity
@@ -255,7 +339,7 @@ def _pair_losses(terms: _ChunkTerms, mask: Tensor, loss: str) -> Tensor:
     return torch.where(mask, value, 0.0)
 
 
-def _pair_partials(terms: _ChunkTerms, mask: Tensor, loss: str) -> tuple[Tensor, Tensor, Tensor]:
+def _pair_partials(terms: _PairTerms, mask: Tensor, loss: str) -> tuple[Tensor, Tensor, Tensor]:
     """∂f/∂n_t, ∂f/∂n_s, ∂f/∂c per pair, zero outside `mask` (and where the clamp is active)."""
     if loss == "mse":
         active = mask & (terms.n_t + terms.n_s - 2 * terms.c >= 0)

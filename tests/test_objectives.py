@@ -120,6 +120,26 @@ def test_teacher_side_gradients_match_naive(impl, loss):
         torch.testing.assert_close(fast, naive, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("impl,loss", CASES)
+def test_special_tokens_inside_segments_and_very_uneven_segments(impl, loss):
+    """Segments are runs of tokens, but a special token (-100) may sit inside a run and one segment
+    may be far longer than the others (the banded computation visits a whole run per token)."""
+    gen = torch.Generator().manual_seed(11)
+    t_seg = torch.tensor([[-100, 0, 0, -100, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, -100],
+                          [-100, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -100, 2, -100, -100, -100, -100]])
+    s_seg = torch.tensor([[0, 1, 2, -100, 2, 3, -100, -100],
+                          [0, 0, 0, 1, 2, 2, -100, -100]])
+    t_attn, _, t_values = make_side(t_seg, 4, 2, 5, torch.float64, gen)
+    s_attn, s_kv, s_values = make_side(s_seg, 4, 2, 5, torch.float64, gen)
+    t_attn = t_attn.detach().requires_grad_()
+    grads = []
+    for fn in (aim_loss, naive_aim_loss):
+        value = fn(t_attn, t_values, t_seg, s_attn, s_values, s_seg, impl=impl, loss=loss)
+        grads.append((value, *torch.autograd.grad(value, [t_attn, s_attn, s_kv])))
+    for fast, naive in zip(*grads):
+        torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_head_chunking_does_not_change_the_result(monkeypatch, loss):
     import matt.objectives as objectives
