@@ -20,11 +20,12 @@ q = A[t_i, :] the gathered query row of the teacher and q' the student's,
     c[i,k] = Σ_{j: seg_j=k} Σ_{j': seg'_j'=k} q_j q'_j' <V_j, V'_j'>
            = Σ_{j': seg'_j'=k} (q · C)[j'] · q'_j'   with  C[j,j'] = <V_j, V'_j'> · [seg_j = seg'_j']
 
-because the same-segment mask in C already restricts j to segment k once j' is in it. So (q · C) is
-one (S,L)@(L,L') matmul and the outer sum over j' is a matmul with the one-hot segment matrix
-(L',S). n and n' are the same expression with (V,V) and (V',V'). The largest temporaries are
-masked Gram matrices of a few heads at a time (`_PairwiseAIM` walks over chunks of heads in its
-forward and its hand-written backward), so full AIM needs little more memory than AIM*.
+because the same-segment mask in C already restricts j to segment k once j' is in it; n and n'
+are the same expression with (V,V) and (V',V'). Segments are runs of consecutive tokens, so C is
+block diagonal with blocks of at most w tokens (the longest segment): `_PairwiseAIM` computes
+(q · C) in that banded form, O(S·L·w) per head instead of the O(S·L²) of a dense masked matrix,
+walks over a few heads at a time in its forward and its hand-written backward, and keeps nothing
+between them but the inputs. Full AIM therefore needs about as much memory as AIM* (`make bench`).
 
 Exactness. n, n' and c go through the same function, so identical teacher and student give
 bit-identical n = n' = c and a loss of exactly 0; with mse the backward is arranged so that every
@@ -149,11 +150,12 @@ class _PairwiseAIM(torch.autograd.Function):
         ctx.save_for_backward(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask)
         ctx.loss = loss
         total = tv.new_zeros(())
-        for layout, heads in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
+        for layout, heads, rows in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
             b = layout.batch
-            tq, sq = _query_rows(t_attn, b, heads, t_pos, tv.dtype), _query_rows(s_attn, b, heads, s_pos, tv.dtype)
+            tq = _query_rows(t_attn, b, heads, t_pos[b, rows], tv.dtype)
+            sq = _query_rows(s_attn, b, heads, s_pos[b, rows], tv.dtype)
             terms = _PairTerms.compute(layout, tq, tv[b, heads], sq, sv[b, heads])
-            total = total + _pair_losses(terms, mask[b], loss).sum()
+            total = total + _pair_losses(terms, mask[b, rows], loss).sum()
         return total
 
     @staticmethod
@@ -166,12 +168,13 @@ class _PairwiseAIM(torch.autograd.Function):
         grads = {name: torch.zeros(x.shape, dtype=tv.dtype, device=x.device) if needed else None
                  for name, x, needed in (("t_attn", t_attn, need_t), ("tv", tv, need_t),
                                          ("s_attn", s_attn, need_s), ("sv", sv, need_s))}
-        for layout, heads in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
+        for layout, heads, rows in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
             b = layout.batch
-            tq, sq = _query_rows(t_attn, b, heads, t_pos, tv.dtype), _query_rows(s_attn, b, heads, s_pos, tv.dtype)
+            tq = _query_rows(t_attn, b, heads, t_pos[b, rows], tv.dtype)
+            sq = _query_rows(s_attn, b, heads, s_pos[b, rows], tv.dtype)
             t_values, s_values = tv[b, heads], sv[b, heads]
             terms = _PairTerms.compute(layout, tq, t_values, sq, s_values, with_x_st=need_t)
-            a_t, a_s, a_c = (a * grad_total for a in _pair_partials(terms, mask[b], ctx.loss))
+            a_t, a_s, a_c = (a * grad_total for a in _pair_partials(terms, mask[b, rows], ctx.loss))
             sides = []
             if need_s:  # (own side, other side, band own-own, band other-own, partials, x own/own, x other/own)
                 sides.append(("s", s_pos, sq, s_values, tq, t_values, layout.ss, layout.ts, layout.s_seg,
@@ -182,19 +185,21 @@ class _PairwiseAIM(torch.autograd.Function):
             for name, pos, q, values, q_other, values_other, own_band, other_band, seg, a_own, x_own, x_other in sides:
                 coef = _per_token(2 * a_own, seg)  # weight of (i, token j) through <s_own, s_own>
                 cross = _per_token(a_c, seg)  # ... and through the cross term c
-                grads[f"{name}_attn"][b, heads].index_add_(1, pos[b], (coef * x_own + cross * x_other).transpose(1, 2))
+                grads[f"{name}_attn"][b, heads].index_add_(1, pos[b, rows],
+                                                            (coef * x_own + cross * x_other).transpose(1, 2))
                 own = _band_combine(_band_pair_weights(coef * q, q, own_band), values, own_band)
                 other = _band_combine(_band_pair_weights(cross * q, q_other, other_band), values_other, other_band)
-                grads["tv" if name == "t" else "sv"][b, heads] = own + other
+                grads["tv" if name == "t" else "sv"][b, heads] += own + other
         for name, x in (("t_attn", t_attn), ("s_attn", s_attn)):
             if grads[name] is not None:
                 grads[name] = grads[name].to(x.dtype)
         return grads["t_attn"], grads["tv"], grads["s_attn"], grads["sv"], *([None] * 6)
 
 
-MAX_HEAD_CHUNKS = 16
-"""Full AIM processes the B·H heads in about this many groups: its temporaries then take a small
-fraction of the memory of the attention tensors (and the loop stays short enough for a GPU)."""
+MAX_CHUNKS = 32
+"""Full AIM processes its B·H·S (head, query segment) rows in about this many chunks: the
+temporaries of one chunk (a few (h, L, rows) tensors) then stay a small fraction of the attention
+tensors, and the loop stays short enough for a GPU."""
 
 
 @dataclass
@@ -220,9 +225,14 @@ class _Layout:
 
 
 def _chunks(t_pos: Tensor, s_pos: Tensor, t_seg: Tensor, s_seg: Tensor, heads: int):
-    """(layout of sequence b, slice of heads) pairs: about `MAX_HEAD_CHUNKS` chunks in all."""
+    """(layout of sequence b, slice of heads, slice of query segments): about `MAX_CHUNKS` in all.
+
+    Query rows are independent (every per-pair term belongs to one query segment i; the value
+    gradients are sums over i), so a chunk can hold a few heads or part of one head's rows."""
     batch, n_segments = t_pos.shape
-    per_chunk = max(1, -(-batch * heads // MAX_HEAD_CHUNKS))
+    per_chunk = max(1, -(-batch * heads * n_segments // MAX_CHUNKS))  # (head, row) pairs
+    head_step = max(1, min(heads, per_chunk // max(n_segments, 1)))
+    row_step = max(1, min(n_segments, per_chunk))
     for b in range(batch):
         t_first, t_span = _segment_spans(t_seg[b], t_pos[b], n_segments)
         s_first, s_span = _segment_spans(s_seg[b], s_pos[b], n_segments)
@@ -231,8 +241,9 @@ def _chunks(t_pos: Tensor, s_pos: Tensor, t_seg: Tensor, s_seg: Tensor, heads: i
             tt=_band(t_seg[b], t_first, t_span, t_seg[b]), ss=_band(s_seg[b], s_first, s_span, s_seg[b]),
             ts=_band(t_seg[b], t_first, t_span, s_seg[b]), st=_band(s_seg[b], s_first, s_span, t_seg[b]),
         )
-        for h in range(0, heads, per_chunk):
-            yield layout, slice(h, min(h + per_chunk, heads))
+        for h in range(0, heads, head_step):
+            for r in range(0, n_segments, row_step):
+                yield layout, slice(h, min(h + head_step, heads)), slice(r, min(r + row_step, n_segments))
 
 
 def _segment_spans(seg: Tensor, last: Tensor, n_segments: int) -> tuple[Tensor, Tensor]:
@@ -261,7 +272,7 @@ def _query_rows(attn: Tensor, b: int, heads: slice, positions: Tensor, dtype: to
 
     Token-major so that gathering the tokens of a segment (the inner loop of every banded
     product) copies contiguous rows."""
-    return attn[b, heads].index_select(1, positions[b]).to(dtype).transpose(1, 2).contiguous()
+    return attn[b, heads].index_select(1, positions).to(dtype).transpose(1, 2).contiguous()
 
 
 def _band_gram(v_x: Tensor, v_y: Tensor, band: _Band) -> Tensor:

@@ -146,8 +146,8 @@ def test_head_chunking_does_not_change_the_result(monkeypatch, loss):
 
     p = random_problem(7, torch.float64)
     results = []
-    for chunks in (1, 5, 1000):  # all heads of a row at once, a few per chunk, one per chunk
-        monkeypatch.setattr(objectives, "MAX_HEAD_CHUNKS", chunks)
+    for chunks in (1, 5, 1000):  # all heads of a sequence at once, a few heads, parts of one head's rows
+        monkeypatch.setattr(objectives, "MAX_CHUNKS", chunks)
         value = call(aim_loss, p, impl="aim", loss=loss)
         results.append((value, *torch.autograd.grad(value, [p["s_attn"], p["s_kv"]])))
     for other in results[1:]:
