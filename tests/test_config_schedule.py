@@ -3,16 +3,15 @@
 import pytest
 import torch
 
-from matt.config import MATTConfig
+from matt.config import MATTConfig, native_bf16
 from matt.schedule import wsd_factor, wsd_scheduler
 
 
 def test_defaults_are_valid_and_roundtrip():
     cfg = MATTConfig()
     assert cfg.precision == "auto"
-    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    assert cfg.mixed_precision == expected
-    assert MATTConfig(precision="auto", cpu=True).mixed_precision == "no"
+    assert cfg.mixed_precision == ("bf16" if native_bf16() else "no")
+    assert MATTConfig(precision="auto", cpu=True).mixed_precision == ("bf16" if native_bf16(cpu=True) else "no")
     assert MATTConfig(precision="32").mixed_precision == "no"
     assert MATTConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -83,3 +82,15 @@ def test_wsd_matches_definition_and_drives_optimizer(warmup, decay):
         assert seen[-1] == pytest.approx(2.0 / decay)
     if warmup:
         assert seen[0] == pytest.approx(2.0 / warmup) and max(seen) == pytest.approx(2.0)
+
+
+def test_native_bf16_detection(monkeypatch):
+
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not native_bf16() and MATTConfig().mixed_precision == "no"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16() and MATTConfig().mixed_precision == "bf16"
+    assert MATTConfig(precision="32").mixed_precision == "no"  # an explicit choice always wins
