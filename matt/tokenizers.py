@@ -7,14 +7,18 @@ vocabulary differs. That is what makes the two tokenizations alignable into shar
 - `train_tokenizer_like`: a fresh BPE or Unigram vocabulary on target-language text (vocabulary
   replacement).
 - `extend_tokenizer`: the paper's vocabulary extension (Gemma 3: 262K -> 387K). The teacher's tokens
-  keep their ids and merges; the new tokens and their merges are appended after them, so only text
-  the teacher would split further gets merged into fewer tokens.
+  keep their ids and merges; BPE training continues from the teacher's segmentation of the target
+  text, and the new tokens and merges are appended after the teacher's, so only text the teacher
+  would split further gets merged into fewer tokens.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+import re
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -154,90 +158,179 @@ def _merge_pairs(model: dict) -> list[tuple[str, str]]:
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
 
 
+_WORD_START_MARKERS = ("▁", "Ġ")
+_ASCII_DIGIT = re.compile("[0-9]")
+
+
+def _keeps_digits_alone(tokenizer, excluded: set[str]) -> bool:
+    """True when no ordinary token of `tokenizer` holds an ASCII digit next to anything else."""
+    return not any(len(token) > 1 and _ASCII_DIGIT.search(token)
+                   for token in tokenizer.get_vocab() if token not in excluded)
+
+
+def teacher_token_runs(teacher_tokenizer, texts: Iterable[str]) -> Counter[tuple[str, ...]]:
+    """The teacher's tokens of `texts`, cut into runs that a new merge may join, with their counts.
+
+    A run ends at every pre-token boundary and before every token that starts a word (`▁`/`Ġ`);
+    added/special tokens, byte-fallback tokens and the unknown token are never part of a run, nor
+    are tokens with an ASCII digit when the teacher keeps every digit a token of its own (Gemma,
+    SmolLM2, Llama 2: numbers stay digit by digit after the extension too). So a
+    merge learned inside runs never needs a right part that starts a word, which is what keeps the
+    extended tokenizer's encoding (teacher merges first, then the new ones by rank) identical to the
+    segmentation the merges were learned on.
+    """
+    backend = teacher_tokenizer.backend_tokenizer
+    model = _state(teacher_tokenizer)["model"]
+    excluded = set(teacher_tokenizer.added_tokens_encoder)
+    if model.get("byte_fallback"):
+        excluded.update(BYTE_TOKENS)
+    if model.get("unk_token"):
+        excluded.add(model["unk_token"])
+    lone_digits = _keeps_digits_alone(teacher_tokenizer, excluded)
+    runs: Counter[tuple[str, ...]] = Counter()
+    texts = [t for t in texts if t]
+    for start in range(0, len(texts), 256):
+        for encoding in backend.encode_batch(texts[start:start + 256], add_special_tokens=False):
+            run: list[str] = []
+            last_word = None
+            for token, word in zip(encoding.tokens, encoding.word_ids):
+                outside = token in excluded or (lone_digits and _ASCII_DIGIT.search(token) is not None)
+                if run and (word != last_word or token.startswith(_WORD_START_MARKERS) or outside):
+                    runs[tuple(run)] += 1
+                    run = []
+                if not outside:
+                    run.append(token)
+                last_word = word
+            if run:
+                runs[tuple(run)] += 1
+    return runs
+
+
+def learn_continued_merges(
+    runs: Counter[tuple[str, ...]], known_tokens: set[str], num_new_tokens: int, min_frequency: int = 2,
+) -> tuple[list[tuple[str, str]], list[str], Counter[tuple[str, ...]]]:
+    """Continue BPE training on top of an existing segmentation (`runs`, from `teacher_token_runs`).
+
+    Repeatedly merges the most frequent adjacent pair (ties: the smaller pair) everywhere, until
+    `num_new_tokens` tokens not in `known_tokens` exist or no pair occurs `min_frequency` times.
+    A pair whose concatenation is already a known token is never merged: such a merge could re-enable
+    the teacher's own merges out of order. Returns the merges in learned order, the new tokens in
+    creation order and the final segmentation of the runs.
+    """
+    words = [list(run) for run in runs]
+    freqs = list(runs.values())
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    new_tokens: list[str] = []
+    created: set[str] = set()
+    while heap and len(new_tokens) < num_new_tokens:
+        negative_count, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -negative_count:  # stale entry: counts changed since it was pushed
+            if count > 0:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        if count < min_frequency:
+            break
+        left, right = pair
+        merged = left + right
+        if merged in known_tokens:
+            continue  # dropped for good: the push below skips pairs that make a known token
+        if merged not in created:
+            created.add(merged)
+            new_tokens.append(merged)
+        merges.append(pair)
+        touched: set[tuple[str, str]] = set()
+        for i in where.pop(pair, ()):
+            word, freq = words[i], freqs[i]
+            out: list[str] = []
+            j = 0
+            while j < len(word):
+                if j + 1 < len(word) and word[j] == left and word[j + 1] == right:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(word[j])
+                    j += 1
+            if len(out) == len(word):
+                continue
+            for old in zip(word, word[1:]):
+                pair_counts[old] -= freq
+            for new in zip(out, out[1:]):
+                pair_counts[new] += freq
+                where[new].add(i)
+                touched.add(new)
+            words[i] = out
+        pair_counts.pop(pair, None)
+        for new in touched:
+            if new in pair_counts and (new[0] + new[1]) not in known_tokens:
+                heapq.heappush(heap, (-pair_counts[new], new))
+    final = Counter()
+    for word, freq in zip(words, freqs):
+        final[tuple(word)] += freq
+    return merges, new_tokens, final
+
+
 def extend_tokenizer(
     teacher_tokenizer,
     texts: Iterable[str],
     num_new_tokens: int,
     *,
-    target_vocab_size: int | None = None,
-    show_progress: bool = False,
+    min_frequency: int = 2,
 ) -> PreTrainedTokenizerFast:
     """Append up to `num_new_tokens` target-language tokens (and their merges) to a BPE teacher.
 
-    A target BPE of `target_vocab_size` (default: `2 * num_new_tokens + 1000`) is trained like the
-    teacher; its merges are walked in training order and every merge whose two parts exist in the
-    growing vocabulary is appended after the teacher's merges, adding its result as a new token
-    when the teacher lacks it, until `num_new_tokens` tokens were added. Base characters of the
-    target alphabet that the teacher lacks (only possible with byte fallback) are added when a merge
-    first needs them. Teacher tokens keep their ids 0..len(teacher)-1; new ids follow. Appended
-    merges rank after all teacher merges, so tokenization first reproduces the teacher's and then
-    merges further: never more tokens than the teacher on any text.
+    BPE training is continued from the teacher's own segmentation of `texts`: the most frequent
+    adjacent pair of teacher tokens inside a word becomes a new merge, and so on (see
+    `learn_continued_merges`). Teacher tokens keep their ids 0..len(teacher)-1; new ids follow in
+    learned order; the new merges rank after all teacher merges. Tokenization therefore first
+    reproduces the teacher's and then merges further, exactly as during learning, so every new token
+    is one the tokenizer actually produces on the target text (merges learned from a separately
+    trained target BPE mostly are not: its pairs rarely match the teacher's segmentation), and
+    never more tokens than the teacher come out on any text.
     """
     if num_new_tokens < 1:
         raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
     state = _state(teacher_tokenizer)
     model = state["model"]
     if model["type"] != "BPE":
         raise ValueError(f"extend_tokenizer supports BPE teachers only; this teacher's model is {model['type']!r}")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ValueError("extend_tokenizer does not support BPE with continuing_subword_prefix/end_of_word_suffix")
-
-    target = train_tokenizer_like(teacher_tokenizer, texts, target_vocab_size or 2 * num_new_tokens + 1000,
-                                  kind="bpe", show_progress=show_progress)
-    target_model = _state(target)["model"]
-    target_merges = _merge_pairs(target_model)
-    merge_results = {a + b for a, b in target_merges}
-    target_alphabet = {tok for tok in target_model["vocab"] if tok not in merge_results}
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("No (non-empty) texts to learn the new tokens from")
 
     vocab: dict[str, int] = dict(model["vocab"])
-    added_contents = {t["content"] for t in state["added_tokens"]}
     # Added tokens beyond the model vocabulary (Llama 3's reserved specials, Qwen's chat markers) get
     # their ids only implicitly, from the model's size, when a tokenizer is deserialized: appending
     # new model tokens would shift them onto the new tokens' ids. Pin them in the model vocabulary.
     for token in state["added_tokens"]:
         vocab.setdefault(token["content"], token["id"])
+    runs = teacher_token_runs(teacher_tokenizer, texts)
+    merges, new_tokens, _ = learn_continued_merges(runs, set(vocab), num_new_tokens, min_frequency)
+    if len(new_tokens) < num_new_tokens:
+        logger.warning("Only %d new tokens occur at least %d times in the %d texts (asked for %d): give more "
+                       "text or lower min_frequency", len(new_tokens), min_frequency, len(texts), num_new_tokens)
     next_id = max(vocab.values(), default=-1) + 1
-    teacher_merges = _merge_pairs(model)
-    known_merges = set(teacher_merges)
-    new_merges: list[tuple[str, str]] = []
-    added = skipped = 0
-
-    def add_token(token: str) -> None:
-        nonlocal next_id, added
-        vocab[token] = next_id
-        next_id += 1
-        added += 1
-
-    for a, b in target_merges:
-        if added >= num_new_tokens:
-            break
-        for part in (a, b):
-            if part not in vocab and part in target_alphabet and part not in added_contents and added < num_new_tokens:
-                add_token(part)
-        merged = a + b
-        if a not in vocab or b not in vocab or merged in added_contents:
-            skipped += 1
-            continue
-        if merged not in vocab:
-            if added >= num_new_tokens:
-                break
-            add_token(merged)
-        if (a, b) not in known_merges:
-            known_merges.add((a, b))
-            new_merges.append((a, b))
-
-    if added < num_new_tokens:
-        logger.warning("Only %d new tokens available (asked for %d): train the target tokenizer on more text or "
-                       "raise target_vocab_size", added, num_new_tokens)
-    if skipped:
-        logger.info("Skipped %d target merges whose parts are not in the extended vocabulary", skipped)
+    for offset, token in enumerate(new_tokens):
+        vocab[token] = next_id + offset
 
     as_lists = not model["merges"] or isinstance(model["merges"][0], list)
     model["vocab"] = vocab
-    model["merges"] = [[a, b] if as_lists else f"{a} {b}" for a, b in [*teacher_merges, *new_merges]]
+    model["merges"] = [[a, b] if as_lists else f"{a} {b}" for a, b in [*_merge_pairs(model), *merges]]
     extended = _wrap_like(teacher_tokenizer, Tokenizer.from_str(json.dumps(state)))
     logger.info("Extended the teacher vocabulary from %d to %d tokens (%d new merges)",
-                len(teacher_tokenizer), len(extended), len(new_merges))
+                len(teacher_tokenizer), len(extended), len(merges))
     return extended
 
 

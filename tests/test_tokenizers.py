@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 
-from matt.tokenizers import BYTE_TOKENS, extend_tokenizer, train_tokenizer_like
+from matt.tokenizers import (BYTE_TOKENS, extend_tokenizer, learn_continued_merges, teacher_token_runs,
+                             train_tokenizer_like)
 
 PIPELINE = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
 TEACHER_STYLES = {"llama3": 600, "gpt2": 600, "qwen": 600, "llama2": 300, "gemma": 300, "mistral_eos": 300,
@@ -126,6 +128,103 @@ def test_extend_tokenizer(teachers, target_texts, text_tools, teacher_name, tmp_
     assert len(loaded) == len(extended) and loaded.is_fast
     for text in texts[:20]:
         assert loaded(text, return_offsets_mapping=True) == extended(text, return_offsets_mapping=True), text
+
+
+@pytest.mark.parametrize("teacher_name", ["gpt2", "qwen", "llama2", "gemma", "mistral_eos"])
+def test_extended_tokenizer_encodes_as_the_merges_were_learned(teachers, target_texts, teacher_name):
+    """The extension continues BPE from the teacher's segmentation, so the extended tokenizer must
+    reproduce the learned segmentation exactly and actually use its new tokens on the target text."""
+    teacher = teachers[teacher_name]
+    runs = teacher_token_runs(teacher, target_texts)
+    merges, new_tokens, learned = learn_continued_merges(runs, set(teacher.get_vocab()), 40)
+    extended = extend_tokenizer(teacher, target_texts, 40)
+    assert [extended.convert_ids_to_tokens(i) for i in range(len(teacher), len(extended))] == new_tokens
+    produced = Counter()
+    for text in target_texts:
+        produced.update(extended.convert_ids_to_tokens(extended(text, add_special_tokens=False)["input_ids"]))
+    learned_counts = Counter()
+    for run, freq in learned.items():
+        for token in run:
+            learned_counts[token] += freq
+    for token in new_tokens:
+        assert produced[token] == learned_counts[token], token
+    # a new token is produced on the target text, or a later merge consumed it (as in any BPE)
+    parts = {part for merge in merges for part in merge}
+    assert all(produced[token] > 0 or token in parts for token in new_tokens)
+    assert sum(produced[token] for token in new_tokens) > 0
+
+
+def test_extend_tokenizer_keeps_the_teachers_lone_digits(teachers, target_texts, text_tools, style_corpus):
+    """A teacher that never joins an ASCII digit with anything (Gemma, SmolLM2) keeps numbers digit by
+    digit after the extension; one that has multi-digit tokens may get more of them."""
+    import re
+
+    from matt.tokenizers import _keeps_digits_alone
+
+    digitless = [re.sub("[0-9]", "", text) for text in style_corpus]
+    candidates = {name: teachers[name] for name in ("gpt2", "llama3", "llama2")}
+    for name in ("gemma", "gpt2"):  # trained on text without digits: digits stay single bytes/chars
+        candidates[f"{name}_lone_digits"] = text_tools.build(name, digitless, TEACHER_STYLES[name])
+    numbers = [f"рік 2023, сторінка {n} з 12345" for n in range(10, 90)]
+    seen_lone = seen_joined = False
+    for name, teacher in candidates.items():
+        extended = extend_tokenizer(teacher, target_texts + numbers * 3, 60)
+        new = [extended.convert_ids_to_tokens(i) for i in range(len(teacher), len(extended))]
+        if _keeps_digits_alone(teacher, set(teacher.added_tokens_encoder) | set(BYTE_TOKENS)):
+            seen_lone = True
+            assert not [t for t in new if re.search("[0-9]", t)], name
+        else:
+            seen_joined = True
+    assert seen_lone and seen_joined, "the fixture teachers no longer cover both cases"
+
+
+def test_learn_continued_merges_against_a_literal_bpe_loop():
+    """Each step merges the most frequent pair (ties: smallest pair) everywhere; a pair that would
+    spell a known token is never merged; counts below min_frequency stop the loop."""
+    runs = Counter({("a", "b", "c"): 5, ("a", "b"): 2, ("b", "c", "b", "c"): 3, ("x", "y"): 1, ("c", "d"): 4})
+    known = {"a", "b", "c", "d", "x", "y", "cd"}
+
+    def literal(runs, known, num_new, min_frequency):
+        words = {tuple(k): v for k, v in runs.items()}
+        merges, new = [], []
+        banned = set()
+        while len(new) < num_new:
+            counts = Counter()
+            for word, freq in words.items():
+                for pair in zip(word, word[1:]):
+                    if pair not in banned:
+                        counts[pair] += freq
+            if not counts:
+                break
+            best = min(counts, key=lambda p: (-counts[p], p))
+            if counts[best] < min_frequency:
+                break
+            if best[0] + best[1] in known:
+                banned.add(best)
+                continue
+            merges.append(best)
+            if best[0] + best[1] not in new:
+                new.append(best[0] + best[1])
+            merged_words = Counter()
+            for word, freq in words.items():
+                out, j = [], 0
+                while j < len(word):
+                    if j + 1 < len(word) and (word[j], word[j + 1]) == best:
+                        out.append(word[j] + word[j + 1])
+                        j += 2
+                    else:
+                        out.append(word[j])
+                        j += 1
+                merged_words[tuple(out)] += freq
+            words = merged_words
+        return merges, new, Counter(words)
+
+    for num_new, min_frequency in ((1, 1), (3, 2), (10, 2), (10, 1), (10, 6)):
+        got = learn_continued_merges(runs, known, num_new, min_frequency)
+        assert got == literal(runs, known, num_new, min_frequency), (num_new, min_frequency)
+    merges, new, _ = learn_continued_merges(runs, known, 10, 2)
+    assert ("c", "d") not in merges and "cd" not in new  # spells a known token
+    assert ("x", "y") not in merges  # occurs once only
 
 
 def with_added_tokens(tokenizer):

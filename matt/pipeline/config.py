@@ -149,8 +149,8 @@ class TokenizerConfig:
     """`train`: size of the new vocabulary (an upper bound on small corpora)."""
     num_new_tokens: int = 8192
     """`extend`: target-language tokens appended to the teacher vocabulary."""
-    target_vocab_size: Optional[int] = None
-    """`extend`: size of the helper target BPE (default 2 * num_new_tokens + 1000)."""
+    min_frequency: int = 2
+    """`extend`: a new token must occur this often in the teacher's segmentation of the train split."""
     max_documents: Optional[int] = None
     """Cap on training documents used to learn the tokenizer (None = the whole train split)."""
 

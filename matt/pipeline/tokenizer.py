@@ -37,7 +37,7 @@ def tokenizer_key(tok_cfg, teacher_tokenizer, texts: list[str]) -> str:
         "kind": enum_value(tok_cfg.kind),
         "vocab_size": tok_cfg.vocab_size if enum_value(tok_cfg.source) == "train" else None,
         "num_new_tokens": tok_cfg.num_new_tokens if enum_value(tok_cfg.source) == "extend" else None,
-        "target_vocab_size": tok_cfg.target_vocab_size if enum_value(tok_cfg.source) == "extend" else None,
+        "min_frequency": tok_cfg.min_frequency if enum_value(tok_cfg.source) == "extend" else None,
         "path": tok_cfg.path if enum_value(tok_cfg.source) == "pretrained" else None,
     }
     return digest({"teacher": tokenizer_fingerprint(teacher_tokenizer), "options": options,
@@ -60,7 +60,7 @@ def _build(tok_cfg, teacher_tokenizer, texts: list[str]):
     logger.info("Extending the teacher vocabulary by up to %d tokens learned on %d documents",
                 tok_cfg.num_new_tokens, len(texts))
     return extend_tokenizer(teacher_tokenizer, texts, tok_cfg.num_new_tokens,
-                            target_vocab_size=tok_cfg.target_vocab_size)
+                            min_frequency=tok_cfg.min_frequency)
 
 
 def load_pretrained_student(tok_cfg):
