@@ -174,9 +174,9 @@ def teacher_token_runs(teacher_tokenizer, texts: Iterable[str]) -> Counter[tuple
     A run ends at every pre-token boundary and before every token that starts a word (`▁`/`Ġ`);
     added/special tokens, byte-fallback tokens and the unknown token are never part of a run, nor
     are tokens with an ASCII digit when the teacher keeps every digit a token of its own (Gemma,
-    SmolLM2, Llama 2: numbers stay digit by digit after the extension too). So a
-    merge learned inside runs never needs a right part that starts a word, which is what keeps the
-    extended tokenizer's encoding (teacher merges first, then the new ones by rank) identical to the
+    SmolLM2, Llama 2: numbers stay digit by digit after the extension too). So a merge learned
+    inside runs never needs a right part that starts a word, which is what keeps the extended
+    tokenizer's encoding (teacher merges first, then the new ones by rank) identical to the
     segmentation the merges were learned on.
     """
     backend = teacher_tokenizer.backend_tokenizer
@@ -292,8 +292,8 @@ def extend_tokenizer(
     `learn_continued_merges`). Teacher tokens keep their ids 0..len(teacher)-1; new ids follow in
     learned order; the new merges rank after all teacher merges. Tokenization therefore first
     reproduces the teacher's and then merges further, exactly as during learning, so every new token
-    is one the tokenizer actually produces on the target text (merges learned from a separately
-    trained target BPE mostly are not: its pairs rarely match the teacher's segmentation), and
+    is produced on the target text or is a step towards a longer one (merges taken from a separately
+    trained target BPE mostly are neither: its pairs rarely match the teacher's segmentation), and
     never more tokens than the teacher come out on any text.
     """
     if num_new_tokens < 1:
