@@ -162,8 +162,20 @@ _WORD_START_MARKERS = ("▁", "Ġ")
 _ASCII_DIGIT = re.compile("[0-9]")
 
 
-def _keeps_digits_alone(tokenizer, excluded: set[str]) -> bool:
+def _non_mergeable_tokens(tokenizer) -> set[str]:
+    """Added/special tokens, byte-fallback tokens and the unknown token: never part of a new merge."""
+    model = tokenizer.backend_tokenizer.model
+    excluded = set(tokenizer.added_tokens_encoder)
+    if getattr(model, "byte_fallback", False):
+        excluded.update(BYTE_TOKENS)
+    if getattr(model, "unk_token", None):
+        excluded.add(model.unk_token)
+    return excluded
+
+
+def _keeps_digits_alone(tokenizer) -> bool:
     """True when no ordinary token of `tokenizer` holds an ASCII digit next to anything else."""
+    excluded = _non_mergeable_tokens(tokenizer)
     return not any(len(token) > 1 and _ASCII_DIGIT.search(token)
                    for token in tokenizer.get_vocab() if token not in excluded)
 
@@ -180,13 +192,8 @@ def teacher_token_runs(teacher_tokenizer, texts: Iterable[str]) -> Counter[tuple
     segmentation the merges were learned on.
     """
     backend = teacher_tokenizer.backend_tokenizer
-    model = _state(teacher_tokenizer)["model"]
-    excluded = set(teacher_tokenizer.added_tokens_encoder)
-    if model.get("byte_fallback"):
-        excluded.update(BYTE_TOKENS)
-    if model.get("unk_token"):
-        excluded.add(model["unk_token"])
-    lone_digits = _keeps_digits_alone(teacher_tokenizer, excluded)
+    excluded = _non_mergeable_tokens(teacher_tokenizer)
+    lone_digits = _keeps_digits_alone(teacher_tokenizer)
     runs: Counter[tuple[str, ...]] = Counter()
     texts = [t for t in texts if t]
     for start in range(0, len(texts), 256):
