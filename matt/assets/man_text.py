@@ -96,6 +96,8 @@ def clean_mandoc_output(output: str, *, drop_sections: Collection[str] = ()) -> 
     for line in kept:
         if line and _TABLE_RULE.fullmatch(line):
             continue
+        if line and not line[0].isspace() and text_lines and text_lines[-1]:
+            text_lines.append("")  # a heading starts a paragraph, even right after a table
         line = line.strip()
         if "│" in line:
             line = "\t".join(cell.strip() for cell in line.strip("│").split("│")).rstrip("\t")
