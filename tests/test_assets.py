@@ -186,6 +186,13 @@ def test_html_to_text_keeps_the_body_only():
     )
 
 
+def test_html_entities_are_decoded_once():
+    """The html and xml docs print entity references as text (`&amp;gt;` in the source); a
+    second decoding (inscriptis does one) would turn them into the characters they name."""
+    assert html_to_text("<p>escape() returns &amp;gt; for &gt; and &amp;amp; for &amp;</p>") == \
+        "escape() returns &gt; for > and &amp; for &"
+
+
 def test_html_without_main_role_uses_the_body():
     assert html_to_text("<html><body><p>Hello <b>world</b></p><script>x</script></body></html>") \
         == "Hello world"
