@@ -1,7 +1,8 @@
 """`MATTConfig`: every knob of an AIM transfer run, validated on construction.
 
 A plain dataclass (not a Hydra structured config) so that the Python API has no Hydra dependency;
-the Hydra `train/` and `objective/` groups are mapped onto it by `matt.hydra_app`.
+the Hydra `train/`, `objective/` and `data/` groups are mapped onto it by
+`matt.pipeline.train.matt_config`.
 """
 
 from __future__ import annotations

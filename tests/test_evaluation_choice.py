@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from test_evaluation_helpers import (ConstantLM, OracleLM, TwoTokenLM, byte_alphabet, hand_bpe_tokenizer,
-                                     token_bytes)
+from evaluation_helpers import (ConstantLM, OracleLM, TwoTokenLM, byte_alphabet, hand_bpe_tokenizer,
+                                token_bytes)
 
 from matt.evaluation import ChoiceItem, build_choice_items, chance_accuracy, multiple_choice_accuracy
 from matt.evaluation.choice import continuation_tokens, split_sentences

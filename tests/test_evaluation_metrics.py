@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from test_evaluation_helpers import BigramLM, ConstantLM, TwoTokenLM, hand_bpe_tokenizer
+from evaluation_helpers import BigramLM, ConstantLM, TwoTokenLM, hand_bpe_tokenizer
 
 from matt.evaluation import BPBResult, UnigramModel, bits_per_byte, compression, score_sequences
 from matt.evaluation.bpb import windows

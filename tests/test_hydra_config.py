@@ -104,24 +104,39 @@ def test_missing_asset_machinery_gives_an_actionable_error(monkeypatch):
         _ = cfg.model.pretrained
 
 
-def test_experiment_presets_override_the_defaults(fake_assets):
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_experiment_presets_override_the_defaults(preset, fake_assets):
+    """Every key a preset sets survives composition (no later default or group file undoes it)."""
+    own = OmegaConf.to_container(OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml"))
+    cfg = OmegaConf.to_container(compose("transfer", [f"experiment={preset}"]), enum_to_str=True)
+    overridden = {key: value for key, value in _leaves(own)
+                  if not key.startswith(("defaults", "hydra."))}
+    assert overridden, preset
+    for key, value in overridden.items():
+        composed = cfg
+        for part in key.split("."):
+            composed = composed[part]
+        assert composed == value, (preset, key)
+    for choice in own.get("defaults", []):  # `override /model: smollm2_135m` picks that model file
+        if isinstance(choice, dict) and "override /model" in choice:
+            assert cfg["model"]["name"] == choice["override /model"], preset
+
+
+def test_preset_properties(fake_assets):
     smoke = compose("transfer", ["experiment=smoke"])
-    assert smoke.name == "smoke" and smoke.model.name == "tiny_llama" and smoke.data.path == "builtin:sample"
-    assert smoke.train.max_steps <= 20
+    assert smoke.model.tiny is not None and smoke.data.path == "builtin:sample"  # offline
+    assert smoke.train.max_steps <= 20  # seconds
     demo = compose("transfer", ["experiment=demo"])
-    assert (demo.model.name, demo.tokenizer.source, demo.tokenizer.vocab_size) == (
-        "smollm2_135m", schema.TokenizerSource.train, 16384)
-    assert (demo.init.method, demo.init.fasttext_min_count) == (schema.InitMethod.focus, 1)
-    assert (demo.objective.loss, demo.objective.n_layers, demo.objective.output_embeddings) == (
-        schema.Loss.mse, 10, schema.OutputEmbeddings.ntp)
-    assert demo.objective.with_ntp and demo.objective.ntp_scope == schema.NtpScope.head
-    assert (demo.train.lr, demo.train.batch_size, demo.data.max_length) == (3e-4, 4, 256)
     assert demo.eval.max_length >= 4096 and demo.eval.max_document_bytes  # whole documents as context
     assert demo.eval.original and demo.eval.init and demo.eval.final
-    gemma = compose("transfer", ["experiment=demo_gemma3"])
-    assert gemma.model.family == schema.Family.gemma3 and gemma.tokenizer.source == schema.TokenizerSource.extend
-    paper = compose("transfer", ["experiment=paper_uk_gemma3"])
-    assert paper.train.precision == "bf16-mixed" and paper.eval.lm_eval.enabled
 
 
 @pytest.mark.parametrize("preset,params", [

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from matt.assets.html_text import html_to_text
-from matt.assets.roff import RoffReport, roff_to_text
+from matt.assets.man_text import MANDOC_ARGS, clean_mandoc_output, fetch_mandoc, run_mandoc
 from matt.assets.sources import AssetError, apt_download, deb_extract, deb_version
 
 logger = logging.getLogger(__name__)
@@ -90,23 +90,9 @@ def write_corpus(documents: Iterable[tuple[str, str]], out_dir: Path) -> dict:
 _SO_ONLY = re.compile(r"^(?:[.']\s*\\\".*\n|\s*\n)*[.']so\s+\S+\s*(?:\n\s*)*$")
 
 
-def _man_documents(man_root: Path, *, min_chars: int, drop_sections: tuple[str, ...],
-                   counts: Counter, report: RoffReport) -> Iterable[tuple[str, str]]:
+def _man_documents(man_root: Path, mandoc: Path, *, min_chars: int, drop_sections: tuple[str, ...],
+                   counts: Counter, messages: Counter) -> Iterable[tuple[str, str]]:
     pages = sorted(p for p in man_root.rglob("*") if p.is_file() or p.is_symlink())
-
-    def read(path: Path) -> str:
-        data = path.read_bytes()
-        if path.suffix == ".gz":
-            data = gzip.decompress(data)
-        return data.decode("utf-8")
-
-    def include(target: str) -> str | None:
-        # `.so man1/foo.1` is relative to the manual's root (the folder holding man1/, man5/…)
-        for candidate in (man_root / target, man_root / (target + ".gz")):
-            if candidate.is_file():
-                return read(candidate)
-        return None
-
     for path in tqdm(pages, desc="man pages → text", unit="page"):
         rel = path.relative_to(man_root).as_posix()
         doc_id = re.sub(r"\.gz$", "", rel)
@@ -117,7 +103,8 @@ def _man_documents(man_root: Path, *, min_chars: int, drop_sections: tuple[str, 
             counts["non_page_files_skipped"] += 1
             continue
         try:
-            source = read(path)
+            data = path.read_bytes()
+            source = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
         except (UnicodeDecodeError, OSError, EOFError) as error:
             counts["unreadable_pages_skipped"] += 1
             logger.warning("skipping %s: %s", rel, error)
@@ -125,7 +112,9 @@ def _man_documents(man_root: Path, *, min_chars: int, drop_sections: tuple[str, 
         if _SO_ONLY.match(source):
             counts["so_alias_pages_skipped"] += 1  # the page it points to is a document itself
             continue
-        text = roff_to_text(source, include=include, drop_sections=drop_sections, report=report)
+        output, levels = run_mandoc(mandoc, source, page=rel, cwd=man_root)
+        messages.update(levels)
+        text = clean_mandoc_output(output, drop_sections=drop_sections)
         if len(text) < min_chars:
             counts[f"shorter_than_{min_chars}_chars_skipped"] += 1
             logger.info("skipping %s: only %d characters", rel, len(text))
@@ -139,15 +128,19 @@ def prepare_manpages_uk(out_dir: Path, downloads: Path, work: Path, *, min_chars
     man_root = root / "usr" / "share" / "man" / "uk"
     if not man_root.is_dir():
         raise AssetError(f"{deb.name} has no usr/share/man/uk/ folder")
+    mandoc, mandoc_version = fetch_mandoc(downloads, work)
     counts: Counter = Counter()
-    report = RoffReport()
+    messages: Counter = Counter()
     # the translators' credits (ПЕРЕКЛАД) are the same boilerplate on every page
-    stats = write_corpus(_man_documents(man_root, min_chars=min_chars, drop_sections=("ПЕРЕКЛАД",),
-                                        counts=counts, report=report), out_dir)
+    stats = write_corpus(_man_documents(man_root, mandoc, min_chars=min_chars,
+                                        drop_sections=("ПЕРЕКЛАД",), counts=counts,
+                                        messages=messages), out_dir)
     return {"source": {"package": "manpages-uk", "version": deb_version(deb), "deb": deb.name,
                        "source": "Debian apt (`apt-get download manpages-uk`)"},
             "stats": stats, "dropped": dict(sorted(counts.items())),
-            "converter": {"name": "matt.assets.roff (pure Python)", **report.as_dict()},
+            "converter": {"name": f"mandoc {' '.join(MANDOC_ARGS)} (Debian mandoc "
+                                  f"{mandoc_version}) + matt.assets.man_text clean-up",
+                          "mandoc_messages": dict(sorted(messages.items()))},
             "min_chars": min_chars, "removed_sections": ["ПЕРЕКЛАД (translation credits)"],
             "split": SPLIT_RULE}
 
@@ -197,20 +190,20 @@ def prepare_python_doc_en(out_dir: Path, downloads: Path, work: Path, *, min_cha
 class Corpus:
     name: str
     description: str
-    package: str
+    packages: tuple[str, ...]  # the Debian packages it is made from (text, then tools)
     build: object  # (out_dir, downloads, work) -> facts
 
 
 CORPORA: dict[str, Corpus] = {
     "manpages_uk": Corpus(
         "manpages_uk",
-        "Ukrainian manual pages (Debian manpages-uk), roff converted to plain text, one document "
-        "per page, translation-credit sections removed",
-        "manpages-uk", prepare_manpages_uk),
+        "Ukrainian manual pages (Debian manpages-uk), formatted by mandoc into plain text, one "
+        "document per page, translation-credit sections removed",
+        ("manpages-uk", "mandoc"), prepare_manpages_uk),
     "python_doc_en": Corpus(
         "python_doc_en",
         "English Python 3.11 documentation (Debian python3.11-doc HTML), one document per page, "
         "index pages excluded",
-        "python3.11-doc", prepare_python_doc_en),
+        ("python3.11-doc",), prepare_python_doc_en),
 }
 

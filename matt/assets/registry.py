@@ -55,8 +55,8 @@ def _model_spec(name: str) -> AssetSpec:
 
 def _corpus_spec(name: str) -> AssetSpec:
     corpus = CORPORA[name]
-    return AssetSpec(name, "corpus", corpus.description, (f"Debian {corpus.package}",),
-                     corpus.build)  # type: ignore[arg-type]
+    return AssetSpec(name, "corpus", corpus.description,
+                     tuple(f"Debian {p}" for p in corpus.packages), corpus.build)  # type: ignore[arg-type]
 
 
 ASSETS: dict[str, AssetSpec] = {

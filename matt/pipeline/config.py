@@ -238,7 +238,8 @@ class TrainConfig:
     num_warmup_steps: int = 0
     num_decay_steps: int = 0
     precision: str = "auto"
-    """32 | bf16-mixed | fp16-mixed."""
+    """auto (bf16 autocast where the hardware computes bf16 natively, else float32) | 32 |
+    bf16-mixed | fp16-mixed."""
     cpu: bool = False
     seed: int = 42
     log_every_n_steps: int = 10
