@@ -20,8 +20,8 @@ from matt.modeling import (
     check_compatible,
     check_vocab,
 )
-from matt.modeling.embeddings import EmbeddingLMHead
 from matt.modeling import registry
+from matt.modeling.embeddings import EmbeddingLMHead
 from matt.modeling.registry import family_of, register_adapter
 from matt.tiny import FAMILIES, tiny_config, tiny_model
 
