@@ -15,7 +15,8 @@ from typing import Literal
 
 import torch
 
-FAMILIES = ("llama", "gemma3", "mistral", "qwen3", "gpt_neox")
+from matt.modeling.registry import SHIPPED_FAMILIES as FAMILIES
+
 TokenizerStyle = Literal["byte_level", "sentencepiece"]
 
 SAMPLE_TEXTS = [
@@ -44,7 +45,7 @@ def tiny_config(
     max_position_embeddings: int = 1024,
     **overrides,
 ):
-    """A shrunken real config of `family` (one of `FAMILIES`)."""
+    """A shrunken real config of `family` (one of `FAMILIES`, the families MATT ships)."""
     from transformers import (
         Gemma3TextConfig,
         GPTNeoXConfig,
@@ -79,7 +80,7 @@ def tiny_config(
     elif family == "gpt_neox":
         cfg = GPTNeoXConfig(**common, tie_word_embeddings=False)
     else:
-        raise ValueError(f"Unknown model family {family!r}; choose one of {FAMILIES}")
+        raise ValueError(f"No tiny model for family {family!r}; choose one of {list(FAMILIES)}")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

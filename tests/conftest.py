@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from matt.modeling import registry
 from matt.tiny import FAMILIES, SAMPLE_TEXTS, tiny_model, train_tokenizer
 
 
@@ -38,6 +39,15 @@ def family(request) -> str:
 @pytest.fixture
 def make_tiny_model():
     return tiny_model
+
+
+@pytest.fixture
+def saved_families():
+    """`matt.modeling.registry.FAMILIES`, restored after the test (which may register adapters)."""
+    saved = dict(registry.FAMILIES)
+    yield registry.FAMILIES
+    registry.FAMILIES.clear()
+    registry.FAMILIES.update(saved)
 
 
 # ------------------------------------------------------------------------------------------------

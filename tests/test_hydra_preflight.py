@@ -199,3 +199,26 @@ def test_console_script_entry_point(tmp_path, monkeypatch, capsys):
                                       f"hydra.run.dir={tmp_path / 'run'}"])
     run_app(lambda _: cli.transfer(), None)
     assert "Config OK (dry run)" in capsys.readouterr().out
+
+
+def test_model_family_is_checked_against_the_registry(paths, saved_families):
+    from omegaconf import OmegaConf
+    from transformers import Qwen2Config
+
+    from matt.modeling import LlamaForAIM, register_adapter
+    from matt.pipeline.preflight import check_family
+
+    check(SMOKE + paths + ["model.family=llama2"],  # before the tiny model is built from it
+          r"model\.family='llama2' is invalid: choose one of \['llama', 'gemma3', 'mistral', 'qwen3', 'gpt_neox'\]")
+    model_cfg = OmegaConf.create({"family": "qwen2", "pretrained": "some/qwen2"})
+    with pytest.raises(ValueError, match=r"model\.family='qwen2' is invalid: choose one of \[.*'gpt_neox'\]"):
+        check_family(model_cfg, Qwen2Config())
+
+    class Qwen2ForAIM(LlamaForAIM):
+        model_types = ("qwen2",)
+
+    register_adapter(Qwen2ForAIM)  # a family added at runtime passes the same check
+    check_family(model_cfg, Qwen2Config())
+    with pytest.raises(ValueError, match=r"model\.family='llama' .*model_type is 'qwen2' \(that is family 'qwen2'\); "
+                                         r"allowed families: \[.*'gpt_neox', 'qwen2'\]"):
+        check_family(OmegaConf.merge(model_cfg, {"family": "llama"}), Qwen2Config())

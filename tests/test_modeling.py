@@ -20,7 +20,9 @@ from matt.modeling import (
     check_compatible,
     check_vocab,
 )
+from matt.modeling import registry
 from matt.modeling.embeddings import EmbeddingLMHead
+from matt.modeling.registry import family_of, register_adapter
 from matt.tiny import FAMILIES, tiny_config, tiny_model
 
 VOCAB = 97
@@ -416,6 +418,42 @@ def test_bad_n_layers_names_the_problem(n_layers):
         LlamaForAIM(make_model("llama"), n_layers=n_layers)
 
 
+def test_one_registry_lists_the_families():
+    assert list(registry.FAMILIES) == list(FAMILIES) == ["llama", "gemma3", "mistral", "qwen3", "gpt_neox"]
+    for name, family in registry.FAMILIES.items():
+        assert family.adapter is ADAPTERS[name] and set(family.model_types) <= set(family.adapter.model_types)
+    # Llama, Mistral and Qwen3 share one class; each family still covers only its own model_type
+    assert ADAPTERS["llama"] is ADAPTERS["mistral"] is ADAPTERS["qwen3"]
+    assert [family_of(t) for t in ("llama", "mistral", "qwen3", "gemma3_text", "gemma3", "gpt2")] == [
+        "llama", "mistral", "qwen3", "gemma3", "gemma3", None]
+
+
+def test_register_adapter_checks_what_it_is_given(saved_families):
+    class NoTypes(LlamaForAIM):
+        model_types = ()
+
+    class Qwen2ForAIM(LlamaForAIM):  # a family laid out like Llama needs only its model_types
+        model_types = ("qwen2",)
+
+    with pytest.raises(ValueError, match=r"NoTypes\.model_types is empty"):
+        register_adapter(NoTypes)
+    with pytest.raises(ValueError, match=r"Qwen2ForAIM does not handle model_type \['qwen2_moe'\]"):
+        register_adapter(Qwen2ForAIM, "qwen2", ("qwen2", "qwen2_moe"))
+    with pytest.raises(ValueError, match=r"model_type 'llama' already belongs to family 'llama'"):
+        register_adapter(LlamaForAIM, "my_llama", ("llama",))
+    assert list(registry.FAMILIES) == list(FAMILIES)  # nothing was half-registered
+
+    assert register_adapter(Qwen2ForAIM) is Qwen2ForAIM  # usable as a decorator
+    assert adapter_for(tiny_config("llama", VOCAB, model_type="qwen2")) is Qwen2ForAIM
+
+    class MyLlamaForAIM(LlamaForAIM):
+        model_types = ("llama",)
+
+    register_adapter(MyLlamaForAIM)  # the family's own name replaces it
+    assert adapter_for(tiny_config("llama", VOCAB)) is MyLlamaForAIM
+    assert adapter_for(tiny_config("mistral", VOCAB)) is LlamaForAIM
+
+
 def test_registry_and_wrong_adapter_errors():
     from transformers import GPT2Config
 
@@ -424,7 +462,9 @@ def test_registry_and_wrong_adapter_errors():
     with pytest.raises(ValueError, match=r"'gpt2'.*supported.*gemma3_text.*Adding a model family"):
         adapter_for(GPT2Config())
     with pytest.raises(ValueError, match="adapter_for"):
-        LlamaForAIM(make_model("qwen3"))
+        LlamaForAIM(make_model("gemma3"))
+    with pytest.raises(ValueError, match="adapter_for"):
+        GPTNeoXForAIM(make_model("qwen3"))
 
 
 def test_wrapping_one_model_object_twice_is_refused():
@@ -527,11 +567,9 @@ def test_sgd_on_student_embeddings_reduces_attention_output_gap(family):
     assert torch.equal(student.input_embedding_weight()[:10], embed.detach()[:10])  # frozen rows intact
 
 
-def test_a_new_family_needs_only_the_four_hooks():
+def test_a_new_family_needs_only_the_four_hooks(saved_families):
     """The README recipe: a user adapter for a family MATT does not ship (Qwen2 here)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from matt.modeling.registry import ADAPTER_BY_MODEL_TYPE, register_adapter
 
     class Qwen2ForAIM(PreTrainedModelForAIM):
         model_types = ("qwen2",)
@@ -546,7 +584,7 @@ def test_a_new_family_needs_only_the_four_hooks():
             self.base_model.layers = nn.ModuleList(layers)
 
         def create_partly_frozen_embeddings(self, frozen_mask):
-            return PartlyFrozenEmbedding(self.base_model.embed_tokens.weight, frozen_mask)
+            return PartlyFrozenEmbedding.from_embedding(self.base_model.embed_tokens, frozen_mask)
 
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2)
@@ -554,11 +592,8 @@ def test_a_new_family_needs_only_the_four_hooks():
     model = AutoModelForCausalLM.from_config(config).float().eval()
     with pytest.raises(ValueError, match="'qwen2'"):
         adapter_for(model)
-    try:
-        register_adapter(Qwen2ForAIM)
-        assert adapter_for(model) is Qwen2ForAIM
-    finally:
-        ADAPTER_BY_MODEL_TYPE.pop("qwen2", None)
+    register_adapter(Qwen2ForAIM)
+    assert adapter_for(model) is Qwen2ForAIM and registry.FAMILIES["qwen2"].model_types == ("qwen2",)
     ids, mask = padded_batch()
     ref_probs, ref_values = hf_eager_reference(model, ids, mask, layer=0)
     with torch.no_grad():

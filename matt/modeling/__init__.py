@@ -7,14 +7,13 @@ from matt.modeling.base import AIMOutput, PreTrainedModelForAIM, check_compatibl
 from matt.modeling.embeddings import EmbeddingLMHead, PartlyFrozenEmbedding
 from matt.modeling.gemma3 import Gemma3ForAIM
 from matt.modeling.gpt_neox import GPTNeoXForAIM
-from matt.modeling.llama import LlamaForAIM
-from matt.modeling.mistral import MistralForAIM
-from matt.modeling.qwen3 import Qwen3ForAIM
-from matt.modeling.registry import adapter_for
+from matt.modeling.llama import LlamaForAIM, MistralForAIM, Qwen3ForAIM
+from matt.modeling.registry import FAMILIES, adapter_for, register_adapter
 
 __all__ = [
     "AIMOutput",
     "EmbeddingLMHead",
+    "FAMILIES",
     "Gemma3ForAIM",
     "GPTNeoXForAIM",
     "LlamaForAIM",
@@ -25,4 +24,5 @@ __all__ = [
     "adapter_for",
     "check_compatible",
     "check_vocab",
+    "register_adapter",
 ]

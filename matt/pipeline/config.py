@@ -4,7 +4,8 @@ The YAML files under `configs/` only fill these in. Because the primary configs 
 root dataclasses below, Hydra validates every group option and every command-line override
 against them while composing: a misspelt key, a value of the wrong type or an option outside an
 enum fails before anything runs, with a message naming the full key (and, for enums, the
-allowed values). Semantic checks that need more than the config (layer depth of the model,
+allowed values). Semantic checks that need more than the config (the model family, which
+`register_adapter` can extend at runtime; layer depth of the model,
 dataset columns, tokenizer offsets) are done by `matt.pipeline.preflight`.
 
 No `from __future__ import annotations` here: OmegaConf reads the annotations at runtime.
@@ -20,14 +21,6 @@ from omegaconf import MISSING
 # ------------------------------------------------------------------------------------------------
 # choices (enum member names are what users type: `objective.loss=cosine`)
 # ------------------------------------------------------------------------------------------------
-class Family(Enum):
-    llama = "llama"
-    gemma3 = "gemma3"
-    mistral = "mistral"
-    qwen3 = "qwen3"
-    gpt_neox = "gpt_neox"
-
-
 class TokenizerStyle(Enum):
     byte_level = "byte_level"
     sentencepiece = "sentencepiece"
@@ -118,7 +111,9 @@ class ModelConfig:
     """The teacher: weights (local dir or hub id), its tokenizer, and the default AIM depth."""
 
     name: str = MISSING
-    family: Family = MISSING
+    family: str = MISSING
+    """A key of `matt.modeling.registry.FAMILIES` (`register_adapter` adds families at runtime);
+    preflight checks it against the registry and the checkpoint's `model_type`."""
     pretrained: Optional[str] = None
     """Local HF model directory or hub id (`${matt_asset:smollm2_135m}` resolves offline assets)."""
     tokenizer: Optional[str] = None

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from matt.pipeline.config import Family, enum_value
+from matt.pipeline.config import enum_value
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,6 @@ class Plan:
                 "documents": self.documents.summary(), "model_type": self.model_config.model_type}
 
 
-def family_adapters() -> dict[str, Any]:
-    from matt.modeling import Gemma3ForAIM, GPTNeoXForAIM, LlamaForAIM, MistralForAIM, Qwen3ForAIM
-
-    return {"llama": LlamaForAIM, "gemma3": Gemma3ForAIM, "mistral": MistralForAIM, "qwen3": Qwen3ForAIM,
-            "gpt_neox": GPTNeoXForAIM}
-
-
 def check_missing(cfg, groups: tuple[str, ...]) -> None:
     missing = sorted(key for key in OmegaConf.missing_keys(cfg) if key.split(".")[0] in groups)
     if missing:
@@ -69,16 +62,20 @@ def check_tracking(tracking_cfg) -> None:
                          "the environment); use tracking=mlflow for the embedded sqlite store")
 
 
-def check_family(model_cfg, model_config) -> None:
-    family = enum_value(model_cfg.family)
-    adapters = family_adapters()
+def check_family(model_cfg, model_config=None) -> None:
+    """`model.family` is a registered family and (given the checkpoint's config) covers its model_type."""
+    from matt.modeling.registry import FAMILIES, family_of, supported_model_types
+
+    family = model_cfg.family
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r} is invalid: choose one of {list(FAMILIES)} (or register an "
+                         "adapter for a new family: README 'Adding a model family')")
     model_type = getattr(model_config, "model_type", None)
-    if model_type not in adapters[family].model_types:
-        owner = next((name for name, adapter in adapters.items() if model_type in adapter.model_types), None)
-        supported = sorted(t for adapter in adapters.values() for t in adapter.model_types)
-        hint = f" (that is family {owner!r})" if owner else f"; supported model types: {supported}"
+    if model_config is not None and model_type not in FAMILIES[family].model_types:
+        owner = family_of(model_type)
+        hint = f" (that is family {owner!r})" if owner else f"; supported model types: {supported_model_types()}"
         raise ValueError(f"model.family={family!r} does not match the checkpoint {model_cfg.pretrained!r}, whose "
-                         f"model_type is {model_type!r}{hint}; allowed families: {[f.value for f in Family]}")
+                         f"model_type is {model_type!r}{hint}; allowed families: {list(FAMILIES)}")
 
 
 def check_n_layers(cfg, depth: int) -> int:
@@ -133,6 +130,7 @@ def preflight(cfg) -> Plan:
     check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))
     matt_config(cfg)  # MATTConfig's ranges and combinations, reported under their Hydra keys
     check_tracking(cfg.tracking)
+    check_family(cfg.model)  # before a tiny model's config is built from it
     if cfg.eval.split not in ("train", "validation", "test"):
         raise ValueError(f"eval.split={cfg.eval.split!r} is invalid: choose one of ['train', 'validation', 'test']")
 
