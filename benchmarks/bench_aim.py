@@ -46,6 +46,11 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rms_norm_eps=1e-5, tie_word_embeddings=True)
 STUDENT_VOCAB = 16384
+GEMMA3_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                   sliding_window=512, max_position_embeddings=32768, tie_word_embeddings=True)
+GEMMA3_NEW_ROWS = 8192
+"""New (trainable) rows of the extended Gemma 3 vocabulary (`demo_gemma3`'s tokenizer.num_new_tokens)."""
 NAIVE_LIMIT_BYTES = 6 * 2**30
 """Skip the naive reference where its (B,H,S,L,D) tensors alone would exceed this."""
 
@@ -203,16 +208,17 @@ def _smollm2(n_layers: int | None, attn: str, vocab: int = STUDENT_VOCAB):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
 
 
-def _synthetic_examples(n: int, length: int, student_length: int, n_segments: int, seed: int = 0):
+def _synthetic_examples(n: int, length: int, student_length: int, n_segments: int, seed: int = 0,
+                        teacher_vocab: int = SMOLLM2_135M["vocab_size"], student_vocab: int = STUDENT_VOCAB):
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
         t_seg = _segment_ids([length], n_segments, 1, rng)[0].tolist()
         s_seg = _segment_ids([student_length], n_segments, 0, rng)[0].tolist()
         examples.append({
-            "teacher_input_ids": [1] + [rng.randrange(2, SMOLLM2_135M["vocab_size"]) for _ in range(length - 1)],
+            "teacher_input_ids": [1] + [rng.randrange(2, teacher_vocab) for _ in range(length - 1)],
             "teacher_segment_ids": t_seg,
-            "student_input_ids": [rng.randrange(2, STUDENT_VOCAB) for _ in range(student_length)],
+            "student_input_ids": [rng.randrange(2, student_vocab) for _ in range(student_length)],
             "student_segment_ids": s_seg,
         })
     return examples
@@ -319,6 +325,101 @@ def step_worker(kind: str, n_layers: int, batch: int, length: int, steps: int, w
 
 
 # ------------------------------------------------------------------------------------------------
+# part 4: the NTP-fitted LM head on a 262K vocabulary (Gemma 3 270M shapes)
+# ------------------------------------------------------------------------------------------------
+def _gemma3(vocab: int):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**{**GEMMA3_270M, "vocab_size": vocab})).eval()
+
+
+def _autocast_bf16(precision: str, device: str) -> bool:
+    from matt.config import resolve_mixed_precision
+
+    return resolve_mixed_precision(precision, cpu=device == "cpu") == "bf16"
+
+
+def gemma_step_worker(kind: str, batch: int, length: int, steps: int, warmup: int, precision: str,
+                      device: str, teacher_vocab: int = GEMMA3_270M["vocab_size"]) -> dict:
+    """One `matt.trainer.train` step on Gemma 3 270M shapes: AIM only, or AIM + the NTP-fitted head
+    (`output_embeddings=ntp`, `ntp_scope=head`; the 262,144 shared rows frozen, 8,192 new rows train)."""
+    import datasets
+    import torch
+
+    from matt.config import MATTConfig
+    from matt.data import AIMCollator
+    from matt.modeling import Gemma3ForAIM
+    from matt.trainer import train
+
+    student_vocab = teacher_vocab + GEMMA3_NEW_ROWS
+    with_ntp = kind == "ntp_head"
+    teacher = Gemma3ForAIM(_gemma3(teacher_vocab), n_layers=6,
+                           frozen_embeddings_mask=torch.ones(teacher_vocab, dtype=torch.bool))
+    frozen = torch.zeros(student_vocab, dtype=torch.bool)
+    frozen[:teacher_vocab] = True
+    student = Gemma3ForAIM(_gemma3(student_vocab), n_layers=6, frozen_embeddings_mask=frozen, with_ntp=with_ntp)
+    data = datasets.Dataset.from_list(_synthetic_examples(batch * (steps + warmup), length, length, length // 2,
+                                                          teacher_vocab=teacher_vocab, student_vocab=student_vocab))
+    stamps: list[float] = []
+    config = MATTConfig(max_steps=steps + warmup, batch_size=batch, lr=1e-3, shuffle=False, log_every_n_steps=1,
+                        progress_bar=False, precision=precision, cpu=device == "cpu", with_ntp=with_ntp,
+                        output_embeddings="ntp" if with_ntp else "keep_init", ntp_scope="head")
+    train(config, teacher, student, data, AIMCollator(0, 0), log_fns=[lambda metrics, step: stamps.append(metrics["elapsed_s"])])
+    seconds = (stamps[-1] - stamps[warmup - 1]) / steps
+    return {"kind": kind, "seconds": seconds, "tokens_per_s": batch * length / seconds,
+            "peak_rss_mb": _peak_rss_bytes() / 2**20}
+
+
+def head_worker(impl: str, vocab: int, tokens: int, detach: bool, repeats: int, precision: str, device: str,
+                measure: str = "both") -> dict:
+    """The NTP head term alone (forward + backward) on `tokens` hidden states of Gemma 3's width:
+    `chunked` (`lm_head_cross_entropy`) or `plain` (full logits from the head + F.cross_entropy)."""
+    import torch
+    import torch.nn.functional as F
+
+    from matt.modeling import PartlyFrozenEmbedding
+    from matt.modeling.embeddings import EmbeddingLMHead
+    from matt.modeling.lm_head_loss import lm_head_cross_entropy
+
+    torch.manual_seed(0)
+    dim, rows = GEMMA3_270M["hidden_size"], vocab + GEMMA3_NEW_ROWS
+    frozen = torch.zeros(rows, dtype=torch.bool)
+    frozen[:vocab] = True
+    head = EmbeddingLMHead(PartlyFrozenEmbedding(torch.randn(rows, dim) * 0.02, frozen)).to(device)
+    bf16 = _autocast_bf16(precision, device)
+
+    def inputs(n):
+        hidden = torch.randn(n, dim, device=device).requires_grad_(not detach)
+        return hidden, torch.randint(0, rows, (n,), device=device)
+
+    def step(hidden, labels):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            if impl == "chunked":
+                loss = lm_head_cross_entropy(head, hidden, labels)
+            else:
+                loss = F.cross_entropy(head(hidden).float(), labels)
+        loss.backward()
+        head.table.trainable.grad = hidden.grad = None
+        return loss.item()
+
+    step(*inputs(8))  # lazy initialisation inside torch is not the head's memory
+    hidden, labels = inputs(tokens)
+    extra = seconds = None
+    if measure in ("memory", "both"):
+        with PeakMemory(device) as memory:
+            value = step(hidden, labels)
+        extra = memory.extra / 2**20
+    else:
+        value = step(hidden, labels)
+    if measure in ("time", "both"):
+        seconds = _timed(lambda: step(hidden, labels), repeats, device)
+    return {"impl": impl, "vocab": vocab, "rows": rows, "tokens": tokens, "detach": detach, "bf16": bf16,
+            "seconds": seconds, "peak_extra_mb": extra, "loss": value}
+
+
+# ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
 def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
@@ -419,13 +520,65 @@ def part_step(args, device: str) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+def part_ntp(args, device: str) -> tuple[list[dict], list[str]]:
+    batch, length = (1, 64) if args.quick else (4, 256)
+    steps, warmup = (1, 1) if args.quick else (3, 1)
+    vocab = 16384 if args.quick else GEMMA3_270M["vocab_size"]
+    steps_rows = []
+    for kind in ("aim", "ntp_head"):
+        row = run_isolated(gemma_step_worker, kind=kind, batch=batch, length=length, steps=steps, warmup=warmup,
+                           precision=args.precision, device=device, teacher_vocab=vocab)
+        steps_rows.append(row)
+        print(f"  gemma3 step {kind}: {row['seconds']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    head_rows = []
+    vocabs = (8192, 32768) if args.quick else (65536, GEMMA3_270M["vocab_size"])
+    for head_vocab in vocabs:
+        for impl in ("chunked", "plain"):
+            kwargs = dict(impl=impl, vocab=head_vocab, tokens=batch * length, detach=True, repeats=max(1, args.repeats // 2),
+                          precision=args.precision, device=device)
+            if device == "cuda":
+                row = run_isolated(head_worker, **kwargs)
+            else:
+                row = run_isolated(head_worker, exact_rss=True, measure="memory", **kwargs)
+                row["seconds"] = run_isolated(head_worker, measure="time", **kwargs)["seconds"]
+            head_rows.append(row)
+            print(f"  head term V={head_vocab}+{GEMMA3_NEW_ROWS} {impl}: {row['seconds'] * 1e3:.0f} ms, "
+                  f"+{row['peak_extra_mb']:.0f} MB", flush=True)
+    aim, ntp = steps_rows
+    by = {(r["vocab"], r["impl"]): r for r in head_rows}
+    small, large = vocabs
+    mem = "CUDA allocator" if device == "cuda" else "peak RSS growth"
+    lines = [f"## 4. NTP-fitted LM head, Gemma 3 270M shapes (vocabulary {vocab:,} + {GEMMA3_NEW_ROWS:,} new rows, "
+             f"batch {batch}, L={length}, AIM at layer 6 of 18, {'bf16 autocast' if _autocast_bf16(args.precision, device) else 'float32'})",
+             "", "| step (`matt.trainer.train`) | s/step | peak RSS MB | / AIM-only |", "|---|---|---|---|"]
+    for row, label in ((aim, "AIM only (`output_embeddings=keep_init`)"),
+                       (ntp, "AIM + NTP-fitted head (`output_embeddings=ntp`, `ntp_scope=head`)")):
+        lines.append(f"| {label} | {row['seconds']:.2f} | {row['peak_rss_mb']:.0f} | {row['seconds'] / aim['seconds']:.2f}x |")
+    lines += ["", f"The head term alone (forward + backward, {batch * length} tokens, width {GEMMA3_270M['hidden_size']}, "
+              f"{GEMMA3_NEW_ROWS:,} trainable rows, detached head input as with `ntp_scope=head`): chunked "
+              "`lm_head_cross_entropy` vs full logits + `F.cross_entropy`.", "",
+              "| frozen rows | chunked ms | plain ms | plain / chunked time | chunked +MB | plain +MB |",
+              "|---|---|---|---|---|---|"]
+    for head_vocab in vocabs:
+        c, p = by[head_vocab, "chunked"], by[head_vocab, "plain"]
+        lines.append(f"| {head_vocab:,} | {c['seconds'] * 1e3:.0f} | {p['seconds'] * 1e3:.0f} | "
+                     f"{p['seconds'] / c['seconds']:.2f}x | {c['peak_extra_mb']:.0f} | {p['peak_extra_mb']:.0f} |")
+    lines += ["", f"Targets: NTP-head step ≤ 2x the AIM-only step — measured {ntp['seconds'] / aim['seconds']:.2f}x; "
+              f"head-term peak memory independent of the vocabulary — chunked {by[large, 'chunked']['peak_extra_mb']:.0f} MB "
+              f"at {large:,} vs {by[small, 'chunked']['peak_extra_mb']:.0f} MB at {small:,} rows "
+              f"(plain: {by[large, 'plain']['peak_extra_mb']:.0f} vs {by[small, 'plain']['peak_extra_mb']:.0f} MB). "
+              f"'+MB' = {mem} during the call.", ""]
+    return steps_rows + head_rows, lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="loss,step", help="comma-separated: loss, step")
+    parser.add_argument("--parts", default="loss,step,ntp", help="comma-separated: loss, step, ntp")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--batch", type=int, default=1, help="batch size of part 1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per variant (part 2)")
+    parser.add_argument("--precision", default="auto", help="precision of parts ntp (MATTConfig.precision)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args(argv)
@@ -444,6 +597,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += part_lines
     if "step" in parts:
         results["step"], part_lines = part_step(args, device)
+        lines += part_lines
+    if "ntp" in parts:
+        results["ntp"], part_lines = part_ntp(args, device)
         lines += part_lines
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -228,3 +228,32 @@ def test_detached_head_input_runs_the_upper_layers_without_a_graph():
                                with_graph)
     with pytest.raises(ValueError, match="either return_logits or return_hidden_states"):
         adapter(ids, return_logits=True, return_hidden_states=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_with_the_ntp_head_under_bf16_autocast(tmp_path, device, byte_level_tokenizer,
+                                                        sentencepiece_tokenizer):
+    """Two trainer steps with the chunked NTP head on the device, under bf16 autocast: finite losses,
+    the head's new rows move, its shared rows stay bit-identical."""
+    from matt import MATT, MATTConfig
+    from matt.initialization import build_student_model
+
+    config = MATTConfig(max_steps=2, batch_size=4, lr=1e-2, shuffle=False, log_every_n_steps=1, max_length=64,
+                        dataset_cache_dir=str(tmp_path / "cache"), progress_bar=False, precision="bf16-mixed",
+                        cpu=device == "cpu", with_ntp=True, output_embeddings="ntp", ntp_scope="head")
+    matt = MATT(config=config, teacher_tokenizer=byte_level_tokenizer, student_tokenizer=sentencepiece_tokenizer)
+    matt.prepare_dataset(["Attention layers move information between tokens."] * 4)
+    teacher_model = tiny_model("llama", len(byte_level_tokenizer))
+    student_model, _ = build_student_model(teacher_model, byte_level_tokenizer, sentencepiece_tokenizer, "mean")
+    adapter = adapter_for(teacher_model)
+    mask = matt.prepare_frozen_embeddings_mask()
+    teacher = adapter.from_pretrained(teacher_model, n_layers=2)
+    student = adapter.from_pretrained(student_model, n_layers=2, frozen_embeddings_mask=mask, with_ntp=True)
+    student.set_output_mode("ntp")
+    before = student.output_embedding_weight().clone()
+    metrics = []
+    result = matt.train(teacher, student, log_fns=[lambda m, step: metrics.append(m)])
+    assert len(metrics) == 2 and all(math.isfinite(m["ntp_loss"]) and m["ntp_loss"] > 0 for m in metrics)
+    after = result.output_embeddings
+    assert torch.equal(after[mask], before[mask].cpu())
+    assert not torch.equal(after[~mask], before[~mask].cpu())

@@ -29,8 +29,8 @@ from torch import nn
 from matt.modeling.embeddings import EmbeddingLMHead
 
 IGNORE_INDEX = -100
-TOKEN_CHUNK = 1024
-VOCAB_CHUNK = 8192
+TOKEN_CHUNK = 512
+VOCAB_CHUNK = 4096
 
 
 def _blocks(frozen: torch.Tensor, trainable: torch.Tensor, vocab_chunk: int):
