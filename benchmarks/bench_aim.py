@@ -420,8 +420,75 @@ def head_worker(impl: str, vocab: int, tokens: int, detach: bool, repeats: int, 
 
 
 # ------------------------------------------------------------------------------------------------
+# part 6: operations per full-AIM loss call
+# ------------------------------------------------------------------------------------------------
+def ops_worker(impl: str, shape: str, length: int, batch: int, device: str) -> dict:
+    """Operators (and on CUDA, kernels) one loss call runs, forward + backward, by torch.profiler:
+    top-level `aten::` operators (those not called from inside another aten operator)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from matt.objectives import aim_loss
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    heads, kv_heads, dim = HEAD_SHAPES[shape]
+    n_segments = length // 2
+
+    def side(seq_len: int, lead: int, grad: bool):
+        logits = torch.randn(batch, heads, seq_len, seq_len, device=device)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        values = torch.randn(batch, heads, seq_len, dim, device=device)
+        seg = _segment_ids([seq_len] * batch, n_segments, lead, rng).to(device)
+        return attn.requires_grad_(grad), values.requires_grad_(grad), seg
+
+    teacher, student = side(length, 1, False), side(int(length * 0.8), 0, True)
+
+    def call():
+        aim_loss(*teacher, *student, impl=impl).backward()
+        student[0].grad = student[1].grad = None
+
+    call()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::")
+              and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device == "cuda" else None
+    return {"impl": impl, "shape": shape, "L": length, "batch": batch, "ops": ops, "kernels": kernels}
+
+
+def part_ops(args, device: str) -> tuple[list[dict], list[str]]:
+    lengths = [64] if args.quick else [int(x) for x in args.lengths.split(",")]
+    rows = [ops_worker(impl, shape, length, args.batch, device)
+            for shape in HEAD_SHAPES for length in lengths for impl in ("aim", "aim_star")]
+    lines = ["## 6. Operations per AIM loss call (forward + backward, torch.profiler)", "",
+             "| heads | L | full AIM aten ops | AIM* aten ops |" + (" full AIM kernels | AIM* kernels |" if device == "cuda" else ""),
+             "|---|---|---|---|" + ("---|---|" if device == "cuda" else "")]
+    for shape in HEAD_SHAPES:
+        for length in lengths:
+            by = {r["impl"]: r for r in rows if r["shape"] == shape and r["L"] == length}
+            line = f"| {shape} | {length} | {by['aim']['ops']} | {by['aim_star']['ops']} |"
+            if device == "cuda":
+                line += f" {by['aim']['kernels']} | {by['aim_star']['kernels']} |"
+            lines.append(line)
+    lines += ["", f"Batch {args.batch}; top-level `aten::` operators, i.e. what Python dispatches (each is at least one "
+              "kernel launch on a GPU).", ""]
+    return rows, lines
+
+
+# ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
+SPAWN = True
+"""False (`--in-process`): call the workers directly (on CUDA the allocator's peak statistics already
+isolate each measurement; saves a process start per measurement)."""
+
+
 def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
     """Run `fn(**kwargs)` in a fresh spawned process (its own memory high-water mark).
 
@@ -431,6 +498,16 @@ def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
     large allocation a fresh mmap (slow), so timings are taken in a separate process without it."""
     import os
 
+    if not SPAWN:
+        import gc
+
+        import torch
+
+        result = fn(**kwargs)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return result
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     if exact_rss:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
@@ -447,7 +524,7 @@ def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
 
 def part_loss(args, device: str) -> tuple[list[dict], list[str]]:
     rows, lines = [], ["## 1. AIM loss alone (forward + backward)", ""]
-    lengths = [64, 128] if args.quick else [128, 256, 512, 1024]
+    lengths = [64, 128] if args.quick else [int(x) for x in args.lengths.split(",")]
     for shape in HEAD_SHAPES:
         for length in lengths:
             for impl in ("aim", "aim_star", "naive"):
@@ -573,11 +650,14 @@ def part_ntp(args, device: str) -> tuple[list[dict], list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="loss,step,ntp", help="comma-separated: loss, step, ntp")
+    parser.add_argument("--parts", default="loss,step,ntp,rss,ops", help="comma-separated: loss, step, ntp, rss, ops")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--batch", type=int, default=1, help="batch size of part 1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per variant (part 2)")
+    parser.add_argument("--lengths", default="128,256,512,1024", help="teacher lengths of parts loss and ops")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no process per measurement (for CUDA: peak memory comes from the allocator)")
     parser.add_argument("--precision", default="auto", help="precision of parts ntp (MATTConfig.precision)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
@@ -586,6 +666,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.in_process:
+        if device != "cuda":
+            parser.error("--in-process measures peak memory with the CUDA allocator: use it with --device cuda")
+        global SPAWN
+        SPAWN = False
     header = [f"# MATT benchmark ({time.strftime('%Y-%m-%d %H:%M')})", "",
               f"Device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}"
               f" ({device}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -600,6 +685,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += part_lines
     if "ntp" in parts:
         results["ntp"], part_lines = part_ntp(args, device)
+        lines += part_lines
+    if "ops" in parts:
+        results["ops"], part_lines = part_ops(args, device)
         lines += part_lines
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
