@@ -22,6 +22,14 @@ Parts:
    outputs at every layer + naive AIM, as the original library does) and a full-depth NTP step.
 3. Tokens per second and peak RSS of each step; the MATT step in fp32 and under bf16 autocast
    (loss difference reported), which decides the CPU precision default.
+4. (`ntp`) The NTP-fitted LM head on Gemma 3 270M shapes (random weights, vocabulary 262,144 + 8,192
+   new rows, shared rows frozen): the `matt.trainer.train` step with the head vs AIM only, and the
+   head term alone — chunked `lm_head_cross_entropy` vs full logits + `F.cross_entropy` — in time
+   and peak memory at two vocabulary sizes.
+5. (`rss`) Resident memory at steps 20, 100 and 200 of a SmolLM2-135M transfer (real weights from
+   $MATT_ASSETS; skipped without them).
+6. (`ops`) Operators per AIM loss call (forward + backward) counted with torch.profiler, and CUDA
+   kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -420,6 +428,73 @@ def head_worker(impl: str, vocab: int, tokens: int, detach: bool, repeats: int, 
 
 
 # ------------------------------------------------------------------------------------------------
+# part 5: resident memory over a 200-step SmolLM2 transfer
+# ------------------------------------------------------------------------------------------------
+def rss_worker(steps: int, marks: tuple[int, ...], batch: int, max_length: int, precision: str, device: str,
+               assets: str) -> dict:
+    """`matt.trainer.train` on the real SmolLM2-135M (teacher) and a copy with a 16K vocabulary (student,
+    half its rows frozen), demo-like: AIM at layer 10 + NTP-fitted head (`ntp_scope=head`); sequences of
+    varying length (64..max_length) as real documents give. Records the resident set at `marks`."""
+    import datasets
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from matt.config import MATTConfig
+    from matt.data import AIMCollator
+    from matt.modeling import LlamaForAIM
+    from matt.trainer import train
+
+    path = Path(assets) / "smollm2_135m"
+    teacher_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    student_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    student_model.resize_token_embeddings(STUDENT_VOCAB)
+    vocab = teacher_model.config.vocab_size
+    teacher = LlamaForAIM(teacher_model, n_layers=10, frozen_embeddings_mask=torch.ones(vocab, dtype=torch.bool))
+    frozen = torch.zeros(STUDENT_VOCAB, dtype=torch.bool)
+    frozen[:STUDENT_VOCAB // 2] = True
+    student = LlamaForAIM(student_model, n_layers=10, frozen_embeddings_mask=frozen, with_ntp=True)
+    rng = random.Random(0)
+    examples = []
+    for _ in range(batch * steps):
+        length = rng.randint(64, max_length)
+        examples += _synthetic_examples(1, length, int(length * rng.uniform(0.5, 0.9)), rng.randint(4, length // 4),
+                                        seed=rng.randrange(2**31), teacher_vocab=vocab)
+    data = datasets.Dataset.from_list(examples)
+    config = MATTConfig(max_steps=steps, batch_size=batch, lr=3e-4, log_every_n_steps=1, progress_bar=False,
+                        precision=precision, cpu=device == "cpu", with_ntp=True, output_embeddings="ntp",
+                        ntp_scope="head", shuffle=False)
+    process, rss = psutil.Process(), {}
+
+    def record(metrics, step):
+        if step in marks:
+            rss[step] = process.memory_info().rss / 2**20
+
+    train(config, teacher, student, data, AIMCollator(2, 0), log_fns=[record])
+    return {"rss_mb": rss, "steps": steps}
+
+
+def part_rss(args, device: str) -> tuple[list[dict], list[str]]:
+    import os
+
+    assets = os.environ.get("MATT_ASSETS", str(ROOT / "assets"))
+    if not (Path(assets) / "smollm2_135m").exists():
+        return [], ["## 5. Resident memory over a transfer", "",
+                    f"Skipped: no SmolLM2-135M asset under {assets} (`make assets` or set MATT_ASSETS).", ""]
+    steps, marks = (30, (5, 30)) if args.quick else (200, (20, 100, 200))
+    row = run_isolated(rss_worker, steps=steps, marks=marks, batch=4, max_length=256, precision=args.precision,
+                       device=device, assets=assets)
+    rss = {int(k): v for k, v in row["rss_mb"].items()}
+    first, last = rss[marks[0]], rss[marks[-1]]
+    print(f"  rss: {rss}", flush=True)
+    lines = ["## 5. Resident memory over a transfer", "",
+             f"SmolLM2-135M (real weights) → 16K vocabulary, AIM at layer 10 + NTP-fitted head, batch 4, sequences of "
+             f"64-256 tokens, {steps} steps: RSS " + ", ".join(f"{v:.0f} MB at step {k}" for k, v in sorted(rss.items()))
+             + f"; step {marks[-1]} / step {marks[0]} = {last / first:.3f} (target ≤ 1.05).", ""]
+    return [row], lines
+
+
+# ------------------------------------------------------------------------------------------------
 # part 6: operations per full-AIM loss call
 # ------------------------------------------------------------------------------------------------
 def ops_worker(impl: str, shape: str, length: int, batch: int, device: str) -> dict:
@@ -476,8 +551,8 @@ def part_ops(args, device: str) -> tuple[list[dict], list[str]]:
             if device == "cuda":
                 line += f" {by['aim']['kernels']} | {by['aim_star']['kernels']} |"
             lines.append(line)
-    lines += ["", f"Batch {args.batch}; top-level `aten::` operators, i.e. what Python dispatches (each is at least one "
-              "kernel launch on a GPU).", ""]
+    lines += ["", f"Batch {args.batch}; top-level `aten::` operators (what Python dispatches, views included; on a GPU "
+              "the kernels columns count launches).", ""]
     return rows, lines
 
 
@@ -685,6 +760,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += part_lines
     if "ntp" in parts:
         results["ntp"], part_lines = part_ntp(args, device)
+        lines += part_lines
+    if "rss" in parts:
+        results["rss"], part_lines = part_rss(args, device)
         lines += part_lines
     if "ops" in parts:
         results["ops"], part_lines = part_ops(args, device)

@@ -200,7 +200,8 @@ MAX_CHUNKS = 16
 """Full AIM processes its B·H·S (head, query segment) rows in about this many chunks: the
 temporaries of one chunk (a few (h, L, rows) tensors) then stay a small fraction of the attention
 tensors, and the loop stays short enough for a GPU (each chunk dispatches ~300 operators, forward
-and backward; 32 chunks measured 13 MB / 8.8K operators, 16 chunks 15 MB / 4.5K at L=512, `make bench`)."""
+and backward; measured at L=512, batch 1, SmolLM2's heads: 32 chunks 13 MB extra / 8.8K operators,
+16 chunks 15 MB / 4.5K)."""
 
 
 @dataclass
@@ -243,7 +244,8 @@ def _chunks(t_pos: Tensor, s_pos: Tensor, t_seg: Tensor, s_seg: Tensor, heads: i
     Query rows are independent (every per-pair term belongs to one query segment i; the value
     gradients are sums over i), so a chunk can hold a few heads or part of one head's rows."""
     batch, n_segments = t_pos.shape
-    per_chunk = max(1, -(-batch * heads * n_segments // MAX_CHUNKS))  # (head, row) pairs
+    per_chunk = max(1, -(-batch * heads * n_segments // MAX_CHUNKS),  # (head, row) pairs
+                    MIN_CHUNK_ELEMENTS // max(t_seg.shape[1], s_seg.shape[1], 1))
     head_step = max(1, min(heads, per_chunk // max(n_segments, 1)))
     row_step = max(1, min(n_segments, per_chunk))
     for b in range(batch):
@@ -287,6 +289,9 @@ def _query_rows(attn: Tensor, b: int, heads: slice, positions: Tensor, dtype: to
     product) copies contiguous rows."""
     return attn[b, heads].index_select(1, positions).to(dtype).transpose(1, 2).contiguous()
 
+
+MIN_CHUNK_ELEMENTS = 2**16
+"""... but a chunk holds at least this many (row, token) entries: short sequences take one chunk."""
 
 BAND_GROUP_ELEMENTS = 2**19
 """The banded products gather the band's tokens for several offsets r at once: as many as keep one

@@ -166,8 +166,12 @@ def test_head_chunking_does_not_change_the_result(monkeypatch, loss):
 
     p = random_problem(7, torch.float64)
     results = []
-    for chunks in (1, 5, 1000):  # all heads of a sequence at once, a few heads, parts of one head's rows
+    monkeypatch.setattr(objectives, "MIN_CHUNK_ELEMENTS", 0)  # these sequences are short: let them split
+    # all heads of a sequence at once, a few heads, parts of one head's rows; band offsets one at a
+    # time or all gathered together
+    for chunks, band_group in ((1, 2**19), (5, 2**19), (1000, 2**19), (5, 1), (1000, 1)):
         monkeypatch.setattr(objectives, "MAX_CHUNKS", chunks)
+        monkeypatch.setattr(objectives, "BAND_GROUP_ELEMENTS", band_group)
         value = call(aim_loss, p, impl="aim", loss=loss)
         results.append((value, *torch.autograd.grad(value, [p["s_attn"], p["s_kv"]])))
     for other in results[1:]:
@@ -281,8 +285,13 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_efficient_path_never_allocates_pairwise_value_tensors():
-    # L² · D and B·H·S²·D dwarf everything O(B·H·L²), O(B·H·L·D) or O(B·H·S·L) here.
+def test_efficient_path_never_allocates_pairwise_value_tensors(monkeypatch):
+    """L² · D and B·H·S²·D dwarf everything O(B·H·L²), O(B·H·L·D) or O(B·H·S·L) here. The banded
+    products may gather several band offsets at once, up to `BAND_GROUP_ELEMENTS` entries (a fixed
+    budget, 2 MB): shrunk here to one offset's worth, so that the bound is the asymptotic one."""
+    import matt.objectives as objectives
+
+    monkeypatch.setattr(objectives, "BAND_GROUP_ELEMENTS", 1)
     batch, heads, dim, n_segments = 1, 2, 64, 12
     seg = make_seg([[2] * n_segments], bos=1, length=2 * n_segments + 1)  # L = 25
     length = seg.shape[1]
