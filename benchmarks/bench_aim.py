@@ -6,7 +6,8 @@
 
 Every measurement runs in a fresh spawned process, so "peak memory" is that configuration's own
 high-water mark: CUDA `max_memory_allocated` on a GPU, else the growth of the process's peak RSS
-over its resident size right before the measured call (inputs and models already built). Timings
+over its resident size right before the measured call (inputs and models already built; on Linux the
+high-water mark is reset there, so a peak reached while building them does not count). Timings
 are medians over repeats after a warm-up. Results are reported as ratios within this one run — the
 machines are noisy, absolute numbers are only indicative — and written as markdown + JSON to
 `bench_results/`.
@@ -77,6 +78,25 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _reset_peak_rss() -> bool:
+    """Linux: reset the process's resident high-water mark (VmHWM), so that a peak reached while the
+    inputs were built does not count as the measured call's. False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 class PeakMemory:
     """Extra memory at the high-water mark of the block (CUDA allocator, else peak RSS growth)."""
 
@@ -91,6 +111,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            self.hwm = _reset_peak_rss()
             self.start = _rss_bytes()
         return self
 
@@ -101,7 +122,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.extra = torch.cuda.max_memory_allocated() - self.start
         else:
-            self.extra = max(0, _peak_rss_bytes() - self.start)
+            self.extra = max(0, (_vm_hwm_bytes() if self.hwm else _peak_rss_bytes()) - self.start)
         return False
 
 
@@ -373,7 +394,7 @@ def gemma_step_worker(kind: str, batch: int, length: int, steps: int, warmup: in
     stamps: list[float] = []
     config = MATTConfig(max_steps=steps + warmup, batch_size=batch, lr=1e-3, shuffle=False, log_every_n_steps=1,
                         progress_bar=False, precision=precision, cpu=device == "cpu", with_ntp=with_ntp,
-                        output_embeddings="ntp" if with_ntp else "keep_init", ntp_scope="head")
+                        output_embeddings="ntp" if with_ntp else "keep_init", ntp_scope="head" if with_ntp else "all")
     train(config, teacher, student, data, AIMCollator(0, 0), log_fns=[lambda metrics, step: stamps.append(metrics["elapsed_s"])])
     seconds = (stamps[-1] - stamps[warmup - 1]) / steps
     return {"kind": kind, "seconds": seconds, "tokens_per_s": batch * length / seconds,
