@@ -111,6 +111,8 @@ def transfer_rows(output_root: Path) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="run every stage at toy sizes on CPU")
+    parser.add_argument("--bench-parts", default=None,
+                        help="benchmark parts (default: loss,step,ntp,ops on CUDA; ntp,ops with --cpu-smoke)")
     parser.add_argument("--out", default=str(ROOT / "gpu_check"))
     args = parser.parse_args(argv)
 
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. the benchmark on the device
     bench_out = out / "bench"
-    bench = [python, "benchmarks/bench_aim.py", "--device", device, "--parts", "loss,step,ntp,ops", "--out", str(bench_out)]
+    parts = args.bench_parts or ("ntp,ops" if args.cpu_smoke else "loss,step,ntp,ops")
+    bench = [python, "benchmarks/bench_aim.py", "--device", device, "--parts", parts, "--out", str(bench_out)]
     bench += ["--quick"] if args.cpu_smoke else ["--in-process", "--lengths", "512", "--repeats", "3", "--steps", "3"]
     code, seconds = run_stage("benchmark", bench, out / "bench.log", 180)
     failed |= code != 0
