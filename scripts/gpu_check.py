@@ -87,6 +87,10 @@ def bench_rows(results: dict) -> list[tuple[str, str]]:
     if len(heads) >= 2:
         rows.append(("bench: chunked head-term peak memory vs vocabulary",
                      ", ".join(f"{r['vocab']:,} rows: +{r['peak_extra_mb']:.0f} MB" for r in heads)))
+    for r in results.get("ops", []):
+        if r["impl"] == "aim":
+            kernels = f", {r['kernels']} CUDA kernels" if r.get("kernels") is not None else ""
+            rows.append((f"bench: full AIM loss call {r['shape']} L={r['L']}", f"{r['ops']} aten ops{kernels}"))
     return rows
 
 
