@@ -6,7 +6,8 @@
 
 Every measurement runs in a fresh spawned process, so "peak memory" is that configuration's own
 high-water mark: CUDA `max_memory_allocated` on a GPU, else the growth of the process's peak RSS
-over its resident size right before the measured call (inputs and models already built). Timings
+over its resident size right before the measured call (inputs and models already built; on Linux the
+high-water mark is reset there, so a peak reached while building them does not count). Timings
 are medians over repeats after a warm-up. Results are reported as ratios within this one run — the
 machines are noisy, absolute numbers are only indicative — and written as markdown + JSON to
 `bench_results/`.
@@ -22,6 +23,14 @@ Parts:
    outputs at every layer + naive AIM, as the original library does) and a full-depth NTP step.
 3. Tokens per second and peak RSS of each step; the MATT step in fp32 and under bf16 autocast
    (loss difference reported), which decides the CPU precision default.
+4. (`ntp`) The NTP-fitted LM head on Gemma 3 270M shapes (random weights, vocabulary 262,144 + 8,192
+   new rows, shared rows frozen): the `matt.trainer.train` step with the head vs AIM only, and the
+   head term alone — chunked `lm_head_cross_entropy` vs full logits + `F.cross_entropy` — in time
+   and peak memory at two vocabulary sizes.
+5. (`rss`) Resident memory at steps 20, 100 and 200 of a SmolLM2-135M transfer (real weights from
+   $MATT_ASSETS; skipped without them).
+6. (`ops`) Operators per AIM loss call (forward + backward) counted with torch.profiler, and CUDA
+   kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -46,6 +55,11 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rms_norm_eps=1e-5, tie_word_embeddings=True)
 STUDENT_VOCAB = 16384
+GEMMA3_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                   sliding_window=512, max_position_embeddings=32768, tie_word_embeddings=True)
+GEMMA3_NEW_ROWS = 8192
+"""New (trainable) rows of the extended Gemma 3 vocabulary (`demo_gemma3`'s tokenizer.num_new_tokens)."""
 NAIVE_LIMIT_BYTES = 6 * 2**30
 """Skip the naive reference where its (B,H,S,L,D) tensors alone would exceed this."""
 
@@ -64,6 +78,25 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _reset_peak_rss() -> bool:
+    """Linux: reset the process's resident high-water mark (VmHWM), so that a peak reached while the
+    inputs were built does not count as the measured call's. False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 class PeakMemory:
     """Extra memory at the high-water mark of the block (CUDA allocator, else peak RSS growth)."""
 
@@ -78,6 +111,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            self.hwm = _reset_peak_rss()
             self.start = _rss_bytes()
         return self
 
@@ -88,7 +122,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.extra = torch.cuda.max_memory_allocated() - self.start
         else:
-            self.extra = max(0, _peak_rss_bytes() - self.start)
+            self.extra = max(0, (_vm_hwm_bytes() if self.hwm else _peak_rss_bytes()) - self.start)
         return False
 
 
@@ -203,16 +237,17 @@ def _smollm2(n_layers: int | None, attn: str, vocab: int = STUDENT_VOCAB):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
 
 
-def _synthetic_examples(n: int, length: int, student_length: int, n_segments: int, seed: int = 0):
+def _synthetic_examples(n: int, length: int, student_length: int, n_segments: int, seed: int = 0,
+                        teacher_vocab: int = SMOLLM2_135M["vocab_size"], student_vocab: int = STUDENT_VOCAB):
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
         t_seg = _segment_ids([length], n_segments, 1, rng)[0].tolist()
         s_seg = _segment_ids([student_length], n_segments, 0, rng)[0].tolist()
         examples.append({
-            "teacher_input_ids": [1] + [rng.randrange(2, SMOLLM2_135M["vocab_size"]) for _ in range(length - 1)],
+            "teacher_input_ids": [1] + [rng.randrange(2, teacher_vocab) for _ in range(length - 1)],
             "teacher_segment_ids": t_seg,
-            "student_input_ids": [rng.randrange(2, STUDENT_VOCAB) for _ in range(student_length)],
+            "student_input_ids": [rng.randrange(2, student_vocab) for _ in range(student_length)],
             "student_segment_ids": s_seg,
         })
     return examples
@@ -319,8 +354,237 @@ def step_worker(kind: str, n_layers: int, batch: int, length: int, steps: int, w
 
 
 # ------------------------------------------------------------------------------------------------
+# part 4: the NTP-fitted LM head on a 262K vocabulary (Gemma 3 270M shapes)
+# ------------------------------------------------------------------------------------------------
+def _gemma3(vocab: int):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**{**GEMMA3_270M, "vocab_size": vocab})).eval()
+
+
+def _autocast_bf16(precision: str, device: str) -> bool:
+    from matt.config import resolve_mixed_precision
+
+    return resolve_mixed_precision(precision, cpu=device == "cpu") == "bf16"
+
+
+def gemma_step_worker(kind: str, batch: int, length: int, steps: int, warmup: int, precision: str,
+                      device: str, teacher_vocab: int = GEMMA3_270M["vocab_size"]) -> dict:
+    """One `matt.trainer.train` step on Gemma 3 270M shapes: AIM only, or AIM + the NTP-fitted head
+    (`output_embeddings=ntp`, `ntp_scope=head`; the 262,144 shared rows frozen, 8,192 new rows train)."""
+    import datasets
+    import torch
+
+    from matt.config import MATTConfig
+    from matt.data import AIMCollator
+    from matt.modeling import Gemma3ForAIM
+    from matt.trainer import train
+
+    student_vocab = teacher_vocab + GEMMA3_NEW_ROWS
+    with_ntp = kind == "ntp_head"
+    teacher = Gemma3ForAIM(_gemma3(teacher_vocab), n_layers=6,
+                           frozen_embeddings_mask=torch.ones(teacher_vocab, dtype=torch.bool))
+    frozen = torch.zeros(student_vocab, dtype=torch.bool)
+    frozen[:teacher_vocab] = True
+    student = Gemma3ForAIM(_gemma3(student_vocab), n_layers=6, frozen_embeddings_mask=frozen, with_ntp=with_ntp)
+    data = datasets.Dataset.from_list(_synthetic_examples(batch * (steps + warmup), length, length, length // 2,
+                                                          teacher_vocab=teacher_vocab, student_vocab=student_vocab))
+    stamps: list[float] = []
+    config = MATTConfig(max_steps=steps + warmup, batch_size=batch, lr=1e-3, shuffle=False, log_every_n_steps=1,
+                        progress_bar=False, precision=precision, cpu=device == "cpu", with_ntp=with_ntp,
+                        output_embeddings="ntp" if with_ntp else "keep_init", ntp_scope="head" if with_ntp else "all")
+    train(config, teacher, student, data, AIMCollator(0, 0), log_fns=[lambda metrics, step: stamps.append(metrics["elapsed_s"])])
+    seconds = (stamps[-1] - stamps[warmup - 1]) / steps
+    return {"kind": kind, "seconds": seconds, "tokens_per_s": batch * length / seconds,
+            "peak_rss_mb": _peak_rss_bytes() / 2**20}
+
+
+def head_worker(impl: str, vocab: int, tokens: int, detach: bool, repeats: int, precision: str, device: str,
+                measure: str = "both") -> dict:
+    """The NTP head term alone (forward + backward) on `tokens` hidden states of Gemma 3's width:
+    `chunked` (`lm_head_cross_entropy`) or `plain` (full logits from the head + F.cross_entropy)."""
+    import torch
+    import torch.nn.functional as F
+
+    from matt.modeling import PartlyFrozenEmbedding
+    from matt.modeling.embeddings import EmbeddingLMHead
+    from matt.modeling.lm_head_loss import lm_head_cross_entropy
+
+    torch.manual_seed(0)
+    dim, rows = GEMMA3_270M["hidden_size"], vocab + GEMMA3_NEW_ROWS
+    frozen = torch.zeros(rows, dtype=torch.bool)
+    frozen[:vocab] = True
+    head = EmbeddingLMHead(PartlyFrozenEmbedding(torch.randn(rows, dim) * 0.02, frozen)).to(device)
+    bf16 = _autocast_bf16(precision, device)
+
+    def inputs(n):
+        hidden = torch.randn(n, dim, device=device).requires_grad_(not detach)
+        return hidden, torch.randint(0, rows, (n,), device=device)
+
+    def step(hidden, labels):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            if impl == "chunked":
+                loss = lm_head_cross_entropy(head, hidden, labels)
+            else:
+                loss = F.cross_entropy(head(hidden).float(), labels)
+        loss.backward()
+        head.table.trainable.grad = hidden.grad = None
+        return loss.item()
+
+    step(*inputs(8))  # lazy initialisation inside torch is not the head's memory
+    hidden, labels = inputs(tokens)
+    extra = seconds = None
+    if measure in ("memory", "both"):
+        with PeakMemory(device) as memory:
+            value = step(hidden, labels)
+        extra = memory.extra / 2**20
+    else:
+        value = step(hidden, labels)
+    if measure in ("time", "both"):
+        seconds = _timed(lambda: step(hidden, labels), repeats, device)
+    return {"impl": impl, "vocab": vocab, "rows": rows, "tokens": tokens, "detach": detach, "bf16": bf16,
+            "seconds": seconds, "peak_extra_mb": extra, "loss": value}
+
+
+# ------------------------------------------------------------------------------------------------
+# part 5: resident memory over a 200-step SmolLM2 transfer
+# ------------------------------------------------------------------------------------------------
+def rss_worker(steps: int, marks: tuple[int, ...], batch: int, max_length: int, precision: str, device: str,
+               assets: str) -> dict:
+    """`matt.trainer.train` on the real SmolLM2-135M (teacher) and a copy with a 16K vocabulary (student,
+    half its rows frozen), demo-like: AIM at layer 10 + NTP-fitted head (`ntp_scope=head`); sequences of
+    varying length (64..max_length) as real documents give. Records the resident set at `marks`."""
+    import datasets
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from matt.config import MATTConfig
+    from matt.data import AIMCollator
+    from matt.modeling import LlamaForAIM
+    from matt.trainer import train
+
+    path = Path(assets) / "smollm2_135m"
+    teacher_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    student_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    student_model.resize_token_embeddings(STUDENT_VOCAB)
+    vocab = teacher_model.config.vocab_size
+    teacher = LlamaForAIM(teacher_model, n_layers=10, frozen_embeddings_mask=torch.ones(vocab, dtype=torch.bool))
+    frozen = torch.zeros(STUDENT_VOCAB, dtype=torch.bool)
+    frozen[:STUDENT_VOCAB // 2] = True
+    student = LlamaForAIM(student_model, n_layers=10, frozen_embeddings_mask=frozen, with_ntp=True)
+    rng = random.Random(0)
+    examples = []
+    for _ in range(batch * steps):
+        length = rng.randint(64, max_length)
+        examples += _synthetic_examples(1, length, int(length * rng.uniform(0.5, 0.9)), rng.randint(4, length // 4),
+                                        seed=rng.randrange(2**31), teacher_vocab=vocab)
+    data = datasets.Dataset.from_list(examples)
+    config = MATTConfig(max_steps=steps, batch_size=batch, lr=3e-4, log_every_n_steps=1, progress_bar=False,
+                        precision=precision, cpu=device == "cpu", with_ntp=True, output_embeddings="ntp",
+                        ntp_scope="head", shuffle=False)
+    process, rss = psutil.Process(), {}
+
+    def record(metrics, step):
+        if step in marks:
+            rss[step] = process.memory_info().rss / 2**20
+
+    train(config, teacher, student, data, AIMCollator(2, 0), log_fns=[record])
+    return {"rss_mb": rss, "steps": steps}
+
+
+def part_rss(args, device: str) -> tuple[list[dict], list[str]]:
+    import os
+
+    assets = os.environ.get("MATT_ASSETS", str(ROOT / "assets"))
+    if not (Path(assets) / "smollm2_135m").exists():
+        return [], ["## 5. Resident memory over a transfer", "",
+                    f"Skipped: no SmolLM2-135M asset under {assets} (`make assets` or set MATT_ASSETS).", ""]
+    steps, marks = (30, (5, 30)) if args.quick else (200, (20, 100, 200))
+    row = run_isolated(rss_worker, steps=steps, marks=marks, batch=4, max_length=256, precision=args.precision,
+                       device=device, assets=assets)
+    rss = {int(k): v for k, v in row["rss_mb"].items()}
+    first, last = rss[marks[0]], rss[marks[-1]]
+    print(f"  rss: {rss}", flush=True)
+    lines = ["## 5. Resident memory over a transfer", "",
+             f"SmolLM2-135M (real weights) → 16K vocabulary, AIM at layer 10 + NTP-fitted head, batch 4, sequences of "
+             f"64-256 tokens, {steps} steps: RSS " + ", ".join(f"{v:.0f} MB at step {k}" for k, v in sorted(rss.items()))
+             + f"; step {marks[-1]} / step {marks[0]} = {last / first:.3f} (target ≤ 1.05).", ""]
+    return [row], lines
+
+
+# ------------------------------------------------------------------------------------------------
+# part 6: operations per full-AIM loss call
+# ------------------------------------------------------------------------------------------------
+def ops_worker(impl: str, shape: str, length: int, batch: int, device: str) -> dict:
+    """Operators (and on CUDA, kernels) one loss call runs, forward + backward, by torch.profiler:
+    top-level `aten::` operators (those not called from inside another aten operator)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from matt.objectives import aim_loss
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    heads, kv_heads, dim = HEAD_SHAPES[shape]
+    n_segments = length // 2
+
+    def side(seq_len: int, lead: int, grad: bool):
+        logits = torch.randn(batch, heads, seq_len, seq_len, device=device)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        values = torch.randn(batch, heads, seq_len, dim, device=device)
+        seg = _segment_ids([seq_len] * batch, n_segments, lead, rng).to(device)
+        return attn.requires_grad_(grad), values.requires_grad_(grad), seg
+
+    teacher, student = side(length, 1, False), side(int(length * 0.8), 0, True)
+
+    def call():
+        aim_loss(*teacher, *student, impl=impl).backward()
+        student[0].grad = student[1].grad = None
+
+    call()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::")
+              and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device == "cuda" else None
+    return {"impl": impl, "shape": shape, "L": length, "batch": batch, "ops": ops, "kernels": kernels}
+
+
+def part_ops(args, device: str) -> tuple[list[dict], list[str]]:
+    lengths = [64] if args.quick else [int(x) for x in args.lengths.split(",")]
+    rows = [ops_worker(impl, shape, length, args.batch, device)
+            for shape in HEAD_SHAPES for length in lengths for impl in ("aim", "aim_star")]
+    lines = ["## 6. Operations per AIM loss call (forward + backward, torch.profiler)", "",
+             "| heads | L | full AIM aten ops | AIM* aten ops |" + (" full AIM kernels | AIM* kernels |" if device == "cuda" else ""),
+             "|---|---|---|---|" + ("---|---|" if device == "cuda" else "")]
+    for shape in HEAD_SHAPES:
+        for length in lengths:
+            by = {r["impl"]: r for r in rows if r["shape"] == shape and r["L"] == length}
+            line = f"| {shape} | {length} | {by['aim']['ops']} | {by['aim_star']['ops']} |"
+            if device == "cuda":
+                line += f" {by['aim']['kernels']} | {by['aim_star']['kernels']} |"
+            lines.append(line)
+    lines += ["", f"Batch {args.batch}; top-level `aten::` operators (what Python dispatches, views included; on a GPU "
+              "the kernels columns count launches).", ""]
+    return rows, lines
+
+
+# ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
+SPAWN = True
+"""False (`--in-process`): call the workers directly (on CUDA the allocator's peak statistics already
+isolate each measurement; saves a process start per measurement)."""
+
+
 def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
     """Run `fn(**kwargs)` in a fresh spawned process (its own memory high-water mark).
 
@@ -330,6 +594,16 @@ def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
     large allocation a fresh mmap (slow), so timings are taken in a separate process without it."""
     import os
 
+    if not SPAWN:
+        import gc
+
+        import torch
+
+        result = fn(**kwargs)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return result
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     if exact_rss:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
@@ -346,7 +620,7 @@ def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
 
 def part_loss(args, device: str) -> tuple[list[dict], list[str]]:
     rows, lines = [], ["## 1. AIM loss alone (forward + backward)", ""]
-    lengths = [64, 128] if args.quick else [128, 256, 512, 1024]
+    lengths = [64, 128] if args.quick else [int(x) for x in args.lengths.split(",")]
     for shape in HEAD_SHAPES:
         for length in lengths:
             for impl in ("aim", "aim_star", "naive"):
@@ -419,13 +693,68 @@ def part_step(args, device: str) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+def part_ntp(args, device: str) -> tuple[list[dict], list[str]]:
+    batch, length = (1, 64) if args.quick else (4, 256)
+    steps, warmup = (1, 1) if args.quick else (3, 1)
+    vocab = 16384 if args.quick else GEMMA3_270M["vocab_size"]
+    steps_rows = []
+    for kind in ("aim", "ntp_head"):
+        row = run_isolated(gemma_step_worker, kind=kind, batch=batch, length=length, steps=steps, warmup=warmup,
+                           precision=args.precision, device=device, teacher_vocab=vocab)
+        steps_rows.append(row)
+        print(f"  gemma3 step {kind}: {row['seconds']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    head_rows = []
+    vocabs = (8192, 32768) if args.quick else (65536, GEMMA3_270M["vocab_size"])
+    for head_vocab in vocabs:
+        for impl in ("chunked", "plain"):
+            kwargs = dict(impl=impl, vocab=head_vocab, tokens=batch * length, detach=True, repeats=max(1, args.repeats // 2),
+                          precision=args.precision, device=device)
+            if device == "cuda":
+                row = run_isolated(head_worker, **kwargs)
+            else:
+                row = run_isolated(head_worker, exact_rss=True, measure="memory", **kwargs)
+                row["seconds"] = run_isolated(head_worker, measure="time", **kwargs)["seconds"]
+            head_rows.append(row)
+            print(f"  head term V={head_vocab}+{GEMMA3_NEW_ROWS} {impl}: {row['seconds'] * 1e3:.0f} ms, "
+                  f"+{row['peak_extra_mb']:.0f} MB", flush=True)
+    aim, ntp = steps_rows
+    by = {(r["vocab"], r["impl"]): r for r in head_rows}
+    small, large = vocabs
+    mem = "CUDA allocator" if device == "cuda" else "peak RSS growth"
+    lines = [f"## 4. NTP-fitted LM head, Gemma 3 270M shapes (vocabulary {vocab:,} + {GEMMA3_NEW_ROWS:,} new rows, "
+             f"batch {batch}, L={length}, AIM at layer 6 of 18, {'bf16 autocast' if _autocast_bf16(args.precision, device) else 'float32'})",
+             "", "| step (`matt.trainer.train`) | s/step | peak RSS MB | / AIM-only |", "|---|---|---|---|"]
+    for row, label in ((aim, "AIM only (`output_embeddings=keep_init`)"),
+                       (ntp, "AIM + NTP-fitted head (`output_embeddings=ntp`, `ntp_scope=head`)")):
+        lines.append(f"| {label} | {row['seconds']:.2f} | {row['peak_rss_mb']:.0f} | {row['seconds'] / aim['seconds']:.2f}x |")
+    lines += ["", f"The head term alone (forward + backward, {batch * length} tokens, width {GEMMA3_270M['hidden_size']}, "
+              f"{GEMMA3_NEW_ROWS:,} trainable rows, detached head input as with `ntp_scope=head`): chunked "
+              "`lm_head_cross_entropy` vs full logits + `F.cross_entropy`.", "",
+              "| frozen rows | chunked ms | plain ms | plain / chunked time | chunked +MB | plain +MB |",
+              "|---|---|---|---|---|---|"]
+    for head_vocab in vocabs:
+        c, p = by[head_vocab, "chunked"], by[head_vocab, "plain"]
+        lines.append(f"| {head_vocab:,} | {c['seconds'] * 1e3:.0f} | {p['seconds'] * 1e3:.0f} | "
+                     f"{p['seconds'] / c['seconds']:.2f}x | {c['peak_extra_mb']:.0f} | {p['peak_extra_mb']:.0f} |")
+    lines += ["", f"Targets: NTP-head step ≤ 2x the AIM-only step — measured {ntp['seconds'] / aim['seconds']:.2f}x; "
+              f"head-term peak memory independent of the vocabulary — chunked {by[large, 'chunked']['peak_extra_mb']:.0f} MB "
+              f"at {large:,} vs {by[small, 'chunked']['peak_extra_mb']:.0f} MB at {small:,} rows "
+              f"(plain: {by[large, 'plain']['peak_extra_mb']:.0f} vs {by[small, 'plain']['peak_extra_mb']:.0f} MB). "
+              f"'+MB' = {mem} during the call.", ""]
+    return steps_rows + head_rows, lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="loss,step", help="comma-separated: loss, step")
+    parser.add_argument("--parts", default="loss,step,ntp,rss,ops", help="comma-separated: loss, step, ntp, rss, ops")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--batch", type=int, default=1, help="batch size of part 1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per variant (part 2)")
+    parser.add_argument("--lengths", default="128,256,512,1024", help="teacher lengths of parts loss and ops")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no process per measurement (for CUDA: peak memory comes from the allocator)")
+    parser.add_argument("--precision", default="auto", help="precision of parts ntp (MATTConfig.precision)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args(argv)
@@ -433,6 +762,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.in_process:
+        if device != "cuda":
+            parser.error("--in-process measures peak memory with the CUDA allocator: use it with --device cuda")
+        global SPAWN
+        SPAWN = False
     header = [f"# MATT benchmark ({time.strftime('%Y-%m-%d %H:%M')})", "",
               f"Device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}"
               f" ({device}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -444,6 +778,15 @@ def main(argv: list[str] | None = None) -> None:
         lines += part_lines
     if "step" in parts:
         results["step"], part_lines = part_step(args, device)
+        lines += part_lines
+    if "ntp" in parts:
+        results["ntp"], part_lines = part_ntp(args, device)
+        lines += part_lines
+    if "rss" in parts:
+        results["rss"], part_lines = part_rss(args, device)
+        lines += part_lines
+    if "ops" in parts:
+        results["ops"], part_lines = part_ops(args, device)
         lines += part_lines
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

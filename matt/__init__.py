@@ -1,6 +1,8 @@
 """MATT — Model-Aware Tokenizer Transfer with Attention Influence Modeling (AIM)."""
 
-from matt.config import MATTConfig
+from matt.config import MATTConfig, bound_onednn_caches
+
+bound_onednn_caches()  # before any bf16 CPU kernel is built: keeps resident memory flat (see there)
 
 __version__ = "0.1.0"
 __all__ = ["MATT", "MATTConfig", "TransferResult", "__version__"]

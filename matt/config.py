@@ -27,6 +27,25 @@ PRECISIONS = {
 }
 
 
+ONEDNN_CACHE_CAPACITY = 64
+"""Entries kept by each of oneDNN's shape-keyed kernel caches (see `bound_onednn_caches`)."""
+
+
+def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Cap the two caches of compiled CPU kernels behind torch's bf16 (oneDNN) matmuls.
+
+    Each new input shape compiles and caches a kernel with its scratch memory: oneDNN's primitive
+    cache and ideep's LRU cache, 1024 entries each by default. Training on documents of varying
+    length under bf16 autocast meets a new shape almost every step, so the resident set grew by
+    ~4 MB per step on a tiny model (550 MB -> 1.4 GB in 300 steps; flat in float32 and with fixed
+    shapes). With both caches capped it stays flat. Both are read when the first oneDNN kernel is
+    built, so this runs on `import matt`; a value already in the environment is kept."""
+    import os
+
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(capacity))
+
+
 def native_bf16(cpu: bool = False) -> bool:
     """Whether the device training will run on computes bf16 natively (then bf16 autocast is faster).
 

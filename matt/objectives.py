@@ -196,10 +196,12 @@ class _PairwiseAIM(torch.autograd.Function):
         return grads["t_attn"], grads["tv"], grads["s_attn"], grads["sv"], *([None] * 6)
 
 
-MAX_CHUNKS = 32
+MAX_CHUNKS = 16
 """Full AIM processes its B·H·S (head, query segment) rows in about this many chunks: the
 temporaries of one chunk (a few (h, L, rows) tensors) then stay a small fraction of the attention
-tensors, and the loop stays short enough for a GPU."""
+tensors, and the loop stays short enough for a GPU (each chunk dispatches ~300 operators, forward
+and backward; measured at L=512, batch 1, SmolLM2's heads: 32 chunks 13 MB extra / 8.8K operators,
+16 chunks 15 MB / 4.5K)."""
 
 
 @dataclass
@@ -211,12 +213,24 @@ class _Band:
 
 
 @dataclass
+class _Segments:
+    """Segment ids of one sequence's tokens, in the two forms the per-token products index with."""
+
+    index: Tensor  # (L,) segment of each token, 0 for tokens without one
+    member: Tensor  # (L, 1) bool: the token belongs to a segment
+
+    @classmethod
+    def of(cls, seg: Tensor) -> "_Segments":
+        return cls(seg.clamp_min(0), (seg >= 0).unsqueeze(-1))
+
+
+@dataclass
 class _Layout:
     """The segment structure of one sequence on both sides (shared by all its heads)."""
 
     batch: int
-    t_seg: Tensor
-    s_seg: Tensor
+    t_seg: _Segments
+    s_seg: _Segments
     tt: _Band  # teacher rows for teacher tokens
     ss: _Band  # student rows for student tokens
     ts: _Band  # teacher rows for student tokens
@@ -230,14 +244,15 @@ def _chunks(t_pos: Tensor, s_pos: Tensor, t_seg: Tensor, s_seg: Tensor, heads: i
     Query rows are independent (every per-pair term belongs to one query segment i; the value
     gradients are sums over i), so a chunk can hold a few heads or part of one head's rows."""
     batch, n_segments = t_pos.shape
-    per_chunk = max(1, -(-batch * heads * n_segments // MAX_CHUNKS))  # (head, row) pairs
+    per_chunk = max(1, -(-batch * heads * n_segments // MAX_CHUNKS),  # (head, row) pairs
+                    MIN_CHUNK_ELEMENTS // max(t_seg.shape[1], s_seg.shape[1], 1))
     head_step = max(1, min(heads, per_chunk // max(n_segments, 1)))
     row_step = max(1, min(n_segments, per_chunk))
     for b in range(batch):
         t_first, t_span = _segment_spans(t_seg[b], t_pos[b], n_segments)
         s_first, s_span = _segment_spans(s_seg[b], s_pos[b], n_segments)
         layout = _Layout(
-            batch=b, t_seg=t_seg[b], s_seg=s_seg[b], n_segments=n_segments,
+            batch=b, t_seg=_Segments.of(t_seg[b]), s_seg=_Segments.of(s_seg[b]), n_segments=n_segments,
             tt=_band(t_seg[b], t_first, t_span, t_seg[b]), ss=_band(s_seg[b], s_first, s_span, s_seg[b]),
             ts=_band(t_seg[b], t_first, t_span, s_seg[b]), st=_band(s_seg[b], s_first, s_span, t_seg[b]),
         )
@@ -275,46 +290,71 @@ def _query_rows(attn: Tensor, b: int, heads: slice, positions: Tensor, dtype: to
     return attn[b, heads].index_select(1, positions).to(dtype).transpose(1, 2).contiguous()
 
 
+MIN_CHUNK_ELEMENTS = 2**16
+"""... but a chunk holds at least this many (row, token) entries: short sequences take one chunk."""
+
+BAND_GROUP_ELEMENTS = 2**19
+"""The banded products gather the band's tokens for several offsets r at once: as many as keep one
+gathered (h, L, offsets, D or S) tensor within this many elements (2 MB in float32), so a typical
+band is a few gathers and reductions instead of three small operations per offset."""
+
+
+def _offset_groups(band: _Band, per_offset: int):
+    """Slices of band offsets r whose gathered tensors stay within `BAND_GROUP_ELEMENTS`."""
+    width = band.index.shape[1]
+    step = max(1, min(width, BAND_GROUP_ELEMENTS // max(per_offset, 1)))
+    return [slice(r, min(r + step, width)) for r in range(0, width, step)]
+
+
+def _gather_band(x: Tensor, band: _Band, offsets: slice) -> Tensor:
+    """(h, L_y, r, ...) rows x[h, index[j, r]] for the offsets r in `offsets`."""
+    index = band.index[:, offsets]
+    return x.index_select(1, index.reshape(-1)).view(x.shape[0], *index.shape, *x.shape[2:])
+
+
 def _band_gram(v_x: Tensor, v_y: Tensor, band: _Band) -> Tensor:
     """(h, L_y, w): <V_x[index[j, r]], V_y[j]> where valid, else 0."""
-    gram = torch.stack([(v_x.index_select(1, band.index[:, r]) * v_y).sum(-1) for r in range(band.index.shape[1])], dim=-1)
-    return gram * band.valid
+    groups = _offset_groups(band, v_y.shape[0] * v_y.shape[1] * v_y.shape[2])
+    grams = [(_gather_band(v_x, band, r) * v_y.unsqueeze(2)).sum(-1) for r in groups]
+    return (grams[0] if len(grams) == 1 else torch.cat(grams, dim=-1)) * band.valid
 
 
 def _band_apply(q_x: Tensor, gram: Tensor, band: _Band) -> Tensor:
     """x[h, j, i] = Σ_r q_x[h, index[j, r], i] · gram[h, j, r]  (h, L_y, S), token-major."""
-    out = q_x.index_select(1, band.index[:, 0]) * gram[..., 0, None]
-    for r in range(1, band.index.shape[1]):
-        out += q_x.index_select(1, band.index[:, r]) * gram[..., r, None]
+    out = None
+    for r in _offset_groups(band, q_x.shape[0] * band.index.shape[0] * q_x.shape[2]):
+        part = (_gather_band(q_x, band, r) * gram[..., r, None]).sum(2)
+        out = part if out is None else out + part
     return out
 
 
 def _band_pair_weights(weighted_q: Tensor, q_x: Tensor, band: _Band) -> Tensor:
     """P[h, j, r] = Σ_i weighted_q[h, j, i] · q_x[h, index[j, r], i] where valid, else 0."""
-    weights = torch.stack([(weighted_q * q_x.index_select(1, band.index[:, r])).sum(-1)
-                           for r in range(band.index.shape[1])], dim=-1)
-    return weights * band.valid
+    groups = _offset_groups(band, weighted_q.shape[0] * weighted_q.shape[1] * weighted_q.shape[2])
+    weights = [(_gather_band(q_x, band, r) * weighted_q.unsqueeze(2)).sum(-1) for r in groups]
+    return (weights[0] if len(weights) == 1 else torch.cat(weights, dim=-1)) * band.valid
 
 
 def _band_combine(weights: Tensor, v_x: Tensor, band: _Band) -> Tensor:
     """out[h, j] = Σ_r weights[h, j, r] · V_x[h, index[j, r]]  (h, L_y, D)."""
-    out = weights[..., 0, None] * v_x.index_select(1, band.index[:, 0])
-    for r in range(1, band.index.shape[1]):
-        out += weights[..., r, None] * v_x.index_select(1, band.index[:, r])
+    out = None
+    for r in _offset_groups(band, v_x.shape[0] * band.index.shape[0] * v_x.shape[2]):
+        part = (weights[..., r, None] * _gather_band(v_x, band, r)).sum(2)
+        out = part if out is None else out + part
     return out
 
 
-def _per_token(per_pair: Tensor, seg: Tensor) -> Tensor:
+def _per_token(per_pair: Tensor, seg: _Segments) -> Tensor:
     """(h, S_i, S_k) values per (query i, segment k) -> (h, L, S_i): the value of token j's segment
     (0 for a token without one), token-major."""
-    return per_pair.transpose(1, 2).index_select(1, seg.clamp_min(0)) * (seg >= 0).unsqueeze(-1)
+    return per_pair.transpose(1, 2).index_select(1, seg.index) * seg.member
 
 
-def _segment_sum(per_token: Tensor, seg: Tensor, n_segments: int) -> Tensor:
+def _segment_sum(per_token: Tensor, seg: _Segments, n_segments: int) -> Tensor:
     """(h, L, S_i) token-major -> (h, S_i, S_k): sum over the tokens of each segment k (tokens
     without a segment add 0)."""
     out = per_token.new_zeros(per_token.shape[0], n_segments, per_token.shape[2])
-    return out.index_add_(1, seg.clamp_min(0), per_token * (seg >= 0).unsqueeze(-1)).transpose(1, 2)
+    return out.index_add_(1, seg.index, per_token * seg.member).transpose(1, 2)
 
 
 @dataclass

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from matt.config import MATTConfig
@@ -38,10 +37,13 @@ LogFn = Callable[[dict[str, float], int], None]
 CHECKPOINT_FILE = "trainer_state.pt"
 
 
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over real (non-pad) target positions."""
+def next_token_loss(student, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over real (non-pad) target positions, from the LM head's input
+    `hidden_states`: the student's head computes it in chunks (`PreTrainedModelForAIM.lm_head_loss`),
+    never holding (tokens × vocabulary) logits, and only its trainable rows get gradients."""
     labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    return student.lm_head_loss(hidden_states[:, :-1], labels, ignore_index=-100)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -226,14 +228,14 @@ def train(
                 with sync:
                     # 2. student
                     with accelerator.autocast():
-                        s_out = student(s_ids, s_mask, return_logits=use_ntp,
+                        s_out = student(s_ids, s_mask, return_hidden_states=use_ntp,
                                         detach_head_input=config.ntp_scope == "head")
                         # 3. objective
                         aim = (aim_loss(t_attn, t_values, t_seg.to(t_attn.device), s_out.attn_probs, s_out.values,
                                         s_seg, impl=config.aim_impl, loss=config.loss)
                                if use_aim else torch.zeros((), device=accelerator.device))
                         if use_ntp:
-                            ntp = next_token_loss(s_out.logits, s_ids, s_mask)
+                            ntp = next_token_loss(student_module, s_out.hidden_states, s_ids, s_mask)
                             # dynamic scaling keeps both terms the same size; the scale carries no gradient
                             scale = (aim / ntp).detach() if use_aim else torch.ones((), device=ntp.device)
                             loss = aim + scale * ntp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import CUDA
 from torch import nn
 
 from matt.modeling import (
@@ -226,6 +227,25 @@ def test_teacher_and_student_of_the_same_model_capture_identical_tensors(family)
     s = student(ids, mask)
     assert torch.equal(t.attn_probs, s.attn_probs) and torch.equal(t.values, s.values)
     assert s.attn_probs.requires_grad and s.values.requires_grad
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_capture_on_the_device_matches_cpu(device, family):
+    """Capture at the AIM layer on the GPU (SDPA on the other layers) equals HF eager on CPU, and
+    under bf16 autocast keeps float32 probabilities close to it."""
+    model = make_model(family)
+    ids, mask = padded_batch()
+    ref_probs, ref_values = hf_eager_reference(model, ids, mask, layer=1)
+    adapter = adapter_for(model)(model, n_layers=2, copy=True).to(device)
+    with torch.no_grad():
+        out = adapter(ids.to(device), mask.to(device))
+        with torch.autocast(device, dtype=torch.bfloat16):
+            mixed = adapter(ids.to(device), mask.to(device))
+    torch.testing.assert_close(out.attn_probs.cpu(), ref_probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.values.cpu(), ref_values, atol=1e-5, rtol=1e-4)
+    assert mixed.attn_probs.dtype == torch.float32
+    torch.testing.assert_close(mixed.attn_probs.cpu(), ref_probs, atol=3e-2, rtol=0)
 
 
 def test_capture_keeps_float32_probs_under_bf16_autocast():

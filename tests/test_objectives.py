@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
+from devices import CUDA, DEVICES
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from matt.objectives import AIM_IMPLS, LOSSES, aim_loss, naive_aim_loss, segment_last_positions
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [(impl, loss) for impl in AIM_IMPLS for loss in LOSSES]
 
 
@@ -74,6 +74,26 @@ def test_efficient_matches_naive_value_and_gradients(impl, loss, dtype, tol, see
     for fast, naive in zip(grads["fast"], grads["naive"]):
         torch.testing.assert_close(fast, naive, rtol=tol, atol=tol)
     assert grads["naive"][1].abs().sum() > 0 and grads["naive"][2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("impl,loss", CASES)
+def test_efficient_matches_naive_on_the_device(device, impl, loss):
+    """The same equivalence on the GPU (float32), and the device's value equals the CPU's."""
+    for seed in range(2):
+        p = random_problem(seed)
+        t_attn, t_values, t_seg = p["t_attn"].to(device), p["t_values"].to(device), p["t_seg"].to(device)
+        s_attn = p["s_attn"].detach().to(device).requires_grad_()
+        s_kv = p["s_kv"].detach().to(device).requires_grad_()
+        s_seg = p["s_seg"].to(device)
+        results = []
+        for fn in (aim_loss, naive_aim_loss):
+            value = fn(t_attn, t_values, t_seg, s_attn, s_kv.repeat_interleave(2, dim=1), s_seg, impl=impl, loss=loss)
+            results.append((value, *torch.autograd.grad(value, [s_attn, s_kv])))
+        for fast, naive in zip(*results):
+            torch.testing.assert_close(fast, naive, rtol=2e-5, atol=2e-5)
+        cpu_value = call(aim_loss, p, impl=impl, loss=loss)
+        torch.testing.assert_close(results[0][0].cpu(), cpu_value, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -146,8 +166,12 @@ def test_head_chunking_does_not_change_the_result(monkeypatch, loss):
 
     p = random_problem(7, torch.float64)
     results = []
-    for chunks in (1, 5, 1000):  # all heads of a sequence at once, a few heads, parts of one head's rows
+    monkeypatch.setattr(objectives, "MIN_CHUNK_ELEMENTS", 0)  # these sequences are short: let them split
+    # all heads of a sequence at once, a few heads, parts of one head's rows; band offsets one at a
+    # time or all gathered together
+    for chunks, band_group in ((1, 2**19), (5, 2**19), (1000, 2**19), (5, 1), (1000, 1)):
         monkeypatch.setattr(objectives, "MAX_CHUNKS", chunks)
+        monkeypatch.setattr(objectives, "BAND_GROUP_ELEMENTS", band_group)
         value = call(aim_loss, p, impl="aim", loss=loss)
         results.append((value, *torch.autograd.grad(value, [p["s_attn"], p["s_kv"]])))
     for other in results[1:]:
@@ -261,8 +285,13 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_efficient_path_never_allocates_pairwise_value_tensors():
-    # L² · D and B·H·S²·D dwarf everything O(B·H·L²), O(B·H·L·D) or O(B·H·S·L) here.
+def test_efficient_path_never_allocates_pairwise_value_tensors(monkeypatch):
+    """L² · D and B·H·S²·D dwarf everything O(B·H·L²), O(B·H·L·D) or O(B·H·S·L) here. The banded
+    products may gather several band offsets at once, up to `BAND_GROUP_ELEMENTS` entries (a fixed
+    budget, 2 MB): shrunk here to one offset's worth, so that the bound is the asymptotic one."""
+    import matt.objectives as objectives
+
+    monkeypatch.setattr(objectives, "BAND_GROUP_ELEMENTS", 1)
     batch, heads, dim, n_segments = 1, 2, 64, 12
     seg = make_seg([[2] * n_segments], bos=1, length=2 * n_segments + 1)  # L = 25
     length = seg.shape[1]

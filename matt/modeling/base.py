@@ -32,6 +32,7 @@ from torch import nn
 
 from matt.modeling.capture import AIM_ATTENTION, AIMCapture, StopForward, attach_capture
 from matt.modeling.embeddings import EmbeddingLMHead, PartlyFrozenEmbedding
+from matt.modeling.lm_head_loss import IGNORE_INDEX, lm_head_cross_entropy
 
 OutputMode = Literal["tied", "keep_init", "ntp"]
 OUTPUT_MODES = ("tied", "keep_init", "ntp")
@@ -45,11 +46,13 @@ class AIMOutput:
     attn_probs: (B, H, L, L) float32 softmax probabilities, masks applied as the model applies them.
     values: (B, H, L, D) float32 value states, KV heads repeated to the H query heads.
     logits: (B, L, V) when asked for with `return_logits=True`, else None.
+    hidden_states: (B, L, D) the LM head's input, when asked for with `return_hidden_states=True`.
     """
 
     attn_probs: torch.Tensor
     values: torch.Tensor
     logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
 
 
 def default_n_layers(num_hidden_layers: int) -> int:
@@ -263,37 +266,66 @@ class PreTrainedModelForAIM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         detach_head_input: bool = False,
+        return_hidden_states: bool = False,
     ) -> AIMOutput:
-        """Attention probabilities and values at the AIM layer (+ logits if `return_logits`).
+        """Attention probabilities and values at the AIM layer (+ logits if `return_logits`, + the
+        LM head's input if `return_hidden_states`).
 
-        Without `return_logits` the forward stops right after the AIM layer's attention. With
-        `detach_head_input` the LM head sees detached hidden states: a loss on the logits then
-        trains the head only, never the layers' inputs.
+        Without either the forward stops right after the AIM layer's attention. With
+        `return_hidden_states` the model runs up to its LM head and stops there (no logits are
+        computed; `lm_head_loss` turns the hidden states into the next-token loss in chunks).
+        With `detach_head_input` nothing computed after the AIM layer is differentiable w.r.t. the
+        inputs: the layers above the AIM layer run on a detached copy of its output (so they record
+        no autograd graph), and a loss on the logits trains the LM head only.
         """
-        if return_logits and not self.with_ntp:
-            raise ValueError("return_logits=True needs the full model: wrap it with with_ntp=True")
+        wants_head = return_logits or return_hidden_states
+        if wants_head and not self.with_ntp:
+            raise ValueError("return_logits / return_hidden_states need the full model: wrap it with with_ntp=True")
+        if return_logits and return_hidden_states:
+            raise ValueError("ask for either return_logits or return_hidden_states, not both")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        self._capture.reset(stop_after_capture=not return_logits)
-        logits = None
-        hook = (self.causal_lm.get_output_embeddings().register_forward_pre_hook(_detach_first_input)
-                if return_logits and detach_head_input else None)
+        self._capture.reset(stop_after_capture=not wants_head)
+        logits, head_input = None, []
+        head = self.causal_lm.get_output_embeddings()
+        hooks = []
+        if wants_head and detach_head_input:
+            above = self.aim_layer + 1
+            layers = self.get_layers()
+            target = layers[above] if above < len(layers) else head
+            hooks.append(target.register_forward_pre_hook(_detach_hidden_states, with_kwargs=True))
+        if return_hidden_states:
+            hooks.append(head.register_forward_pre_hook(_stop_at_head(head_input)))
         try:
             logits = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        except StopForward:
-            pass  # the AIM layer's attention was captured; nothing after it was needed
+        except (StopForward, _HeadReached):
+            pass  # what was asked for is recorded; nothing after it was needed
         except BaseException:
             self._capture.reset(stop_after_capture=True)  # drop half-recorded tensors
             raise
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         attn_probs, values = self._capture.take()
-        return AIMOutput(attn_probs=attn_probs, values=values, logits=logits)
+        hidden_states = None
+        if return_hidden_states:
+            if not head_input:
+                raise RuntimeError(f"{self._model_name()} never called its LM head: no hidden states to return")
+            hidden_states = head_input[0].detach() if detach_head_input else head_input[0]
+        return AIMOutput(attn_probs=attn_probs, values=values, logits=logits, hidden_states=hidden_states)
+
+    def lm_head_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """Mean cross-entropy of the LM head's logits on `hidden_states` (B, L, D) against `labels`
+        (B, L; `ignore_index` = skip), equal to `F.cross_entropy` on this model's logits (with its
+        final soft-capping) but computed in chunks: no (tokens × vocabulary) tensor, no gradient for
+        frozen head rows (see `matt.modeling.lm_head_loss`)."""
+        softcap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+        return lm_head_cross_entropy(self.causal_lm.get_output_embeddings(), hidden_states, labels,
+                                     softcap=softcap, ignore_index=ignore_index)
 
     # ---- student helpers -----------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -367,8 +399,22 @@ class PreTrainedModelForAIM(nn.Module):
                 f"with_ntp={self.with_ntp}, tied={self.is_tied}, output_mode={self.output_mode}")
 
 
-def _detach_first_input(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].detach(), *args[1:])
+class _HeadReached(Exception):
+    """Raised by the LM head's pre-hook once its input is recorded (the logits are not needed)."""
+
+
+def _stop_at_head(store: list):
+    def hook(module: nn.Module, args: tuple):
+        store.append(args[0])
+        raise _HeadReached
+    return hook
+
+
+def _detach_hidden_states(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the module's hidden-states input (first positional or keyword) detached."""
+    if args:
+        return (args[0].detach(), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
 
 
 def attention_geometry(adapter: PreTrainedModelForAIM) -> dict[str, object]:
