@@ -237,8 +237,8 @@ class MLflowTracker(Tracker):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        with store_lock(tracking_uri):  # the first use of a fresh store creates its schema
+        with store_lock(tracking_uri):  # the first use of a fresh store (the client opens it) creates its schema
+            self.client = MlflowClient(tracking_uri=tracking_uri)
             if run_id is not None:
                 run = self.client.get_run(run_id)  # raises if the run is gone
                 self.client.update_run(run_id, status="RUNNING")
