@@ -189,3 +189,56 @@ def test_a_failing_emergency_save_does_not_hide_the_real_error(tmp_path, tokeniz
     monkeypatch.setattr(trainer_module.torch, "save", disk_full)
     with pytest.raises(Crash):
         run(tmp_path, tmp_path / "full", *tokenizers, log_fns=[crash_at(2)], save_every_n_steps=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9 (no exception handler runs): mid-run and mid-checkpoint, then resume
+# ------------------------------------------------------------------------------------------------
+KILLED_CHILD = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+import matt.trainer as trainer
+from matt.tiny import SAMPLE_TEXTS, train_tokenizer
+from test_reliability import run
+
+tmp, ckpt, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+teacher = train_tokenizer(SAMPLE_TEXTS * 4, vocab_size=400, style="byte_level")
+student = train_tokenizer(SAMPLE_TEXTS * 4, vocab_size=350, style="sentencepiece")
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+log_fns = []
+if mode == "mid_run":  # after step 4's update, before its checkpoint
+    log_fns.append(lambda metrics, step: kill() if step == 4 else None)
+else:  # the 4th checkpoint dies half-written
+    real_save, calls = trainer.torch.save, [0]
+    def save(obj, f):
+        calls[0] += 1
+        real_save(obj, f)
+        if calls[0] == 4:
+            data = Path(f).read_bytes()
+            Path(f).write_bytes(data[: len(data) // 2])
+            kill()
+    trainer.torch.save = save
+run(tmp, ckpt, teacher, student, log_fns=log_fns)
+"""
+
+
+@pytest.mark.parametrize("mode", ["mid_run", "mid_checkpoint"])
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, tokenizers, straight, mode):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    ckpt = tmp_path / mode
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tests.parent), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(tmp_path), str(ckpt), mode, str(tests)],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert saved_step(ckpt) == 3
+    resumed, rec = run(tmp_path, ckpt, *tokenizers, resume=True)
+    assert [s for s, _ in rec.rows] == [4, 5, 6]
+    torch.testing.assert_close(resumed.input_embeddings, straight[0].input_embeddings, rtol=0, atol=1e-6)
