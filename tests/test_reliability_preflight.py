@@ -67,6 +67,22 @@ def test_unparsable_file_names_the_file(paths, tmp_path):
     fails_fast(local(paths, data), r"data\.path: could not read .*broken\.jsonl as json")
 
 
+def test_evaluation_counts_empty_and_null_documents(caplog):
+    import datasets
+
+    from matt.pipeline.data import Documents
+    from matt.pipeline.evaluate import EvalSuite
+
+    validation = datasets.Dataset.from_dict({"text": [SAMPLE_TEXTS[0], None, "", SAMPLE_TEXTS[1], None]})
+    documents = Documents(train=datasets.Dataset.from_dict({"text": SAMPLE_TEXTS}), validation=validation,
+                          test=None, source="unit")
+    cfg = compose("transfer", ["experiment=smoke", "eval=quick", "eval.max_document_bytes=100"]).eval
+    suite = EvalSuite.build(cfg, documents)
+    assert suite.empty_documents == 3 and len(suite.texts) == 2
+    assert suite.describe()["eval/empty_documents"] == 3.0
+    assert "3 of 5 documents are empty or null" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------
 # paths that only a local file can mean are never sent to the Hub
 # ------------------------------------------------------------------------------------------------
