@@ -124,7 +124,9 @@ def check_finite_update(params, grad_norm: torch.Tensor, step: int) -> None:
 
 def embedding_row_norms(student_module, teacher_max_norm: float) -> dict[str, float]:
     """Input-embedding row norms of the student, and the largest one relative to the teacher's."""
-    norms = student_module.input_embedding_weight().float().norm(dim=-1)
+    weight = student_module.input_embedding_weight().float()
+    scale = weight.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    norms = (weight / scale[:, None]).norm(dim=-1) * scale  # scaled: huge finite rows do not overflow
     largest = float(norms.max())
     return {"embed_row_norm_mean": float(norms.mean()), "embed_row_norm_max": largest,
             "embed_row_norm_ratio": largest / max(teacher_max_norm, 1e-12)}
@@ -302,6 +304,16 @@ def train(
     def totals() -> dict[str, Any]:
         return {"wall_clock_s": prior_wall_s + time.perf_counter() - t0, "flops": completed_flops,
                 "metrics": last}
+
+    def save_checkpoint() -> Path:
+        """Checkpoint `completed`, unless its rows diverged (finite but far outside the teacher's scale)."""
+        ratio = embedding_row_norms(student_module, teacher_max_norm)["embed_row_norm_ratio"]
+        # `not ratio <= limit` also catches finite rows whose norm overflows; NaN/inf rows: `_save_checkpoint` names them
+        if not ratio <= ROW_NORM_LIMIT and _non_finite_state(params, optimizer) is None:
+            raise FloatingPointError(f"Not saving a checkpoint at step {completed[0]}: the embedding rows diverged "
+                                     f"({ratio:.4g}x the teacher's largest row norm); the previous checkpoint in "
+                                     f"{ckpt_dir} is kept")
+        return _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config, totals())
     progress = tqdm(total=config.max_steps, initial=start_step, desc="MATT", dynamic_ncols=True,
                     disable=not (config.progress_bar and accelerator.is_main_process))
 
@@ -393,13 +405,13 @@ def train(
             if ckpt_dir is not None and accelerator.is_main_process and (
                 (config.save_every_n_steps and done % config.save_every_n_steps == 0) or done == config.max_steps
             ):
-                _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config, totals())
+                save_checkpoint()
             accelerator.wait_for_everyone()
     except BaseException as exc:
         if ckpt_dir is not None and accelerator.is_main_process and completed[0] > start_step:
             # never let a failing save (a full disk, a non-finite state) replace the real error
             try:
-                path = _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config, totals())
+                path = save_checkpoint()
                 logger.error("Training interrupted after step %d; state saved to %s (resume=True continues)",
                              completed[0], path)
             except Exception as save_exc:

@@ -99,9 +99,10 @@ def test_nan_gradient_at_step_k_leaves_step_k_minus_1_checkpoint_resumable(tmp_p
     torch.testing.assert_close(resumed.input_embeddings, straight[0].input_embeddings, rtol=0, atol=1e-6)
 
 
-def test_non_finite_state_never_replaces_a_good_checkpoint(tmp_path, tokenizers):
-    """Rows poisoned right after step 3's update (as an overflowing update would leave them): neither the
-    periodic nor the emergency save may write them; the step-2 checkpoint stays as it was."""
+@pytest.mark.parametrize("value,message", [(float("inf"), "is non-finite"), (1e6, "the embedding rows diverged")])
+def test_non_finite_or_diverged_state_never_replaces_a_good_checkpoint(tmp_path, tokenizers, value, message):
+    """Rows poisoned right after step 3's update (as an overflowing or diverging update would leave them):
+    neither the periodic nor the emergency save may write them; the step-2 checkpoint stays as it was."""
     ckpt = tmp_path / "poison"
     students, good = [], {}
 
@@ -110,9 +111,9 @@ def test_non_finite_state_never_replaces_a_good_checkpoint(tmp_path, tokenizers)
             good["rows"] = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)["trainable"]
             with torch.no_grad():
                 for p in students[0].trainable_parameters():
-                    p.fill_(float("inf"))
+                    p.fill_(value)
 
-    with pytest.raises(FloatingPointError, match="Not saving a checkpoint at step 3"):
+    with pytest.raises(FloatingPointError, match=f"Not saving a checkpoint at step 3: .*{message}"):
         run(tmp_path, ckpt, *tokenizers, log_fns=[poison_at_3], on_student=students.append)
     assert saved_step(ckpt) == 2
     state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
@@ -124,8 +125,10 @@ def test_non_finite_state_never_replaces_a_good_checkpoint(tmp_path, tokenizers)
 def test_divergence_hidden_by_rmsnorm_stops_the_run(tmp_path, tokenizers):
     """lr=1e30: the AIM loss barely notices rows at 1e28 (RMSNorm divides the scale away), so without
     the row-norm watch the run 'finishes'; it must stop as diverged instead."""
+    ckpt = tmp_path / "diverge"
     with pytest.raises(FloatingPointError, match="Diverged at step 1: .*teacher's largest"):
-        run(tmp_path, tmp_path / "diverge", *tokenizers, lr=1e30, num_warmup_steps=0, gradient_clip_val=None)
+        run(tmp_path, ckpt, *tokenizers, lr=1e30, num_warmup_steps=0, gradient_clip_val=None)
+    assert not (ckpt / CHECKPOINT_FILE).exists()  # no checkpoint of the diverged rows
 
 
 def test_row_norms_are_logged_and_sane_in_a_normal_run(straight):
