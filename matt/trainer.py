@@ -122,11 +122,23 @@ def check_finite_update(params, grad_norm: torch.Tensor, step: int) -> None:
                                      f"{step} (the previous update overflowed): lower lr")
 
 
+def row_norms(weight: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+    """L2 norm of every row, in float32 chunks, scaled by the row's largest |value| so that huge
+    finite rows do not overflow (NaN/inf rows give NaN/inf)."""
+    norms = []
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start:start + chunk].detach().float()
+        scale = rows.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        norms.append((rows / scale[:, None]).norm(dim=-1) * scale)
+    return torch.cat(norms) if norms else torch.zeros(0)
+
+
 def embedding_row_norms(student_module, teacher_max_norm: float) -> dict[str, float]:
-    """Input-embedding row norms of the student, and the largest one relative to the teacher's."""
-    weight = student_module.input_embedding_weight().float()
-    scale = weight.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-    norms = (weight / scale[:, None]).norm(dim=-1) * scale  # scaled: huge finite rows do not overflow
+    """Norms of the student's trainable input-embedding rows (the frozen ones are the teacher's),
+    and the largest one relative to the teacher's largest."""
+    norms = row_norms(student_module.input_embeddings.trainable)
+    if norms.numel() == 0:
+        return {}
     largest = float(norms.max())
     return {"embed_row_norm_mean": float(norms.mean()), "embed_row_norm_max": largest,
             "embed_row_norm_ratio": largest / max(teacher_max_norm, 1e-12)}
@@ -134,7 +146,7 @@ def embedding_row_norms(student_module, teacher_max_norm: float) -> dict[str, fl
 
 def check_row_norms(norms: dict[str, float], step: int, warned: list[bool]) -> None:
     """Stop a diverged run (rows far outside the teacher's scale); warn once when they drift."""
-    ratio = norms["embed_row_norm_ratio"]
+    ratio = norms.get("embed_row_norm_ratio", 0.0)
     if not math.isfinite(ratio) or ratio > ROW_NORM_LIMIT:
         raise FloatingPointError(
             f"Diverged at step {step}: the largest student embedding row norm is {norms['embed_row_norm_max']:.4g}, "
@@ -298,7 +310,8 @@ def train(
     prior_wall_s = float(prior.get("wall_clock_s", 0.0))
     window_tokens, window_start, t0 = 0, time.perf_counter(), time.perf_counter()
     total_flops = completed_flops = float(prior.get("flops", 0.0))
-    teacher_max_norm = float(teacher.input_embedding_weight().float().norm(dim=-1).max())
+    teacher_table = teacher.input_embeddings  # its rows live in `frozen`, or `trainable` when no mask was given
+    teacher_max_norm = float(torch.cat([row_norms(teacher_table.frozen), row_norms(teacher_table.trainable)]).max())
     norm_warned = [False]
 
     def totals() -> dict[str, Any]:
@@ -307,7 +320,7 @@ def train(
 
     def save_checkpoint() -> Path:
         """Checkpoint `completed`, unless its rows diverged (finite but far outside the teacher's scale)."""
-        ratio = embedding_row_norms(student_module, teacher_max_norm)["embed_row_norm_ratio"]
+        ratio = embedding_row_norms(student_module, teacher_max_norm).get("embed_row_norm_ratio", 0.0)
         # `not ratio <= limit` also catches finite rows whose norm overflows; NaN/inf rows: `_save_checkpoint` names them
         if not ratio <= ROW_NORM_LIMIT and _non_finite_state(params, optimizer) is None:
             raise FloatingPointError(f"Not saving a checkpoint at step {completed[0]}: the embedding rows diverged "

@@ -4,6 +4,7 @@ failures during failure handling. Every test here failed before the fix it guard
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -245,3 +246,16 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, tokenizers, s
     resumed, rec = run(tmp_path, ckpt, *tokenizers, resume=True)
     assert [s for s, _ in rec.rows] == [4, 5, 6]
     torch.testing.assert_close(resumed.input_embeddings, straight[0].input_embeddings, rtol=0, atol=1e-6)
+
+
+def test_row_norms_match_the_definition_and_do_not_overflow():
+    from matt.trainer import row_norms
+
+    torch.manual_seed(0)
+    weight = torch.randn(37, 16)
+    weight[3] = 0.0
+    expected = torch.tensor([math.sqrt(sum(float(x) ** 2 for x in row)) for row in weight])
+    torch.testing.assert_close(row_norms(weight, chunk=5), expected, rtol=1e-6, atol=0)
+    huge = torch.full((2, 64), 1e30)  # squares overflow float32; the norm (8e30) does not
+    torch.testing.assert_close(row_norms(huge), torch.full((2,), 8e30), rtol=1e-6, atol=0)
+    assert not torch.isfinite(row_norms(torch.tensor([[1.0, float("inf")]]))).any()
