@@ -92,3 +92,34 @@ def test_resume_accumulates_cost_and_a_finished_job_resumes_as_a_no_op(tmp_path,
     again = client.get_run(run.info.run_id)
     assert again.info.status == "FINISHED"
     assert {name: len(client.get_metric_history(run.info.run_id, name)) for name in metrics} == points
+
+
+def test_two_concurrent_jobs_on_a_fresh_store_both_finish_in_separate_directories(tmp_path):
+    """Two `experiments/transfer.py` started together (as a parallel sweep does) on a fresh output root."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", "TQDM_DISABLE": "1"}
+    env.pop(hydra_app.STAMP_ENV, None)
+    command = [sys.executable, str(repo / "experiments" / "transfer.py"), "experiment=smoke", "eval=none",
+               "data.max_documents=4", "train.max_steps=2", f"paths.output_root={tmp_path / 'out'}",
+               f"paths.cache_dir={tmp_path / 'cache'}"]
+    jobs = [subprocess.Popen(command + [f"label=job{i}"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for job in jobs:
+        _, err = job.communicate(timeout=400)
+        assert job.returncode == 0, err[-4000:]
+    run_dirs = sorted((tmp_path / "out" / "runs" / "smoke").iterdir())
+    assert len(run_dirs) == 2
+    run_ids = sorted(json.loads((d / "checkpoints" / "mlflow_run.json").read_text())["run_id"] for d in run_dirs)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == run_ids and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.tags["matt.label"] for r in runs) == ["job0", "job1"]
+    for run in runs:  # each directory holds its own run's outputs
+        assert run.data.tags["matt.output_dir"] in {str(d.resolve()) for d in run_dirs}
+    assert len({r.data.tags["matt.output_dir"] for r in runs}) == 2

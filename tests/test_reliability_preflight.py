@@ -61,6 +61,14 @@ def test_text_column_of_numbers(paths, tmp_path):
                                    r"\(e\.g\. 123\)")
 
 
+def test_non_text_documents_from_an_in_memory_dataset_are_named():
+    from matt.pipeline.tokenizer import _texts_digest
+
+    assert _texts_digest(["a", "b"]) != _texts_digest(["ab"])
+    with pytest.raises(ValueError, match=r"Training document 1 is int \(123\), not text: .*data\.text_column"):
+        _texts_digest(["fine", 123])
+
+
 def test_unparsable_file_names_the_file(paths, tmp_path):
     data = tmp_path / "broken.jsonl"
     data.write_text('{"text": "ok"}\n{"text": \n')
