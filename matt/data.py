@@ -29,9 +29,11 @@ from matt.segmentation import IGNORE_INDEX, SegmentationStats, check_offsets_sup
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("teacher_input_ids", "teacher_segment_ids", "student_input_ids", "student_segment_ids")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bump when the prepared format or the segmentation rules change (invalidates every cache).
-2: special tokens matched inside the text get segment id -100."""
+2: special tokens matched inside the text get segment id -100.
+3: special tokens matched from the text (chat markers, [UNK]) are content again; only inserted
+   (zero-width) tokens get -100."""
 STATS_FILE = "segmentation_stats.json"
 _DONE_MARKER = ".complete"
 

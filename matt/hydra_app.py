@@ -8,14 +8,17 @@ itself is in `matt.pipeline` (one module per step) and `matt.report`.
 Resolvers available in configs:
 - `${matt_asset:NAME}` - local path of an offline asset (`matt.assets.resolve`, imported lazily,
   so configs that do not use it never need the asset machinery).
-- `${matt_stamp:}` - the run directory's timestamp; identical in every process of an
-  `accelerate launch` (rank 0 picks it, the others receive it), so all ranks share one directory.
+- `${matt_stamp:}` - the run directory's name: a timestamp plus a short random suffix
+  (`2025-01-31_12-00-00_3f9a1c`), so two jobs started in the same second never share a directory;
+  identical in every process of an `accelerate launch` (rank 0 picks it, the others receive it),
+  so all ranks share one directory.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,8 +58,13 @@ def _asset_path(name: str) -> str:
         ) from exc
 
 
+def new_run_stamp() -> str:
+    """`<date>_<time>_<6 hex digits>`: sortable by start time, unique per job."""
+    return f"{_dt.datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+
+
 def _run_stamp() -> str:
-    return os.environ.get(STAMP_ENV) or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return os.environ.get(STAMP_ENV) or new_run_stamp()
 
 
 def register_resolvers() -> None:
@@ -91,7 +99,7 @@ def share_run_stamp_across_processes() -> None:
     from matt.pipeline.train import distributed_on_cpu
 
     state = PartialState(cpu=distributed_on_cpu())
-    stamp = [_dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") if state.is_main_process else None]
+    stamp = [new_run_stamp() if state.is_main_process else None]
     broadcast_object_list(stamp, from_process=0)
     os.environ[STAMP_ENV] = stamp[0]
 

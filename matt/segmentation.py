@@ -13,9 +13,13 @@ the same token boundaries.
 
 Rules, in those coordinates (N non-whitespace characters in the text):
 
-* A token is *empty* when its offsets cover only whitespace (or nothing). Special tokens are not
-  content: they get segment id -100, both those the tokenizer adds (BOS/EOS) and those matched
-  inside the text (a literal "<s>", chat markers); an <unk> produced from text is content.
+* A token is *empty* when its offsets cover only whitespace (or nothing). Only the tokens a
+  tokenizer *inserts* are not content: the post-processor's BOS/EOS and any other zero-width
+  special token get segment id -100. A token matched from the text covers characters and takes
+  part like any content token, whatever its flags: a chat marker (`<|im_start|>`) or a literal
+  "<s>" written in the document is a special token for one tokenizer and plain characters for
+  another, and both sides must still cover the same characters. Likewise an unknown token
+  (`[UNK]`/`<unk>`) produced from text.
 * A position p is a *cut* of a tokenization when some non-empty token starts at p, p is after the
   first such start, and no non-empty token strictly straddles p (a < p < b). Byte-level tokens of
   one multi-byte character share the character's offsets, so they never straddle each other;
@@ -164,19 +168,32 @@ def special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _tokenize(text: str, tokenizer, name: str) -> _Tokenized:
-    """Tokenize with offsets and flag the special tokens.
+def unknown_token_id(tokenizer) -> int | None:
+    """The unknown token's id: the wrapper's `unk_token`, else the one the backend model names.
 
-    `special_tokens_mask` only flags the tokens the post-processor inserts (BOS/EOS); special tokens
-    matched inside the text (a literal "<s>", chat markers) come back unflagged with real offsets, so
-    they are recognised by id. The unknown token is the exception: produced from text, it stands for
-    characters the model reads and stays content."""
+    `PreTrainedTokenizerFast(tokenizer_file=...)` / `(tokenizer_object=...)` without `unk_token=`
+    (the usual wrapping of a `tokenizers` tokenizer) leaves the wrapper's unset although the model
+    produces `[UNK]`."""
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    if unk_id is not None:
+        return unk_id
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    unk_token = getattr(getattr(backend, "model", None), "unk_token", None)
+    return backend.token_to_id(unk_token) if unk_token else None
+
+
+def _tokenize(text: str, tokenizer, name: str) -> _Tokenized:
+    """Tokenize with offsets and flag the inserted tokens (segment id -100).
+
+    `special_tokens_mask` flags the tokens the post-processor inserts (BOS/EOS); a special token
+    with zero width is inserted too. Tokens matched from the text (chat markers, a literal "<s>",
+    the unknown token) cover characters and are content (see the module docstring)."""
     check_offsets_support(tokenizer, name)
     enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=False)
     special_ids = special_token_ids(tokenizer)
-    unk_id = getattr(tokenizer, "unk_token_id", None)
+    unk_id = unknown_token_id(tokenizer)
     special = [
-        bool(mask) or (token_id in special_ids and (start == end or token_id != unk_id))
+        bool(mask) or (start == end and token_id in special_ids and token_id != unk_id)
         for token_id, mask, (start, end) in zip(enc["input_ids"], enc["special_tokens_mask"], enc["offset_mapping"])
     ]
     offsets = [(int(start), int(end)) for start, end in enc["offset_mapping"]]
@@ -264,8 +281,8 @@ def _segment(text: str, teacher_tokenizer, student_tokenizer):
 def segment_ids(text: str, teacher_tokenizer, student_tokenizer) -> tuple[list[int], list[int]]:
     """Shared segment ids of `text` for each tokenizer, aligned with `tokenizer(text)["input_ids"]`.
 
-    Special tokens get -100; content tokens get 0..S-1 in text order, with the same S on both
-    sides. If the text has no common segment (empty, whitespace only) every id is -100."""
+    Inserted tokens (BOS/EOS) get -100; content tokens, special tokens matched from the text
+    included, get 0..S-1 in text order, with the same S on both sides. If the text has no common segment (empty, whitespace only) every id is -100."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     _, teacher_ids, _, student_ids, _ = _segment(text, teacher_tokenizer, student_tokenizer)

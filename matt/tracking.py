@@ -7,12 +7,18 @@ state, so several runs in one Python process - Hydra multirun with the basic lau
 leak into each other).
 
 Where runs go: `uri=None` means an embedded sqlite file `<output_root>/mlflow.db` with artifacts
-in `<output_root>/mlartifacts/`; any other MLflow URI (e.g. `http://127.0.0.1:5000`) is used as is.
+in `<output_root>/mlartifacts/`; an explicit `sqlite:///<path>` keeps its artifacts next to the
+database as well (`<path's directory>/mlartifacts/`); any other MLflow URI (e.g.
+`http://127.0.0.1:5000`) is used as is. `check_store` (run by preflight) tells within seconds whether
+the store can be reached or written. A sqlite store is opened under a file lock, so parallel jobs
+that find it fresh do not race through its schema migration.
 
 Crashes and resumption: `run()` used as a context manager ends the run FINISHED, or FAILED with
 the exception recorded (tag `matt.error`, artifact `error/traceback.txt`; Ctrl-C ends it KILLED).
+If the store itself fails while recording that, the original exception is still what propagates.
 The run id is written to `<checkpoint_dir>/mlflow_run.json` as soon as the run exists, so a
-resumed job (`train.resume=true` in the same output directory) reopens the SAME run.
+resumed job (`train.resume=true` in the same output directory) reopens the SAME run; there, a
+metric point already in the run (the steps re-run after a crash) is not logged a second time.
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import socket
 import subprocess
 import time
 import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,11 @@ RUN_FILE = "mlflow_run.json"
 MAX_PARAM_LENGTH = 6000
 """MLflow's limit on a param value (longer values are cut, with a warning)."""
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")
+STORE_CHECK_TIMEOUT_S = 5.0
+"""How long preflight waits for a tracking server to answer."""
+STORE_LOCK_TIMEOUT_S = 300.0
+"""How long a job waits for another one to finish initialising a sqlite store."""
+SQLITE_PREFIX = "sqlite:///"
 
 
 def default_tracking_uri(output_root: str | Path) -> str:
@@ -43,6 +58,67 @@ def default_tracking_uri(output_root: str | Path) -> str:
     root = Path(output_root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative paths against the current directory)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(uri[len(SQLITE_PREFIX):].split("?", 1)[0]).expanduser().resolve()
+
+
+def _writable_directory(directory: Path) -> bool:
+    """`directory` exists and is writable, or can be created (its nearest existing parent is writable)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def check_store(uri: str, key: str = "tracking.uri", timeout: float = STORE_CHECK_TIMEOUT_S) -> None:
+    """Raise `ValueError` naming `key` and `uri` when the tracking store cannot be used: an HTTP(S)
+    server that does not answer within `timeout` seconds, or a sqlite / file store that cannot be
+    written. Other schemes (databricks, postgresql, ...) are left to MLflow."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered: the server is there (auth and routes are MLflow's business)
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ValueError(f"{key}={uri!r}: the MLflow tracking server does not answer within {timeout:g} s "
+                             f"({reason}). Start it, fix the URI, or use tracking=mlflow (embedded sqlite store) / "
+                             "tracking=none") from exc
+        return
+    database = sqlite_path(uri)
+    if database is not None:
+        if database.exists() and not os.access(database, os.R_OK | os.W_OK):
+            raise ValueError(f"{key}={uri!r}: the sqlite store {database} is not readable and writable")
+        if not _writable_directory(database.parent):
+            raise ValueError(f"{key}={uri!r}: cannot create or write the sqlite store in {database.parent} "
+                             "(read-only or missing permissions); choose another location")
+        return
+    if scheme in ("", "file"):
+        directory = Path(urllib.parse.urlparse(uri).path if scheme == "file" else uri).expanduser().resolve()
+        if not _writable_directory(directory):
+            raise ValueError(f"{key}={uri!r}: the file store {directory} cannot be created or written")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold `<database>.lock` for a sqlite URI (nothing for other stores): MLflow migrates a fresh
+    sqlite schema on first use, and two jobs doing that at once crash one of them."""
+    database = sqlite_path(uri)
+    if database is None:
+        yield
+        return
+    from filelock import FileLock
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(database) + ".lock", timeout=STORE_LOCK_TIMEOUT_S):
+        yield
 
 
 def metric_name(name: str) -> str:
@@ -161,18 +237,20 @@ class MLflowTracker(Tracker):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        if run_id is not None:
-            run = self.client.get_run(run_id)  # raises if the run is gone
-            self.client.update_run(run_id, status="RUNNING")
-            self.run_id, self.experiment_id, self.resumed = run_id, run.info.experiment_id, True
-            logger.info("Resuming MLflow run %s (%s)", run_id, tracking_uri)
-        else:
-            self.experiment_id = self._experiment_id(experiment_name, artifact_location)
-            run = self.client.create_run(self.experiment_id, run_name=run_name)
-            self.run_id = run.info.run_id
-            logger.info("MLflow run %s in experiment %r (%s)", self.run_id, experiment_name, tracking_uri)
+        with store_lock(tracking_uri):  # the first use of a fresh store (the client opens it) creates its schema
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            if run_id is not None:
+                run = self.client.get_run(run_id)  # raises if the run is gone
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id, self.experiment_id, self.resumed = run_id, run.info.experiment_id, True
+                logger.info("Resuming MLflow run %s (%s)", run_id, tracking_uri)
+            else:
+                self.experiment_id = self._experiment_id(experiment_name, artifact_location)
+                run = self.client.create_run(self.experiment_id, run_name=run_name)
+                self.run_id = run.info.run_id
+                logger.info("MLflow run %s in experiment %r (%s)", self.run_id, experiment_name, tracking_uri)
         self._finished = False
+        self._logged_steps: dict[str, set[int]] = {}  # resumed runs: steps each metric already has
         if tags:
             self.set_tags(tags)
 
@@ -230,9 +308,17 @@ class MLflowTracker(Tracker):
                 continue
             if math.isnan(value):
                 logger.warning("Metric %s is NaN; logged as NaN", name)
+            if self.resumed and (step or 0) in self._steps_logged_before(metric_name(name)):
+                continue  # re-run after a crash: the first attempt's point stands (no duplicate)
             items.append(Metric(metric_name(name), value, now, step or 0))
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def _steps_logged_before(self, name: str) -> set[int]:
+        """Steps of metric `name` already in a resumed run (read once per metric)."""
+        if name not in self._logged_steps:
+            self._logged_steps[name] = {m.step for m in self.client.get_metric_history(self.run_id, name)}
+        return self._logged_steps[name]
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -257,13 +343,22 @@ class MLflowTracker(Tracker):
             self._finished = True
 
     def fail(self, exc: BaseException) -> None:
+        """Record `exc` and end the run; never raises (the store may be what failed), so the
+        caller re-raises the first error, not a secondary one from the store."""
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        logger.error("MLflow run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
         try:
             self.set_tags({"matt.error": f"{type(exc).__name__}: {exc}"})
             self.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
-        except Exception:  # the store itself may be what failed; the status still matters most
-            logger.exception("Could not record the exception in MLflow run %s", self.run_id)
-        self.finish(status)
+        except Exception as store_exc:  # the store itself may be what failed; the status still matters most
+            logger.error("Could not record the exception in MLflow run %s (%s: %s)", self.run_id,
+                         type(store_exc).__name__, store_exc)
+        try:
+            self.finish(status)
+        except Exception as store_exc:
+            logger.error("Could not mark MLflow run %s %s (%s: %s); the run's error is the one above", self.run_id,
+                         status, type(store_exc).__name__, store_exc)
+            return
         logger.error("MLflow run %s ended %s: %s: %s", self.run_id, status, type(exc).__name__, exc)
 
 
@@ -303,8 +398,9 @@ def open_tracker(
         return Tracker()
     uri = tracking_cfg.uri or default_tracking_uri(output_root)
     artifact_location = None
-    if uri.startswith("sqlite:///") and not tracking_cfg.uri:
-        artifact_location = (Path(output_root).expanduser().resolve() / "mlartifacts").as_uri()
+    database = sqlite_path(uri)
+    if database is not None:  # artifacts next to the database, not in ./mlruns of the current directory
+        artifact_location = (database.parent / "mlartifacts").as_uri()
     run_id = None
     if resume_from is not None:
         reference = load_run_reference(resume_from)

@@ -35,6 +35,13 @@ logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 CHECKPOINT_FILE = "trainer_state.pt"
+PREVIOUS_CHECKPOINT_FILE = "trainer_state.prev.pt"
+"""The checkpoint before the latest one, kept so an unreadable latest one is not the end of the run."""
+ROW_NORM_WARN = 10.0
+ROW_NORM_LIMIT = 100.0
+"""Largest input-embedding row norm of the student, as a multiple of the teacher's largest row norm:
+above ROW_NORM_WARN a warning, above ROW_NORM_LIMIT (or non-finite) the run stops as diverged. RMSNorm
+hides the rows' scale from the AIM loss, so a divergence would otherwise finish with a small loss."""
 
 
 def next_token_loss(student, hidden_states: torch.Tensor, input_ids: torch.Tensor,
@@ -94,15 +101,83 @@ class _EpochBatches:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
+def _non_finite_state(params, optimizer) -> str | None:
+    """What in the trainable parameters or the optimizer state is NaN/inf (None when all finite)."""
+    for i, p in enumerate(params):
+        if not torch.isfinite(p.detach()).all():
+            return f"trainable parameter {i} {tuple(p.shape)}"
+    for i, state in enumerate(optimizer.state.values()):
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                return f"optimizer state {name!r} of parameter {i}"
+    return None
+
+
+def check_finite_update(params, grad_norm: torch.Tensor, step: int) -> None:
+    """Raise before the optimizer step when it would write NaN/inf into the trainable rows."""
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"Non-finite gradient norm ({float(grad_norm)}) at step {step}: the update was not "
+                                 "applied; lower lr or use precision=32")
+    for i, p in enumerate(params):
+        if not torch.isfinite(p.detach()).all():
+            raise FloatingPointError(f"Non-finite values in trainable parameter {i} {tuple(p.shape)} before step "
+                                     f"{step} (the previous update overflowed): lower lr")
+
+
+def row_norms(weight: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+    """L2 norm of every row, in float32 chunks, scaled by the row's largest |value| so that huge
+    finite rows do not overflow (NaN/inf rows give NaN/inf)."""
+    norms = []
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start:start + chunk].detach().float()
+        scale = rows.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        norms.append((rows / scale[:, None]).norm(dim=-1) * scale)
+    return torch.cat(norms) if norms else torch.zeros(0)
+
+
+def embedding_row_norms(student_module, teacher_max_norm: float) -> dict[str, float]:
+    """Norms of the student's trainable input-embedding rows (the frozen ones are the teacher's),
+    and the largest one relative to the teacher's largest."""
+    norms = row_norms(student_module.input_embeddings.trainable)
+    if norms.numel() == 0:
+        return {}
+    largest = float(norms.max())
+    return {"embed_row_norm_mean": float(norms.mean()), "embed_row_norm_max": largest,
+            "embed_row_norm_ratio": largest / max(teacher_max_norm, 1e-12)}
+
+
+def check_row_norms(norms: dict[str, float], step: int, warned: list[bool]) -> None:
+    """Stop a diverged run (rows far outside the teacher's scale); warn once when they drift."""
+    ratio = norms.get("embed_row_norm_ratio", 0.0)
+    if not math.isfinite(ratio) or ratio > ROW_NORM_LIMIT:
+        raise FloatingPointError(
+            f"Diverged at step {step}: the largest student embedding row norm is {norms['embed_row_norm_max']:.4g}, "
+            f"{ratio:.4g}x the teacher's largest (limit {ROW_NORM_LIMIT:g}x); lower lr")
+    if ratio > ROW_NORM_WARN and not warned[0]:
+        warned[0] = True
+        logger.warning("Step %d: the largest student embedding row norm is %.3gx the teacher's largest "
+                       "(warning above %gx, error above %gx); the lr may be too high", step, ratio, ROW_NORM_WARN,
+                       ROW_NORM_LIMIT)
+
+
 def _save_checkpoint(directory: Path, position: tuple[int, int, int], params, optimizer, scheduler,
-                     config: MATTConfig) -> Path:
-    """Trainable tensors + optimizer + scheduler + RNG + data position, written atomically."""
+                     config: MATTConfig, totals: dict[str, Any] | None = None) -> Path:
+    """Trainable tensors + optimizer + scheduler + RNG + data position, written atomically.
+
+    The checkpoint it replaces is kept as `trainer_state.prev.pt`. A non-finite state is never
+    written (`FloatingPointError`): the last good checkpoint stays in place. `totals` holds the
+    run's cumulative cost and last metrics, carried across resumes."""
+    problem = _non_finite_state(params, optimizer)
+    if problem is not None:
+        raise FloatingPointError(f"Not saving a checkpoint at step {position[0]}: {problem} is non-finite; "
+                                 f"the previous checkpoint in {directory} is kept")
     directory.mkdir(parents=True, exist_ok=True)
     step, epoch, batch_in_epoch = position
     state = {
         "step": step,
         "epoch": epoch,
         "batch_in_epoch": batch_in_epoch,
+        "totals": dict(totals or {}),
         "trainable": [p.detach().cpu().clone() for p in params],
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -117,16 +192,38 @@ def _save_checkpoint(directory: Path, position: tuple[int, int, int], params, op
     path = directory / CHECKPOINT_FILE
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, directory / PREVIOUS_CHECKPOINT_FILE)
     os.replace(tmp, path)
     (directory / "trainer_state.json").write_text(json.dumps({k: state[k] for k in ("step", "epoch", "batch_in_epoch")}))
     return path
 
 
+def _read_checkpoint(directory: Path) -> tuple[dict[str, Any], Path] | None:
+    """The latest readable checkpoint: `trainer_state.pt`, else (unreadable or missing, e.g. a disk
+    failure) the previous one, with an error naming the file that could not be read."""
+    path, previous = directory / CHECKPOINT_FILE, directory / PREVIOUS_CHECKPOINT_FILE
+    errors = []
+    for candidate in (path, previous):
+        if not candidate.exists():
+            continue
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=False), candidate
+        except Exception as exc:  # truncated / corrupt file: torch's zip or unpickling errors
+            logger.error("Checkpoint %s is unreadable (%s: %s)%s", candidate, type(exc).__name__, exc,
+                         "; falling back to the previous checkpoint" if candidate == path else "")
+            errors.append(f"{candidate}: {type(exc).__name__}: {exc}")
+    if errors:
+        raise ValueError(f"No readable checkpoint in {directory}: {'; '.join(errors)}. Delete the directory's "
+                         "trainer_state*.pt to start over")
+    return None
+
+
 def _load_checkpoint(directory: Path, params, optimizer, scheduler) -> dict[str, Any] | None:
-    path = directory / CHECKPOINT_FILE
-    if not path.exists():
+    found = _read_checkpoint(directory)
+    if found is None:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state, path = found
     if len(state["trainable"]) != len(params) or any(
         saved.shape != p.shape for saved, p in zip(state["trainable"], params)
     ):
@@ -190,6 +287,7 @@ def train(
 
     # ---- resume: trainable tensors, optimizer, scheduler, RNG and data position
     start_step, epoch, skip = 0, 0, 0
+    prior: dict[str, Any] = {}  # cost and last metrics of the attempts before this resume
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if config.resume and ckpt_dir is not None:
         state = _load_checkpoint(ckpt_dir, params, optimizer, scheduler)
@@ -197,14 +295,40 @@ def train(
             logger.warning("resume=True but no checkpoint in %s: starting from step 0", ckpt_dir)
         else:
             start_step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+            prior = state.get("totals", {})
             logger.info("Resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir, start_step, epoch, skip)
+    if start_step >= config.max_steps:
+        logger.warning("The checkpoint in %s is at step %d and max_steps=%d: training already finished, nothing "
+                       "to do (raise max_steps to train further)", ckpt_dir, start_step, config.max_steps)
+        return _result(student_module, {**prior.get("metrics", {}), "steps": start_step,
+                                        "wall_clock_s": prior.get("wall_clock_s", 0.0)})
     batches = _EpochBatches(dataset, config, collate_fn, accelerator, epoch=epoch, skip=skip)
     stream = iter(batches)
 
     use_aim, use_ntp = config.aim_impl != "none", config.with_ntp
     accum = config.gradient_accumulation_steps
-    last: dict[str, float] = {}
-    window_tokens, window_start, total_flops, t0 = 0, time.perf_counter(), 0.0, time.perf_counter()
+    last: dict[str, float] = dict(prior.get("metrics", {}))
+    # cost counts every attempt: wall clock (re-run steps included) and FLOPs of completed steps
+    prior_wall_s = float(prior.get("wall_clock_s", 0.0))
+    window_tokens, window_start, t0 = 0, time.perf_counter(), time.perf_counter()
+    total_flops = completed_flops = float(prior.get("flops", 0.0))
+    teacher_table = teacher.input_embeddings  # its rows live in `frozen`, or `trainable` when no mask was given
+    teacher_max_norm = float(torch.cat([row_norms(teacher_table.frozen), row_norms(teacher_table.trainable)]).max())
+    norm_warned = [False]
+
+    def totals() -> dict[str, Any]:
+        return {"wall_clock_s": prior_wall_s + time.perf_counter() - t0, "flops": completed_flops,
+                "metrics": last}
+
+    def save_checkpoint() -> Path:
+        """Checkpoint `completed`, unless its rows diverged (finite but far outside the teacher's scale)."""
+        ratio = embedding_row_norms(student_module, teacher_max_norm).get("embed_row_norm_ratio", 0.0)
+        # `not ratio <= limit` also catches finite rows whose norm overflows; NaN/inf rows: `_save_checkpoint` names them
+        if not ratio <= ROW_NORM_LIMIT and _non_finite_state(params, optimizer) is None:
+            raise FloatingPointError(f"Not saving a checkpoint at step {completed[0]}: the embedding rows diverged "
+                                     f"({ratio:.4g}x the teacher's largest row norm); the previous checkpoint in "
+                                     f"{ckpt_dir} is kept")
+        return _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config, totals())
     progress = tqdm(total=config.max_steps, initial=start_step, desc="MATT", dynamic_ncols=True,
                     disable=not (config.progress_bar and accelerator.is_main_process))
 
@@ -262,11 +386,13 @@ def train(
                 grad_norm = accelerator.clip_grad_norm_(params, config.gradient_clip_val)
             else:
                 grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            check_finite_update(params, grad_norm, step)  # before AdamW could write NaN into every row
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             completed = (done, batches.epoch, batches.batch_in_epoch)
+            completed_flops = total_flops
             progress.update(1)
             progress.set_postfix(loss=f"{sums['loss']:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
@@ -280,9 +406,11 @@ def train(
                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                     "peak_memory_mb": peak_memory_mb(accelerator.device),
                     "flops": total_flops,
-                    "elapsed_s": now - t0,
+                    "elapsed_s": prior_wall_s + now - t0,
                     "epoch": batches.epoch,
+                    **embedding_row_norms(student_module, teacher_max_norm),
                 }
+                check_row_norms(last, done, norm_warned)
                 window_tokens, window_start = 0, now
                 if accelerator.is_main_process:
                     for fn in log_fns:
@@ -292,24 +420,34 @@ def train(
             if ckpt_dir is not None and accelerator.is_main_process and (
                 (config.save_every_n_steps and done % config.save_every_n_steps == 0) or done == config.max_steps
             ):
-                _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config)
+                save_checkpoint()
             accelerator.wait_for_everyone()
-    except BaseException:
+    except BaseException as exc:
         if ckpt_dir is not None and accelerator.is_main_process and completed[0] > start_step:
-            path = _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config)
-            logger.error("Training interrupted after step %d; state saved to %s (resume=True continues)",
-                         completed[0], path)
+            # never let a failing save (a full disk, a non-finite state) replace the real error
+            try:
+                path = save_checkpoint()
+                logger.error("Training interrupted after step %d; state saved to %s (resume=True continues)",
+                             completed[0], path)
+            except Exception as save_exc:
+                logger.error("Training failed (%s: %s); the emergency checkpoint was not written (%s: %s), so "
+                             "resume=True continues from the last good checkpoint in %s", type(exc).__name__, exc,
+                             type(save_exc).__name__, save_exc, ckpt_dir)
         raise
 
     progress.close()
     if not math.isfinite(last.get("loss", 0.0)):
         raise FloatingPointError("Training ended with a non-finite loss")
+    return _result(student_module, {**last, "steps": config.max_steps, "wall_clock_s": totals()["wall_clock_s"]})
+
+
+def _result(student_module, metrics: dict[str, float]) -> TransferResult:
     output = student_module.output_embedding_weight()
     tied = output is None
     return TransferResult(
         input_embeddings=student_module.input_embedding_weight().float().cpu(),
         output_embeddings=None if tied else output.float().cpu(),
         tie_word_embeddings=tied,
-        metrics={**last, "steps": config.max_steps, "wall_clock_s": time.perf_counter() - t0},
+        metrics=metrics,
     )
 

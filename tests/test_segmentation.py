@@ -12,10 +12,12 @@ Interpretations of the spec (it leaves these open), shared by the module and the
 * Whitespace-only (or zero-width, e.g. offsets trimmed by ByteLevel(trim_offsets=True)) tokens
   belong to the segment of the next non-whitespace character, or the last segment at the end.
   GPT-2 "Ġ" and SentencePiece "▁" both attach spaces to the following word.
-* "Special" means the tokenizer's special tokens: those its post-processor adds (BOS/EOS), and
-  special tokens matched inside the text (e.g. a literal "<s>" or a chat marker added with
-  special=True). An <unk> token produced *from text* covers characters the model reads, so it is
-  content and gets a segment id like any other token.
+* "Special" (segment id -100) means the tokens a tokenizer *inserts*: those its post-processor
+  adds (BOS/EOS) and any other zero-width special token. A token matched from the text covers
+  characters and is content like any other token, whatever its flags (issue 12): a chat marker
+  added with special=True or a literal "<s>" written in the document is a special token for one
+  tokenizer and plain characters for another, and both sides must cover the same characters.
+  Likewise an unknown token produced from text, also when only the backend model names it.
 * Text with no non-whitespace character (or a side without any content token) has no segment:
   every id is -100.
 """
@@ -23,6 +25,7 @@ Interpretations of the spec (it leaves these open), shared by the module and the
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import re
 
@@ -42,14 +45,22 @@ def special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
+def unk_id_of(tokenizer) -> int | None:
+    """The unknown token, from the wrapper or else from the serialized backend model."""
+    if tokenizer.unk_token_id is not None:
+        return tokenizer.unk_token_id
+    unk = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("unk_token")
+    return tokenizer.convert_tokens_to_ids(unk) if unk else None
+
+
 def reference_tokens(text: str, tokenizer) -> list[dict]:
     """Each token with `chars`: the positions of the non-whitespace characters it covers
     (None for special tokens)."""
     enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-    specials = special_token_ids(tokenizer)
+    specials, unk = special_token_ids(tokenizer), unk_id_of(tokenizer)
     tokens = []
     for token_id, (start, end), added in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
-        is_special = bool(added) or (token_id in specials and not (token_id == tokenizer.unk_token_id and end > start))
+        is_special = bool(added) or (start == end and token_id in specials and token_id != unk)
         chars = None if is_special else [c for c in range(start, end) if not WHITESPACE.match(text[c])]
         tokens.append({"id": token_id, "start": start, "end": end, "chars": chars})
     return tokens
@@ -360,26 +371,28 @@ def test_special_tokens_get_ignore_index():
     check(text, both, plain, [IGNORE_INDEX, 0, 1, IGNORE_INDEX], [0, 1])
 
 
-def test_special_tokens_inside_the_text_get_ignore_index():
-    """A literal "<s>" in the text is the special token on a side that has it (-100) and ordinary text
-    on a side that does not; a chat marker added with special=True (not a named special token) too."""
+def test_special_tokens_written_in_the_text_are_content():
+    """A literal "<s>" in the text is the special token on a side that has it and ordinary text on a
+    side that does not: either way it covers the characters "<s>", which form a segment of their own
+    on both sides; only the inserted BOS gets -100. A chat marker added with special=True too."""
     text = "hello <s> world"
     with_s = piece_tokenizer(["hello", " world"], "bytelevel", bos=True)
     without_s = piece_tokenizer(["▁hello", "▁world"], "metaspace", alphabet=text + "<s>", specials=("<b>", "<e>"))
     assert tokens_of(with_s, text) == ["<s>", "hello", "Ġ", "<s>", "Ġworld"]
     assert tokens_of(without_s, text) == ["▁hello", "▁", "<", "s", ">", "▁world"]
     t_ids, s_ids = check(text, with_s, without_s)
-    assert t_ids == [IGNORE_INDEX, 0, 0, IGNORE_INDEX, 1]
-    assert s_ids == [0, 0, 0, 0, 0, 1]
+    assert t_ids == [IGNORE_INDEX, 0, 1, 1, 2]
+    assert s_ids == [0, 1, 1, 1, 1, 2]
 
     text = "hello <|im_start|> world"
     marker = piece_tokenizer(["▁hello", "▁world"], "metaspace", alphabet=text)
-    assert IGNORE_INDEX not in check(text, marker, with_s)[0]  # plain text before the marker is added
+    check(text, marker, with_s)  # the marker as plain characters
     marker.add_tokens(["<|im_start|>"], special_tokens=True)
     marker_id = marker.convert_tokens_to_ids("<|im_start|>")
     assert marker_id not in marker.all_special_ids  # only the added-token flag says it is special
     t_ids, s_ids = check(text, marker, with_s)
-    assert t_ids[marker(text)["input_ids"].index(marker_id)] == IGNORE_INDEX
+    assert t_ids[marker(text)["input_ids"].index(marker_id)] == 1  # "hello" | "<|im_start|>" | "world"
+    assert max(t_ids) == max(s_ids) == 2
 
 
 def test_unknown_tokens_from_text_are_content(tokenizer_zoo):
@@ -391,9 +404,8 @@ def test_unknown_tokens_from_text_are_content(tokenizer_zoo):
     assert all(seg != IGNORE_INDEX for seg in t_ids)
 
 
-@pytest.mark.parametrize("text", ["", " ", "  \n\t ", "\u00a0\r\n", "<s>", " <s>\n<s> "])
+@pytest.mark.parametrize("text", ["", " ", "  \n\t ", "\u00a0\r\n"])
 def test_empty_and_whitespace_only_texts_have_no_segment(tokenizer_zoo, text):
-    """Also a text of special tokens only: nothing on either side to align."""
     for teacher, student in [("llama3", "llama2"), ("gpt2", "mistral_eos"), ("unigram", "wordlevel")]:
         t_tok, s_tok = tokenizer_zoo[teacher], tokenizer_zoo[student]
         t_ids, s_ids = segment_ids(text, t_tok, s_tok)

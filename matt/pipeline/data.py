@@ -65,13 +65,47 @@ def builtin_documents(name: str) -> list[str]:
     return [" ".join(rng.sample(SAMPLE_TEXTS, 4)) for _ in range(40)]
 
 
+TEXT_DTYPES = ("string", "large_string", "null")
+"""Arrow types a text column may have (null: every entry missing, counted as skipped later)."""
+
+
 def _check_column(dataset, data_cfg, where: str):
     column = data_cfg.text_column
     if column not in dataset.column_names:
         raise ValueError(f"data.text_column={column!r} is not a column of {where}; its columns are "
                          f"{dataset.column_names}")
+    feature = dataset.features[column]
+    dtype = getattr(feature, "dtype", None)
+    if dtype not in TEXT_DTYPES:
+        example = next((v for v in dataset.select(range(min(len(dataset), 100)))[column] if v is not None), None)
+        raise ValueError(f"data.text_column={column!r} of {where} holds {dtype or type(feature).__name__} values, "
+                         f"not text (e.g. {example!r}); point data.text_column at a column of strings")
     dataset = dataset.select_columns([column])
     return dataset.rename_column(column, "text") if column != "text" else dataset
+
+
+def check_utf8(path: Path) -> None:
+    """Raise `ValueError` naming the file, line and byte offset of the first invalid UTF-8 sequence."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                position = max(exc.start, 0)
+                line = lines + block[:position].count(b"\n") + 1
+                raise ValueError(f"data.path: {path} is not valid UTF-8: byte {offset + position} (line {line}) "
+                                 f"is {block[position:position + 4]!r}; re-encode the file as UTF-8") from None
+            offset += len(block)
+            lines += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"data.path: {path} is not valid UTF-8: it ends inside a multi-byte character "
+                             f"(byte {offset}); re-encode the file as UTF-8") from None
 
 
 def _load_file(path: Path, split: str, data_cfg):
@@ -81,8 +115,17 @@ def _load_file(path: Path, split: str, data_cfg):
     if builder is None:
         raise ValueError(f"data.path={str(path)!r}: cannot tell the file format from {path.suffix!r}; set data.format "
                          f"to one of {sorted(FORMAT_BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data.path: {path} is empty (0 bytes)")
+    if builder != "parquet":
+        check_utf8(path)
     kwargs = {"sample_by": enum_value(data_cfg.text_sample_by)} if builder == "text" else {}
-    dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    try:
+        dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    except Exception as exc:  # a library's parse error, deep and late: name the file and the reader
+        cause = exc.__cause__ or exc
+        raise ValueError(f"data.path: could not read {path} as {builder} ({type(cause).__name__}: {cause}); "
+                         "check the file, or set data.format") from exc
     return _check_column(dataset, data_cfg, f"{path}")
 
 
@@ -131,6 +174,10 @@ def _load_hub(data_cfg) -> dict[str, Any]:
                 if data_cfg.text_column not in row:
                     raise ValueError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.path} "
                                      f"({name}); its columns are {sorted(row)}")
+                value = row[data_cfg.text_column]
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"data.text_column={data_cfg.text_column!r} of {data_cfg.path} ({name}) holds "
+                                     f"{type(value).__name__} values, not text (e.g. {value!r})")
                 rows.append({"text": row[data_cfg.text_column]})
             splits[role] = datasets.Dataset.from_list(rows)
         else:

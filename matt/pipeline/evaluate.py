@@ -78,20 +78,27 @@ class EvalSuite:
     choice_items: list = field(default_factory=list)
     generation_items: list = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    empty_documents: int = 0
+    """Empty or null documents of the evaluated split (not evaluated; counted, as training does)."""
 
     @classmethod
     def build(cls, eval_cfg, documents) -> "EvalSuite":
         from matt.evaluation.choice import build_choice_items
         from matt.evaluation.generation import build_generation_items
 
-        texts = cap_texts(list(documents.split(eval_cfg.split)["text"]), eval_cfg.max_documents, eval_cfg.max_bytes,
-                          eval_cfg.max_document_bytes)
+        split_texts = list(documents.split(eval_cfg.split)["text"])
+        present = [t for t in split_texts if t]
+        if len(present) < len(split_texts):
+            logger.warning("eval.split=%r: %d of %d documents are empty or null and are not evaluated",
+                           eval_cfg.split, len(split_texts) - len(present), len(split_texts))
+        texts = cap_texts(present, eval_cfg.max_documents, eval_cfg.max_bytes, eval_cfg.max_document_bytes)
         if not texts:
             raise ValueError(f"eval.split={eval_cfg.split!r} has no non-empty documents to evaluate on")
         train_texts = [t for t in documents.train["text"] if t]
         if eval_cfg.unigram_max_train_documents is not None:
             train_texts = train_texts[: eval_cfg.unigram_max_train_documents]
-        suite = cls(cfg=eval_cfg, texts=texts, train_texts=train_texts)
+        suite = cls(cfg=eval_cfg, texts=texts, train_texts=train_texts,
+                    empty_documents=len(split_texts) - len(present))
         if eval_cfg.choice.enabled:
             try:
                 suite.choice_items = build_choice_items(
@@ -121,6 +128,7 @@ class EvalSuite:
             "eval/choice_items": float(len(self.choice_items)),
             "eval/generation_items": float(len(self.generation_items)),
             "eval/skipped_metrics": float(len(self.skipped)),
+            "eval/empty_documents": float(self.empty_documents),
         }
         if self.choice_items:
             info["eval/choice_chance"] = chance_accuracy(self.choice_items)

@@ -10,7 +10,10 @@ config, all cheap (no weights are loaded, no tokenizer is trained):
 - `objective.n_layers` lies within the model's depth;
 - the data source exists and has `data.text_column`; the evaluated split exists;
 - a pretrained student tokenizer is a fast tokenizer; `init.checkpoint` fits the model width;
-- `tracking=mlflow_server` has a URI.
+- `tracking=mlflow_server` has a URI; the tracking store answers (short timeout) and is writable;
+- path-like values (`data.path`, `tokenizer.path`, `model.pretrained`, ...) that do not exist
+  locally are errors naming the key (never sent to the Hub);
+- the teacher tokenizer fits the model's embedding matrix.
 
 Everything loaded here is returned in a `Plan`, so the recipe does not load it twice.
 """
@@ -56,10 +59,62 @@ def check_missing(cfg, groups: tuple[str, ...]) -> None:
                          f"e.g. {missing[0]}=...")
 
 
-def check_tracking(tracking_cfg) -> None:
-    if enum_value(tracking_cfg.backend) == "mlflow" and tracking_cfg.require_uri and not tracking_cfg.uri:
+def check_tracking(tracking_cfg, output_root) -> None:
+    """The tracking store is configured, answers within seconds and can be written."""
+    from matt.tracking import check_store
+
+    if enum_value(tracking_cfg.backend) != "mlflow":
+        return
+    if tracking_cfg.require_uri and not tracking_cfg.uri:
         raise ValueError("tracking=mlflow_server needs tracking.uri=<http://host:port> (or MLFLOW_TRACKING_URI in "
                          "the environment); use tracking=mlflow for the embedded sqlite store")
+    if tracking_cfg.uri:
+        check_store(str(tracking_cfg.uri), "tracking.uri")
+    else:
+        database = Path(str(output_root)).expanduser().resolve() / "mlflow.db"
+        check_store(f"sqlite:///{database}", "paths.output_root (the embedded store)")
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz", ".safetensors", ".model")
+
+
+def looks_like_local_path(value: str) -> bool:
+    """A value only a local path can mean: absolute, `./` `../` `~`, backslashes, more than one `/`
+    (hub ids are `name` or `owner/name`) or a file suffix. Such a value is never sent to the Hub."""
+    return (value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", "..") or "\\" in value
+            or value.count("/") > 1 or value.lower().endswith(LOCAL_SUFFIXES))
+
+
+def check_local_path(value, key: str) -> None:
+    """Raise naming `key` when `value` looks like a local path that does not exist."""
+    if value is None:
+        return
+    text = str(value)
+    if looks_like_local_path(text) and not Path(text).expanduser().exists():
+        raise ValueError(f"{key}={text!r} does not exist (a local path; it is not looked up on the Hugging Face "
+                         "Hub). Fix the path, or give a hub id as `name` or `owner/name`")
+
+
+def check_local_paths(cfg) -> None:
+    """Path-like values that do not exist fail now, not after 30-50 s of Hub retries."""
+    if cfg.model.tiny is None:
+        check_local_path(cfg.model.pretrained, "model.pretrained")
+        check_local_path(cfg.model.tokenizer, "model.tokenizer")
+    if enum_value(cfg.tokenizer.source) == "pretrained":
+        check_local_path(cfg.tokenizer.path, "tokenizer.path")
+    data_path = str(cfg.data.path)
+    if enum_value(cfg.data.format) != "hub" and not data_path.startswith("builtin:"):
+        check_local_path(data_path, "data.path")
+
+
+def check_vocab_fits(model_cfg, teacher_tokenizer, decoder) -> None:
+    """Every teacher token id has an embedding row (else the run would fail after it started)."""
+    rows = getattr(decoder, "vocab_size", None)
+    if rows is not None and len(teacher_tokenizer) > int(rows):
+        source = model_cfg.tokenizer or model_cfg.pretrained
+        raise ValueError(f"model.tokenizer ({source!r}) has {len(teacher_tokenizer)} tokens, but the model "
+                         f"{model_cfg.pretrained!r} has only {rows} embedding rows (vocab_size): use the model's own "
+                         "tokenizer (unset model.tokenizer) or a checkpoint with resized embeddings")
 
 
 def check_family(model_cfg, model_config=None) -> None:
@@ -128,8 +183,9 @@ def preflight(cfg) -> Plan:
     from matt.segmentation import check_offsets_support
 
     check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))
+    check_local_paths(cfg)
     matt_config(cfg)  # MATTConfig's ranges and combinations, reported under their Hydra keys
-    check_tracking(cfg.tracking)
+    check_tracking(cfg.tracking, cfg.paths.output_root)
     check_family(cfg.model)  # before a tiny model's config is built from it
     if cfg.eval.split not in ("train", "validation", "test"):
         raise ValueError(f"eval.split={cfg.eval.split!r} is invalid: choose one of ['train', 'validation', 'test']")
@@ -142,6 +198,7 @@ def preflight(cfg) -> Plan:
     adapter_for(model_config)
     decoder = text_config(model_config)
     depth, hidden = int(decoder.num_hidden_layers), int(decoder.hidden_size)
+    check_vocab_fits(cfg.model, teacher_tokenizer, decoder)
     n_layers = check_n_layers(cfg, depth)
 
     student_tokenizer = None

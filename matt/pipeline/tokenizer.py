@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 def _texts_digest(texts: list[str]) -> str:
     digest = hashlib.sha256()
-    for text in texts:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Training document {i} is {type(text).__name__} ({text!r:.40}), not text: point "
+                             "data.text_column at a column of strings")
         digest.update(text.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()

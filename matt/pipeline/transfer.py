@@ -5,7 +5,8 @@ One Hydra job = one MLflow run (`matt.tracking`). Layout of the job's output dir
     config.yaml            the resolved config
     tokenizer/             the student tokenizer
     init/                  initial embeddings (+ the key of what produced them)
-    checkpoints/           trainer state (resume) and mlflow_run.json (the run to reopen)
+    checkpoints/           trainer state (resume), mlflow_run.json (the run to reopen) and
+                           finished.json (written when the whole job is done)
     train_log.jsonl        every logged training step
     embeddings/            learned embeddings (safetensors) + final training metrics
     model/                 the adapted HF model + tokenizer (`save_model=true`)
@@ -17,7 +18,8 @@ Distributed (`accelerate launch --num_processes N`): every process trains its sh
 and loaded by the others; only the main process tracks, saves and evaluates.
 
 Resuming: run the same command with `train.resume=true hydra.run.dir=<the job's directory>`; the
-trainer continues from its checkpoint and MLflow logging continues in the same run.
+trainer continues from its checkpoint and MLflow logging continues in the same run. Resuming a job
+that already finished (same `train.max_steps`) does nothing and says so.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from typing import Any
 from matt.pipeline.config import enum_value
 
 logger = logging.getLogger(__name__)
+
+FINISHED_FILE = "finished.json"
+"""In `checkpoints/`: written when the whole job (training, saving, evaluation) is done."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +124,11 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _finished_job(checkpoint_dir: Path) -> dict[str, Any] | None:
+    path = checkpoint_dir / FINISHED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -150,9 +160,16 @@ def run_transfer(cfg) -> float | None:
         print(f"Config OK (dry run): {json.dumps(plan.summary(), default=str)}", flush=True)
         return None
 
+    checkpoint_dir = output_dir / "checkpoints"
+    finished = _finished_job(checkpoint_dir) if cfg.train.resume else None
+    if finished is not None and finished.get("max_steps") == cfg.train.max_steps:
+        message = (f"{output_dir} already finished ({finished['max_steps']} steps, final bpb {finished.get('bpb')}): "
+                   "resuming it does nothing (raise train.max_steps to train further)")
+        logger.warning(message)
+        print(message, flush=True)
+        return finished.get("bpb")
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
-    checkpoint_dir = output_dir / "checkpoints"
     if cfg.train.resume and not (checkpoint_dir / CHECKPOINT_FILE).exists():
         logger.warning("train.resume=true but %s holds no checkpoint: starting from step 0. To continue a crashed "
                        "job, rerun it in its own directory: hydra.run.dir=<that job's directory>", checkpoint_dir)
@@ -288,4 +305,7 @@ def run_transfer(cfg) -> float | None:
             tracker.log_artifact(plot, "plots")
         tracker.log_metrics({"job/wall_clock_s": time.perf_counter() - started})
         logger.info("Transfer done: %s", output_dir)
-    return results.get("final", {}).get("bpb")
+    bpb = results.get("final", {}).get("bpb")
+    (checkpoint_dir / FINISHED_FILE).write_text(json.dumps({"max_steps": cfg.train.max_steps, "bpb": bpb,
+                                                            "run_id": tracker.run_id}))
+    return bpb
