@@ -323,7 +323,7 @@ def score_continuations(
             ctx_positions = (ctx_mask.cumsum(dim=1) - 1).clamp(min=0)
             out = model.base_model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_positions,
                                    use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
             last_hidden = out.last_hidden_state[:, -1]  # predicts the first token of every continuation
             cache.batch_repeat_interleave(k)
             options = [continuations[i][j] for i in batch for j in range(k)]
