@@ -53,12 +53,14 @@ def test_shared_context_scoring_equals_scoring_each_concatenation(family):
     contexts = random_sequences(vocab, (3, 14, 1, 9, 22), seed=2)
     continuations = [[[rng.randrange(vocab) for _ in range(rng.randint(1, 7))] for _ in range(k)]
                      for k in (4, 4, 3, 4, 4)]
-    got = score_continuations(model, contexts, continuations, batch_size=2, progress=False)
-    for context, options, parts in zip(contexts, continuations, got):
-        assert len(parts) == len(options)
-        for option, part in zip(options, parts):
-            assert part.tolist() == pytest.approx(full_logit_token_nll(model, context + option, len(context)),
-                                                  rel=1e-4, abs=1e-5)
+    for batch_size, rows_per_forward in ((2, 3), (5, 8), (1, 1)):  # chunks of rows that mix contexts
+        got = score_continuations(model, contexts, continuations, batch_size=batch_size,
+                                  rows_per_forward=rows_per_forward, progress=False)
+        for context, options, parts in zip(contexts, continuations, got):
+            assert len(parts) == len(options)
+            for option, part in zip(options, parts):
+                assert part.tolist() == pytest.approx(full_logit_token_nll(model, context + option, len(context)),
+                                                      rel=1e-4, abs=1e-5)
 
 
 def test_gemma_logit_softcapping_is_applied():
@@ -103,6 +105,8 @@ def test_modules_without_a_separate_head_use_full_logits():
 
 def test_score_continuations_rejects_bad_input():
     model = tiny_model("llama", 20)
+    with pytest.raises(ValueError, match="rows_per_forward"):
+        score_continuations(model, [[1]], [[[2]]], rows_per_forward=0, progress=False)
     with pytest.raises(ValueError, match="contexts but"):
         score_continuations(model, [[1]], [], progress=False)
     with pytest.raises(ValueError, match="non-empty continuations"):

@@ -71,7 +71,7 @@ def build_choice_items(
     closest to the answer's (by |log ratio|) are taken. Without this, answers (sentences inside
     running prose) were longer than typical distractors (option descriptions after a dropped
     "-x" line, etc.), and any length-sensitive score - per-byte likelihood of a model that cannot
-    read, or just "pick the shortest" - sat away from chance (see docs/EXPERIMENTS.md). With it, a
+    read, or just "pick the shortest" - sat away from chance (README, "Evaluation"). With it, a
     choice's surface (length, kind of sentence) says nothing about the label; only the context does.
 
     The answer positions are balanced (each position is the label for `num_items / num_choices`
@@ -189,7 +189,7 @@ def multiple_choice_accuracy(
     *,
     delimiter: str = " ",
     max_length: int = 1024,
-    batch_size: int = 8,
+    batch_size: int = 16,
     device: torch.device | str | None = None,
     progress: bool = True,
     pmi: bool = False,

@@ -11,6 +11,7 @@ shared context once for all its continuations (key/value cache).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import weakref
 from collections.abc import Iterator, Sequence
@@ -269,7 +270,8 @@ def score_continuations(
     contexts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[Sequence[int]]],
     *,
-    batch_size: int = 4,
+    batch_size: int = 16,
+    rows_per_forward: int = 8,
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "scoring",
@@ -278,71 +280,68 @@ def score_continuations(
     -log p(continuations[i][j][t] | contexts[i] + continuations[i][j][:t]).
 
     The same numbers as `token_nll` on the concatenated sequences, but each context runs through the
-    model once for all its continuations: `batch_size` contexts are left-padded into one forward
-    that keeps the key/value cache (and the logits of the last context position only), the cache
-    is repeated for each continuation, and the continuations run right-padded on top of it with
-    positions that continue their own context. Contexts with different numbers of continuations
-    are grouped apart. Models without a separate head or cache support are scored through
-    `token_nll` on the concatenations.
+    model once for all its continuations: contexts are sorted by length and `batch_size` of them are
+    left-padded into one forward that keeps the key/value cache (and the hidden state of the last
+    context position, which predicts every continuation's first token). Their continuations are
+    then sorted by length and run right-padded, `rows_per_forward` at a time, on a copy of the cache
+    rows of their own contexts, with positions that continue their own context - so neither a long
+    context nor a long continuation pads the others much. Models without a separate head are
+    scored through `token_nll` on the concatenations.
     """
     if len(contexts) != len(continuations):
         raise ValueError(f"Got {len(contexts)} contexts but {len(continuations)} continuation lists")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or rows_per_forward < 1:
+        raise ValueError(f"batch_size and rows_per_forward must be >= 1, got {batch_size}, {rows_per_forward}")
     for i, (context, options) in enumerate(zip(contexts, continuations)):
         if not context or not options or any(not option for option in options):
             raise ValueError(f"Context {i} needs at least one token and one or more non-empty continuations")
     if not contexts:
         return []
     check_ids_fit_model(model, max(max(max(c) for c in contexts), max(max(o) for opts in continuations for o in opts)))
+    result: list[list[torch.Tensor]] = [[torch.empty(0)] * len(options) for options in continuations]
     if not has_separate_head(model):
         flat = [(i, j) for i, options in enumerate(continuations) for j in range(len(options))]
         parts = token_nll(model, [[*contexts[i], *continuations[i][j]] for i, j in flat],
                           [len(contexts[i]) for i, _ in flat], batch_size=batch_size, device=device,
                           progress=progress, desc=desc)
-        result: list[list[torch.Tensor]] = [[torch.empty(0)] * len(options) for options in continuations]
         for (i, j), part in zip(flat, parts):
             result[i][j] = part
         return result
 
     device = torch.device(device) if device is not None else model_device(model)
-    result = [[torch.empty(0)] * len(options) for options in continuations]
-    order = sorted(range(len(contexts)), key=lambda i: (len(continuations[i]), len(contexts[i])), reverse=True)
-    batches: list[list[int]] = []
-    for index in order:
-        if batches and len(batches[-1]) < batch_size and len(continuations[batches[-1][0]]) == len(continuations[index]):
-            batches[-1].append(index)
-        else:
-            batches.append([index])
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]), reverse=True)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     with evaluation_mode(model):
-        check_head_matches_forward(model, contexts[order[-1]] + list(continuations[order[-1]][0]))
+        check_head_matches_forward(model, [*contexts[order[-1]], *continuations[order[-1]][0]])
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            k = len(continuations[batch[0]])
             ctx_ids, ctx_mask = _padded([contexts[i] for i in batch], left=True)
             ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
-            ctx_positions = (ctx_mask.cumsum(dim=1) - 1).clamp(min=0)
-            out = model.base_model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_positions,
-                                   use_cache=True)
-            cache = out.cache
-            last_hidden = out.last_hidden_state[:, -1]  # predicts the first token of every continuation
-            cache.batch_repeat_interleave(k)
-            options = [continuations[i][j] for i in batch for j in range(k)]
-            opt_ids, opt_mask = _padded(options)
-            opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
-            lengths = torch.as_tensor([len(contexts[i]) for i in batch], device=device).repeat_interleave(k)
-            positions = lengths[:, None] + torch.arange(opt_ids.shape[1], device=device)[None, :]
-            hidden = model.base_model(input_ids=opt_ids, attention_mask=torch.cat(
-                [ctx_mask.repeat_interleave(k, dim=0), opt_mask], dim=1), position_ids=positions,
-                cache=cache, use_cache=True).last_hidden_state
-            # Row r predicts token 0 of option r from the context's last position, token t + 1 from option position t.
-            first = last_hidden.repeat_interleave(k, dim=0)
-            later = opt_mask.bool().clone()
-            later[torch.arange(len(options)), opt_mask.sum(dim=1) - 1] = False  # the last token predicts nothing scored
-            rows = torch.cat([first[:, None], hidden], dim=1)
-            scored = torch.cat([torch.ones(len(options), 1, dtype=torch.bool, device=device), later], dim=1)
-            nll = rows_nll(model, rows[scored], opt_ids[opt_mask.bool()])
-            parts = torch.split(nll.cpu(), opt_mask.sum(dim=1).tolist())
-            for row, part in enumerate(parts):
-                result[batch[row // k]][row % k] = part
+            out = model.base_model(input_ids=ctx_ids, attention_mask=ctx_mask,
+                                   position_ids=(ctx_mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True)
+            cache, last_hidden = out.cache, out.last_hidden_state[:, -1]
+            lengths = torch.as_tensor([len(contexts[i]) for i in batch], device=device)
+            rows = sorted(((row, j) for row, i in enumerate(batch) for j in range(len(continuations[i]))),
+                          key=lambda rj: len(continuations[batch[rj[0]]][rj[1]]), reverse=True)
+            for start in range(0, len(rows), rows_per_forward):
+                chunk = rows[start : start + rows_per_forward]
+                owner = torch.as_tensor([row for row, _ in chunk], device=device)
+                options = [continuations[batch[row]][j] for row, j in chunk]
+                opt_ids, opt_mask = _padded(options)
+                opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
+                chunk_cache = copy.deepcopy(cache)
+                chunk_cache.batch_select_indices(owner)
+                positions = lengths[owner][:, None] + torch.arange(opt_ids.shape[1], device=device)[None, :]
+                hidden = model.base_model(input_ids=opt_ids, attention_mask=torch.cat([ctx_mask[owner], opt_mask], dim=1),
+                                          position_ids=positions, cache=chunk_cache, use_cache=True).last_hidden_state
+                # Row r predicts its token 0 from its context's last position, token t + 1 from option position t.
+                lengths_opt = opt_mask.sum(dim=1)
+                later = opt_mask.bool().clone()
+                later[torch.arange(len(options), device=device), lengths_opt - 1] = False
+                states = torch.cat([last_hidden[owner][:, None], hidden], dim=1)
+                scored = torch.cat([torch.ones(len(options), 1, dtype=torch.bool, device=device), later], dim=1)
+                nll = rows_nll(model, states[scored], opt_ids[opt_mask.bool()])
+                for (row, j), part in zip(chunk, torch.split(nll.cpu(), lengths_opt.tolist())):
+                    result[batch[row]][j] = part
+                del chunk_cache
             del cache, out
     return result
