@@ -295,6 +295,9 @@ class GenerationEvalConfig:
     target_chars: int = 100
     max_new_tokens: int = 48
     seed: int = 0
+    batch_size: int = 8
+    """Prompts decoded together (left-padded): greedy decoding is one step per token, so batching
+    the prompts is what keeps its throughput up."""
 
 
 @dataclass

@@ -212,7 +212,7 @@ class EvalSuite:
 
             results["chrf"] = float(generation_chrf(
                 model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
-                batch_size=cfg.batch_size, device=device, progress=cfg.progress)["chrf"])
+                batch_size=cfg.generation.batch_size, device=device, progress=cfg.progress)["chrf"])
         if cfg.lm_eval.enabled:
             results.update(run_lm_eval(cfg.lm_eval, model, tokenizer, device))
         results["eval_seconds"] = time.perf_counter() - started
