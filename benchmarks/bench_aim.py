@@ -31,6 +31,9 @@ Parts:
    $MATT_ASSETS; skipped without them).
 6. (`ops`) Operators per AIM loss call (forward + backward) counted with torch.profiler, and CUDA
    kernels on a GPU.
+7. (`eval`) Evaluation throughput: bits per byte, multiple choice and greedy generation of
+   `matt.evaluation` against a plain batched forward over the same tokens, SmolLM2-135M and Gemma 3
+   270M shapes.
 """
 
 from __future__ import annotations
@@ -574,6 +577,117 @@ def part_ops(args, device: str) -> tuple[list[dict], list[str]]:
             lines.append(line)
     lines += ["", f"Batch {args.batch}; top-level `aten::` operators (what Python dispatches, views included; on a GPU "
               "the kernels columns count launches).", ""]
+
+
+# part 7: evaluation throughput (matt.evaluation) against a plain batched forward
+# ------------------------------------------------------------------------------------------------
+EVAL_MODELS = {  # name: (transformers config class, config) - random weights: cost does not depend on them
+    "smollm2_135m": ("LlamaConfig", SMOLLM2_135M),
+    "gemma3_270m": ("Gemma3TextConfig", GEMMA3_270M),
+}
+
+
+def _eval_model(name: str):
+    import torch
+    import transformers
+
+    class_name, config = EVAL_MODELS[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**config))
+    return model.float().eval()
+
+
+def _eval_workload(kind: str, vocab: int, quick: bool, seed: int = 0):
+    """Token ids shaped like the demo's evaluation: `choice` = items of a ~3-sentence context and 4
+    choices of a sentence each; `bpb` = 512-token windows of held-out documents; `generation` =
+    ~100-token prompts continued by 32 tokens."""
+    rng = random.Random(seed)
+    ids = lambda n: [rng.randrange(2, vocab) for _ in range(n)]  # noqa: E731
+    if kind == "choice":
+        items = 4 if quick else 16
+        return [(ids(rng.randint(90, 160)), [ids(rng.randint(20, 50)) for _ in range(4)]) for _ in range(items)]
+    if kind == "bpb":
+        return [ids(512 if not quick else 128) for _ in range(2 if quick else 4)]
+    return [ids(rng.randint(80, 120)) for _ in range(2 if quick else 8)]
+
+
+def eval_worker(model_name: str, kind: str, quick: bool, device: str, repeats: int = 1) -> dict:
+    """Seconds of one evaluation pass (`kind`) and of a plain batched forward (`model(ids).logits`,
+    batches of 8 sorted by length) over the same token sequences; tokens/s of both."""
+    import torch
+
+    from matt.evaluation.generation import greedy_continuations
+    from matt.evaluation.scoring import score_continuations, token_nll
+
+    torch.set_grad_enabled(False)
+    model = _eval_model(model_name).to(device)
+    vocab = model.config.vocab_size
+    work = _eval_workload(kind, vocab, quick)
+    new_tokens = 32
+    if kind == "choice":
+        sequences = [context + option for context, options in work for option in options]
+        processed = sum(len(c) + sum(len(o) for o in opts) for c, opts in work)
+        run = lambda: score_continuations(model, [c for c, _ in work], [o for _, o in work],  # noqa: E731
+                                          batch_size=8, device=device, progress=False)
+    elif kind == "bpb":
+        sequences = work
+        processed = sum(len(s) for s in work)
+        run = lambda: token_nll(model, work, [1] * len(work), batch_size=4, device=device, progress=False)  # noqa: E731
+    else:
+        class Ids:  # a tokenizer stand-in: the prompts are already token ids
+            bos_token_id, eos_token_id, pad_token_id = 1, None, 0
+
+            def __call__(self, texts, add_special_tokens=False):
+                return {"input_ids": [work[int(t)] for t in texts]}
+
+            def decode(self, ids, skip_special_tokens=True):
+                return " ".join(map(str, ids))
+
+        sequences = [[1, *p] + [0] * new_tokens for p in work]
+        processed = sum(len(s) for s in sequences)
+        run = lambda: greedy_continuations(model, Ids(), [str(i) for i in range(len(work))],  # noqa: E731
+                                           max_new_tokens=new_tokens, batch_size=8, device=device, progress=False)
+
+    def plain():
+        order = sorted(sequences, key=len, reverse=True)
+        for start in range(0, len(order), 8):
+            batch = order[start:start + 8]
+            width = len(batch[0])
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, seq in enumerate(batch):
+                input_ids[row, :len(seq)] = torch.as_tensor(seq)
+                mask[row, :len(seq)] = 1
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+
+    tokens = sum(len(s) for s in sequences)
+    model(input_ids=torch.ones(2, 16, dtype=torch.long, device=device))  # warm-up (kernels, allocator)
+    times = {name: _timed(fn, repeats, device) for name, fn in (("plain", plain), ("pass", run))}
+    return {"model": model_name, "kind": kind, "tokens": tokens, "processed_tokens": processed,
+            "plain_s": times["plain"], "pass_s": times["pass"],
+            "plain_tokens_per_s": tokens / times["plain"], "pass_tokens_per_s": tokens / times["pass"]}
+
+
+def part_eval(args, device: str) -> tuple[list[dict], list[str]]:
+    """Evaluation passes vs a plain batched forward over the same tokens (target: ratio >= 0.7)."""
+    rows = []
+    for model_name in EVAL_MODELS:
+        for kind in ("bpb", "choice", "generation"):
+            row = run_isolated(eval_worker, model_name=model_name, kind=kind, quick=args.quick, device=device)
+            rows.append(row)
+            print(f"  eval {model_name} {kind}: pass {row['pass_tokens_per_s']:.0f} tok/s, plain forward "
+                  f"{row['plain_tokens_per_s']:.0f} tok/s", flush=True)
+    lines = ["## 7. Evaluation throughput vs a plain batched forward over the same tokens", "",
+             "| model | pass | tokens | tokens run | pass tok/s | plain forward tok/s | pass / plain |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['kind']} | {row['tokens']} | {row['processed_tokens']} "
+                     f"| {row['pass_tokens_per_s']:.0f} | {row['plain_tokens_per_s']:.0f} "
+                     f"| {row['pass_tokens_per_s'] / row['plain_tokens_per_s']:.2f}x |")
+    lines += ["", "Random weights with the real shapes. `tokens`: the sequences a plain evaluator runs (for multiple "
+              "choice every choice with its whole context; for generation prompt + 32 new tokens); `tokens run`: "
+              "what the pass feeds the model (a context once for its 4 choices). plain forward = `model(ids).logits`"
+              " in length-sorted batches of 8 over those sequences. Target: pass / plain >= 0.7x.", ""]
     return rows, lines
 
 
@@ -746,7 +860,7 @@ def part_ntp(args, device: str) -> tuple[list[dict], list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="loss,step,ntp,rss,ops", help="comma-separated: loss, step, ntp, rss, ops")
+    parser.add_argument("--parts", default="loss,step,ntp,rss,ops,eval", help="comma-separated: loss, step, ntp, rss, ops, eval")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--batch", type=int, default=1, help="batch size of part 1")
     parser.add_argument("--repeats", type=int, default=5)
@@ -787,6 +901,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += part_lines
     if "ops" in parts:
         results["ops"], part_lines = part_ops(args, device)
+        lines += part_lines
+    if "eval" in parts:
+        results["eval"], part_lines = part_eval(args, device)
         lines += part_lines
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

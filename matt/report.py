@@ -4,8 +4,14 @@ Table rows: the original model (per teacher), each distinct initialisation befor
 (e.g. FOCUS), and every trained run (labelled by method, e.g. `aim mse L10 keep_init`). For each
 metric, the value and `% of original` of the same teacher - direction-aware: for accuracy-like
 metrics 100·value/original, for bits per byte (lower is better) 100·original/value, so above 100
-always means "better than the original". Training wall-clock and peak memory per run come from
-the trainer's final metrics.
+always means "better than the original" - and `recovery %` = 100·(x − init)/(original − init),
+the share of the gap between the initialisation (e.g. FOCUS) and the original model that a row
+closes, computed the same way for every metric with a direction (the paper's reading). Accuracies
+carry their 95 % Wilson interval and, for trained rows, `Δ vs init`: the paired difference to the
+initialisation of the same run on the same items (percentile bootstrap over items, from the
+per-item credits in the run's `eval/results.json` artifact), marked `*` only when its 95 %
+interval excludes 0; runs without per-item credits fall back to non-overlapping Wilson intervals
+(conservative). Training wall-clock and peak memory per run come from the trainer's final metrics.
 
 Plots: `loss_curves.png` (the AIM and NTP loss terms per run), `layer_depth.png` (AIM depth vs quality, time and
 memory, when runs differ in depth), `methods.png` (bits per byte per table row).
@@ -21,10 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matt.evaluation.intervals import intervals_overlap, paired_bootstrap
+
 logger = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = {"bpb"}
+LOWER_IS_BETTER = {"bpb", "bpb_new", "bpb_shared"}
 HIGHER_IS_BETTER = {"choice_accuracy", "choice_accuracy_pmi", "chrf"}
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+ITEM_KEYS = {"choice_accuracy": "choice_credits", "choice_accuracy_pmi": "choice_credits_pmi"}
+"""Accuracy metric -> its per-item credit list in `eval/results.json` (as in `matt.pipeline.evaluate`)."""
 """Model-quality metrics get a `% of original` column; compression, counts and the unigram floor
 do not (they describe the tokenizer, not how much of the model's quality was kept)."""
 TIME_METRIC = "train/final_wall_clock_s"
@@ -56,6 +67,17 @@ def percent_of_baseline(name: str, value: float | None, baseline: float | None) 
     if direction > 0:
         return 100.0 * value / baseline if baseline else None
     return 100.0 * baseline / value if value else None
+
+
+def recovery(value: float | None, original: float | None, init: float | None) -> float | None:
+    """(value − init) / (original − init): 0 at the initialisation, 1 at the original model, the
+    same formula for every metric (for bits per byte both differences are negative when the
+    transfer helps). None when a value is missing or not finite or original == init."""
+    if value is None or original is None or init is None:
+        return None
+    if any(not math.isfinite(x) for x in (value, original, init)) or original == init:
+        return None
+    return (value - init) / (original - init)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,6 +193,8 @@ class RunRecord:
     metrics: dict[str, float]
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    items: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Per model (`original` / `init` / `final`) the per-item credit lists of `eval/results.json`."""
 
     @property
     def models(self) -> dict[str, dict[str, float]]:
@@ -205,6 +229,10 @@ class TableRow:
     baseline: dict[str, float] = field(default_factory=dict)
     """The original model's metrics this row is compared with (`% of original`)."""
     run_id: str = ""
+    init_values: dict[str, float] = field(default_factory=dict)
+    """The initialisation of the same run (`recovery %`, `Δ vs init`)."""
+    items: dict[str, list[float]] = field(default_factory=dict)
+    init_items: dict[str, list[float]] = field(default_factory=dict)
 
 
 def load_runs(tracking_uri: str, experiment_name: str, *, include_failed: bool = False) -> list[RunRecord]:
@@ -230,8 +258,26 @@ def load_runs(tracking_uri: str, experiment_name: str, *, include_failed: bool =
             run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, status=run.info.status,
             label=tags.get("matt.label", run.info.run_name or run.info.run_id), model=tags.get("matt.model", "?"),
             init=tags.get("matt.init", "?"), n_layers=int(depth) if depth not in (None, "", "null") else None,
-            metrics=dict(run.data.metrics), params=dict(params), tags=dict(tags)))
+            metrics=dict(run.data.metrics), params=dict(params), tags=dict(tags),
+            items=item_credits(client, run.info.run_id)))
     return records
+
+
+def item_credits(client, run_id: str) -> dict[str, dict[str, list[float]]]:
+    """Per-item credit lists of a run's `eval/results.json` artifact ({} when the run has none)."""
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            path = client.download_artifacts(run_id, "eval/results.json", directory)
+        except (MlflowException, OSError):
+            return {}
+        models = json.loads(Path(path).read_text(encoding="utf-8")).get("models", {})
+    return {model: {key: values for key, values in metrics.items() if key in ITEM_KEYS.values()}
+            for model, metrics in models.items()}
 
 
 def _key(values: Mapping[str, float]) -> tuple:
@@ -253,26 +299,54 @@ def table_rows(runs: Iterable[RunRecord]) -> list[TableRow]:
     for run in runs:
         models = run.models
         baseline = models.get("original") or first_original.get(run.model, {})
+        init_values = models.get("init", {})
+        init_items = run.items.get("init", {})
         for kind, method in (("original", f"original ({run.model})"), ("init", f"{run.init} init")):
             if kind in models and (kind, run.model, run.init, _key(models[kind])) not in seen:
                 seen.add((kind, run.model, run.init, _key(models[kind])))
-                rows.append(TableRow(method, kind, run.model, dict(models[kind]), baseline=baseline, run_id=run.run_id))
+                rows.append(TableRow(method, kind, run.model, dict(models[kind]), baseline=baseline, run_id=run.run_id,
+                                     init_values=init_values, items=run.items.get(kind, {}), init_items=init_items))
         if "final" in models:
             trained.append(TableRow(run.label, "trained", run.model, models["final"], n_layers=run.n_layers,
                                     wall_clock_s=run.metrics.get(TIME_METRIC),
                                     peak_memory_mb=run.metrics.get(MEMORY_METRIC), baseline=baseline,
-                                    run_id=run.run_id))
+                                    run_id=run.run_id, init_values=init_values, items=run.items.get("final", {}),
+                                    init_items=init_items))
     return rows + trained
 
 
+def difference_to_init(row: TableRow, metric: str) -> str | None:
+    """`Δ vs init` of an accuracy: "+0.0500 [+0.0100, +0.0900] *" (paired bootstrap over the same
+    items; `*` = the 95 % interval excludes 0), or with per-item credits missing, the difference
+    with `*` only when the two Wilson intervals do not overlap. None for the init row itself or
+    without the numbers."""
+    if row.kind == "init" or metric not in row.values or metric not in row.init_values:
+        return None
+    key = ITEM_KEYS.get(metric)
+    mine, theirs = row.items.get(key), row.init_items.get(key)
+    if mine is not None and theirs is not None and len(mine) == len(theirs) and mine:
+        diff = paired_bootstrap(mine, theirs)
+        return f"{diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]" + (" *" if diff.significant else "")
+    bounds = [tuple(values.get(f"{metric}{s}") for s in CI_SUFFIXES) for values in (row.values, row.init_values)]
+    if any(None in b for b in bounds):
+        return None
+    difference = row.values[metric] - row.init_values[metric]
+    return f"{difference:+.4f} (Wilson)" + ("" if intervals_overlap(*bounds) else " *")
+
+
 def table_columns(rows: Sequence[TableRow], metrics: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
-    """Header and cells (numbers stay numbers) of the comparison table."""
+    """Header and cells (numbers stay numbers) of the comparison table (see the module docstring)."""
     shown = [m for m in metrics if any(m in row.values for row in rows)]
     header = ["method", "model", "n_layers"]
     for metric in shown:
         header.append(metric)
+        with_interval = any(f"{metric}{CI_SUFFIXES[0]}" in row.values for row in rows)
+        if with_interval:
+            header.append(f"{metric} 95% CI")
         if metric_direction(metric) is not None:
-            header.append(f"{metric} % of original")
+            header += [f"{metric} % of original", f"{metric} recovery %"]
+        if with_interval:
+            header.append(f"{metric} Δ vs init")
     header += ["train time (s)", "peak memory (MB)", "run"]
     cells = []
     for row in rows:
@@ -280,8 +354,16 @@ def table_columns(rows: Sequence[TableRow], metrics: Sequence[str]) -> tuple[lis
         for metric in shown:
             value = row.values.get(metric)
             line.append(value)
+            with_interval = any(f"{metric}{CI_SUFFIXES[0]}" in r.values for r in rows)
+            if with_interval:
+                low, high = (row.values.get(f"{metric}{s}") for s in CI_SUFFIXES)
+                line.append(None if low is None or high is None else f"[{low:.4f}, {high:.4f}]")
             if metric_direction(metric) is not None:
                 line.append(percent_of_baseline(metric, value, row.baseline.get(metric)))
+                share = recovery(value, row.baseline.get(metric), row.init_values.get(metric))
+                line.append(None if share is None else 100.0 * share)
+            if with_interval:
+                line.append(difference_to_init(row, metric))
         line += [row.wall_clock_s, row.peak_memory_mb, row.run_id[:8]]
         cells.append(line)
     return header, cells
@@ -336,7 +418,8 @@ def loss_histories(tracking_uri: str, runs: Sequence[RunRecord],
 
 
 def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path, *,
-                 metrics: Sequence[str] = ("bpb", "choice_accuracy", "choice_accuracy_pmi", "chrf", "bytes_per_token"),
+                 metrics: Sequence[str] = ("bpb", "bpb_new", "bpb_shared", "choice_accuracy", "choice_accuracy_pmi",
+                                           "chrf", "bytes_per_token"),
                  include_failed: bool = False) -> dict[str, Path]:
     """Write `table.md`, `table.csv` and the PNG plots for an experiment; returns their paths."""
     runs = load_runs(tracking_uri, experiment_name, include_failed=include_failed)

@@ -102,7 +102,9 @@ def test_model_that_knows_the_true_continuation_scores_one(tokenizer_name, reque
               for item in items]
     model = OracleLM(len(tok), truths)
     result = multiple_choice_accuracy(model, tok, items, batch_size=3, progress=False)
-    assert result == {"accuracy": 1.0, "n": 8, "ties": 0, "chance": 0.25}
+    z2 = 1.959963984540054 ** 2
+    assert result == {"accuracy": 1.0, "n": 8, "ties": 0, "chance": 0.25, "credits": [1.0] * 8,
+                      "accuracy_ci_low": pytest.approx(8 / (8 + z2)), "accuracy_ci_high": 1.0}  # Wilson at p = 1
     # The same model with the labels moved to a wrong choice scores 0: it is not position luck.
     wrong = [ChoiceItem(item.context, item.choices, (item.label + 1) % 4) for item in items]
     assert multiple_choice_accuracy(model, tok, wrong, progress=False)["accuracy"] == 0.0
@@ -118,7 +120,8 @@ def test_ties_are_split_and_do_not_favour_the_label():
     # Every choice is one character: same tokens, same bytes, so a uniform model ties all four.
     items = [ChoiceItem("xyz", ("a", "b", "c", "d"), 0) for _ in range(5)]
     result = multiple_choice_accuracy(uniform, tok, items, progress=False)
-    assert result == {"accuracy": 0.25, "n": 5, "ties": 5, "chance": 0.25}
+    assert {k: result[k] for k in ("accuracy", "n", "ties", "chance", "credits")} == {
+        "accuracy": 0.25, "n": 5, "ties": 5, "chance": 0.25, "credits": [0.25] * 5}
     # Two-way tie with the label in it: half credit; tie without the label: none.
     prefers_ab = torch.zeros(len(tok))
     prefers_ab[tok.convert_tokens_to_ids(["a", "b"])] = 2.0

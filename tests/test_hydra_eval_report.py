@@ -11,7 +11,7 @@ import pytest
 from matt.hydra_app import compose
 from matt.pipeline.data import Documents
 from matt.pipeline.evaluate import EvalSuite, cap_texts, prefixed, results_table
-from matt.report import RunRecord, percent_of_baseline, table_columns, table_rows
+from matt.report import RunRecord, percent_of_baseline, recovery, table_columns, table_rows
 from matt.tiny import SAMPLE_TEXTS, tiny_model, train_tokenizer
 
 
@@ -118,7 +118,93 @@ def test_report_rows_deduplicate_and_compare_with_their_own_original():
         ("original", "original (m)"), ("init", "focus init"), ("original", "original (m)"), ("init", "focus init"),
         ("trained", "aim mse L2"), ("trained", "aim mse L4"), ("trained", "aim mse L2")]
     header, cells = table_columns(rows, ["bpb"])
-    assert header == ["method", "model", "n_layers", "bpb", "bpb % of original", "train time (s)",
+    assert header == ["method", "model", "n_layers", "bpb", "bpb % of original", "bpb recovery %", "train time (s)",
                       "peak memory (MB)", "run"]
     percent = {cell[-1]: cell[4] for cell in cells if cell[2] is not None}
     assert percent["r1"] == pytest.approx(100 * 2.0 / 2.2) and percent["r3"] == pytest.approx(100 * 4.0 / 4.4)
+    # recovery = (x - init) / (original - init), each run against its own original and init
+    share = {(cell[0], cell[-1]): cell[5] for cell in cells}
+    assert share[("aim mse L2", "r1")] == pytest.approx(100 * (2.2 - 2.5) / (2.0 - 2.5))  # 60 %
+    assert share[("aim mse L4", "r2")] == pytest.approx(80.0)
+    assert share[("aim mse L2", "r3")] == pytest.approx(100 * (4.4 - 5.0) / (4.0 - 5.0))
+    assert share[("focus init", "r1")] == 0.0 and share[("original (m)", "r1")] == pytest.approx(100.0)
+
+
+def test_recovery_by_hand():
+    assert recovery(0.40, 0.50, 0.25) == pytest.approx(0.6)  # accuracy: 0.15 of a 0.25 gap
+    assert recovery(1.415, 0.913, 1.475) == pytest.approx((1.415 - 1.475) / (0.913 - 1.475))  # the Gemma demo: 10.7 %
+    assert recovery(0.2, 0.5, 0.25) == pytest.approx(-0.2)  # worse than the initialisation
+    assert recovery(0.3, 0.25, 0.25) is None and recovery(None, 1.0, 2.0) is None
+    assert recovery(float("nan"), 1.0, 2.0) is None
+
+
+def accuracy_record(run_id, final_credits, init_credits, original_credits, with_items=True):
+    from matt.evaluation.intervals import wilson_interval
+
+    metrics = {}
+    items = {}
+    for kind, credits in (("original", original_credits), ("init", init_credits), ("final", final_credits)):
+        low, high = wilson_interval(sum(credits), len(credits))
+        metrics.update({f"{kind}/choice_accuracy": sum(credits) / len(credits),
+                        f"{kind}/choice_accuracy_ci_low": low, f"{kind}/choice_accuracy_ci_high": high})
+        items[kind] = {"choice_credits": credits}
+    return RunRecord(run_id=run_id, name=run_id, status="FINISHED", label=f"aim {run_id}", model="m", init="focus",
+                     n_layers=2, metrics=metrics, items=items if with_items else {})
+
+
+def test_report_accuracy_intervals_recovery_and_paired_significance():
+    from matt.evaluation.intervals import paired_bootstrap, wilson_interval
+
+    original = [1.0] * 300 + [0.0] * 100           # 0.75
+    init = [1.0] * 100 + [0.0] * 300               # 0.25
+    better = [1.0] * 130 + [0.0] * 270             # 0.325: right on 30 more items, never worse than init
+    rows = table_rows([accuracy_record("r1", better, init, original),
+                       accuracy_record("r2", better, init, original, with_items=False)])
+    header, cells = table_columns(rows, ["choice_accuracy"])
+    assert header[3:8] == ["choice_accuracy", "choice_accuracy 95% CI", "choice_accuracy % of original",
+                           "choice_accuracy recovery %", "choice_accuracy Δ vs init"]
+    by_run = {(cell[0], cell[-1]): cell for cell in cells}
+    trained = by_run[("aim r1", "r1")]
+    low, high = wilson_interval(130, 400)
+    assert trained[4] == f"[{low:.4f}, {high:.4f}]"
+    assert trained[6] == pytest.approx(100 * (0.325 - 0.25) / (0.75 - 0.25))  # 15 %
+    diff = paired_bootstrap(better, init)
+    assert trained[7] == f"{diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] *"
+    assert diff.low > 0
+    # Without per-item credits: the Wilson intervals of 0.325 and 0.25 overlap -> no star.
+    assert by_run[("aim r2", "r2")][7] == "+0.0750 (Wilson)"
+    assert by_run[("focus init", "r1")][7] is None
+
+
+def test_results_table_prints_intervals_recovery_and_the_paired_difference():
+    from matt.evaluation.intervals import paired_bootstrap
+
+    def model(credits, bpb):
+        return {"bpb": bpb, "choice_accuracy": sum(credits) / len(credits), "choice_accuracy_ci_low": 0.1,
+                "choice_accuracy_ci_high": 0.9, "choice_credits": credits}
+
+    results = {"original": model([1.0] * 30 + [0.0] * 10, 1.0), "init": model([1.0] * 10 + [0.0] * 30, 2.0),
+               "final": model([1.0] * 10 + [0.0] * 30, 1.5)}
+    table = results_table(results)
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "choice_credits" not in lines and "choice_accuracy_ci_low" not in lines
+    assert "final recovery % (init → original)" in lines["metric"]
+    assert lines["bpb"].endswith("| 50.0 | – |")  # 1.5 closes half of the 2.0 -> 1.0 gap; no per-item bpb
+    diff = paired_bootstrap(results["final"]["choice_credits"], results["init"]["choice_credits"])
+    assert (diff.difference, diff.low, diff.high) == (0.0, 0.0, 0.0)
+    assert lines["choice_accuracy"].endswith("| 0.0 | +0.0000 [+0.0000, +0.0000] |")  # recovery 0 %, not significant
+    assert "0.7500 [0.1000, 0.9000]" in lines["choice_accuracy"]
+    assert prefixed(results)["final/choice_accuracy_ci_low"] == 0.1 and "final/choice_credits" not in prefixed(results)
+
+
+def test_suite_with_both_tokenizers_splits_bits_per_byte(suite_setup):
+    tokenizer, model, documents = suite_setup
+    teacher = train_tokenizer(SAMPLE_TEXTS * 4, vocab_size=300)  # fewer merges: the student's extra ones are new
+    cfg = compose("transfer", ["experiment=smoke", "eval=quick", "eval.choice.enabled=false",
+                               "eval.generation.enabled=false"]).eval
+    suite = EvalSuite.build(cfg, documents, teacher_tokenizer=teacher, student_tokenizer=tokenizer)
+    fraction = suite.describe()["eval/new_byte_fraction"]
+    assert 0.0 < fraction < 1.0
+    results = suite.run(model, tokenizer)
+    assert results["new_byte_fraction"] == pytest.approx(fraction)
+    assert results["bpb"] == pytest.approx(fraction * results["bpb_new"] + (1 - fraction) * results["bpb_shared"])

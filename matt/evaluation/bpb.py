@@ -11,18 +11,30 @@ token, and every window after the first carries `overlap` already-scored tokens 
 extra, unscored context. With the default `overlap=0` windows are disjoint (cheap, and the same rule for
 every model; the tokens just after a window boundary see less context, which slightly inflates
 BPB for documents longer than the window). BPB = Σ nll / ln 2 / Σ UTF-8 bytes of the texts.
+
+Where the loss sits (`NewByteMasks`, `bits_per_byte(..., new_bytes=...)`): a tokenizer transfer
+keeps the tokens the student shares with the teacher and learns the new ones, so its loss sits in
+the text the new tokens cover. Each byte of the evaluated text is classed once, by the *student*
+tokenization: "new" if the student token covering it is not in the teacher vocabulary
+(`matt.overlap.token_overlap`), else "shared". Any model's per-token NLL is spread evenly over the
+bytes of its token, and `bpb_new` / `bpb_shared` are the bits of the new / shared bytes divided by
+their number, so the original model (teacher tokens, which may straddle a class boundary) and the
+student are compared on exactly the same bytes; for the student itself the split is exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from matt.evaluation.scoring import check_max_length, prefix_token_id, score_sequences
+from matt.evaluation.scoring import check_max_length, prefix_token_id, token_nll
+from matt.overlap import token_bytes, token_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +48,59 @@ class BPBResult:
     bytes: int
     tokens: int
     documents: int
+    bpb_new: float | None = None
+    """Bits per byte on the bytes covered by new student tokens (with `new_bytes`; NaN if none)."""
+    bpb_shared: float | None = None
+    """Bits per byte on the bytes covered by student tokens shared with the teacher."""
+    new_byte_fraction: float | None = None
+    """Share of the bytes covered by new student tokens."""
 
     @classmethod
     def from_totals(cls, nll_nats: float, num_bytes: int, tokens: int, documents: int) -> BPBResult:
         if num_bytes <= 0:
             raise ValueError("Cannot compute bits per byte of zero bytes of text")
         return cls(nll_nats / math.log(2) / num_bytes, nll_nats, num_bytes, tokens, documents)
+
+
+def token_byte_lengths(tokenizer, texts: list[str], encoded: list[list[int]]) -> list[np.ndarray]:
+    """UTF-8 length of each token of each encoded text, read from the vocabulary (`token_bytes`);
+    fails unless a text's token bytes add up to the text (then bytes cannot be attributed)."""
+    table = token_bytes(tokenizer)
+    lengths = np.array([0 if b is None else len(b) for b in table], dtype=np.int64)
+    result = []
+    for text, ids in zip(texts, encoded):
+        sizes = lengths[np.asarray(ids, dtype=np.int64)]
+        if int(sizes.sum()) != len(text.encode("utf-8")) or (sizes == 0).any():
+            raise ValueError(
+                f"The tokens of {text[:40]!r}... do not add up to its {len(text.encode('utf-8'))} UTF-8 bytes "
+                f"({int(sizes.sum())}; a normalising tokenizer or a special token in the text): bytes cannot "
+                "be attributed to tokens for bpb_new / bpb_shared.")
+        result.append(sizes)
+    return result
+
+
+@dataclass(frozen=True)
+class NewByteMasks:
+    """Per evaluated document, a boolean per UTF-8 byte: covered by a new student token (True) or a
+    shared one (False). Built once per evaluation suite and used for every model."""
+
+    masks: list[np.ndarray]
+
+    @classmethod
+    def from_tokenizers(cls, teacher_tokenizer, student_tokenizer, texts: Iterable[str]) -> NewByteMasks:
+        texts = nonempty_texts(texts)
+        shared = set(token_overlap(teacher_tokenizer, student_tokenizer).student_to_teacher)
+        encoded = student_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        masks = []
+        for ids, sizes in zip(encoded, token_byte_lengths(student_tokenizer, texts, encoded)):
+            is_new = np.array([token not in shared for token in ids], dtype=bool)
+            masks.append(np.repeat(is_new, sizes))
+        return cls(masks)
+
+    @property
+    def new_byte_fraction(self) -> float:
+        total = sum(mask.size for mask in self.masks)
+        return sum(int(mask.sum()) for mask in self.masks) / total if total else float("nan")
 
 
 def as_text_list(texts: Iterable[str], what: str = "texts") -> list[str]:
@@ -99,19 +158,25 @@ def bits_per_byte(
     device: torch.device | str | None = None,
     overlap: int = 0,
     progress: bool = True,
+    new_bytes: NewByteMasks | None = None,
 ) -> BPBResult:
     """Bits per UTF-8 byte of `texts` under `model` with `tokenizer` (see the module docstring).
 
     `device`: where inputs go; defaults to the model's device (the model is not moved).
+    `new_bytes`: masks of the same (non-empty) texts; adds `bpb_new`, `bpb_shared` and
+    `new_byte_fraction` to the result.
     """
     texts = nonempty_texts(texts)
     check_max_length(model, max_length)
+    if new_bytes is not None and [m.size for m in new_bytes.masks] != [len(t.encode("utf-8")) for t in texts]:
+        raise ValueError("new_bytes masks do not match the evaluated texts (built from other documents?)")
     prefix_id = prefix_token_id(tokenizer)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     sequences: list[list[int]] = []
     num_context: list[int] = []
+    owner: list[int] = []
     num_bytes = num_tokens = 0
-    for text, ids in zip(texts, encoded):
+    for doc, (text, ids) in enumerate(zip(texts, encoded)):
         if not ids:
             raise ValueError(f"The tokenizer produced no tokens for a non-empty text: {text[:60]!r}")
         num_bytes += len(text.encode("utf-8"))
@@ -119,7 +184,24 @@ def bits_per_byte(
         for window_ids, n_ctx in windows(ids, prefix_id, max_length, overlap):
             sequences.append(window_ids)
             num_context.append(n_ctx)
-    nll = score_sequences(
-        model, sequences, num_context, batch_size=batch_size, device=device, progress=progress, desc="bpb"
-    )
-    return BPBResult.from_totals(math.fsum(nll), num_bytes, num_tokens, len(texts))
+            owner.append(doc)
+    parts = token_nll(model, sequences, num_context, batch_size=batch_size, device=device, progress=progress,
+                      desc="bpb")
+    result = BPBResult.from_totals(math.fsum(float(p.double().sum()) for p in parts), num_bytes, num_tokens, len(texts))
+    if new_bytes is None:
+        return result
+    # Windows come in document order and score each token once: concatenated, they are the document's tokens.
+    per_document = [np.concatenate([parts[k].double().numpy() for k in range(len(parts)) if owner[k] == doc])
+                    for doc in range(len(texts))]
+    nll_new = nll_shared = 0.0
+    for nll, sizes, mask in zip(per_document, token_byte_lengths(tokenizer, texts, encoded), new_bytes.masks):
+        per_byte = np.repeat(nll / sizes, sizes)
+        nll_new += float(per_byte[mask].sum())
+        nll_shared += float(per_byte[~mask].sum())
+    count_new = sum(int(mask.sum()) for mask in new_bytes.masks)
+    count_shared = num_bytes - count_new
+    return dataclasses.replace(
+        result,
+        bpb_new=nll_new / math.log(2) / count_new if count_new else float("nan"),
+        bpb_shared=nll_shared / math.log(2) / count_shared if count_shared else float("nan"),
+        new_byte_fraction=count_new / num_bytes)

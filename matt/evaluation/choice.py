@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from matt.evaluation.bpb import as_text_list
-from matt.evaluation.scoring import check_max_length, prefix_token_id, require_fast_tokenizer, score_sequences
+from matt.evaluation.intervals import wilson_interval
+from matt.evaluation.scoring import check_max_length, prefix_token_id, require_fast_tokenizer, score_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +59,24 @@ def build_choice_items(
     """Deterministic (given `seed`) next-sentence questions from held-out documents.
 
     Sentences shorter than `min_sentence_chars` (headings, list markers) or longer than
-    `max_sentence_chars` are not used, and the count is logged. Each question takes a kept
-    sentence whose predecessor in the document was also kept as the answer, up to
-    `context_sentences` directly preceding kept sentences as context (a dropped sentence ends the
-    context, so context and answer are always adjacent in the original text) and
-    `num_choices - 1` distinct sentences of *other* documents, different from the answer, as
-    distractors. The answer positions are balanced (each position is the label for
-    `num_items / num_choices` items, rounded) and shuffled, so a model biased to one position
-    scores chance. Fewer than `num_items` questions are returned (with a warning) when the
-    documents do not offer enough.
+    `max_sentence_chars` are not used, and the count is logged. An *answerable* sentence is a kept
+    sentence whose predecessor in the document was also kept. Each question takes an answerable
+    sentence as the answer, up to `context_sentences` directly preceding kept sentences as context
+    (a dropped sentence ends the context, so context and answer are always adjacent in the original
+    text) and `num_choices - 1` distinct answerable sentences of *other* documents, different from
+    the answer, as distractors (other kept sentences only when a small text has too few).
+
+    Distractors are drawn from the same population as answers and matched in length: among the
+    other documents' answerable sentences (in a seeded random order) the ones whose UTF-8 length is
+    closest to the answer's (by |log ratio|) are taken. Without this, answers (sentences inside
+    running prose) were longer than typical distractors (option descriptions after a dropped
+    "-x" line, etc.), and any length-sensitive score - per-byte likelihood of a model that cannot
+    read, or just "pick the shortest" - sat away from chance (README, "Evaluation"). With it, a
+    choice's surface (length, kind of sentence) says nothing about the label; only the context does.
+
+    The answer positions are balanced (each position is the label for `num_items / num_choices`
+    items, rounded) and shuffled, so a model biased to one position scores chance. Fewer than
+    `num_items` questions are returned (with a warning) when the documents do not offer enough.
     """
     if num_items < 1 or num_choices < 2 or context_sentences < 1:
         raise ValueError(
@@ -99,6 +109,17 @@ def build_choice_items(
     chosen = rng.sample(candidates, min(num_items, len(candidates)))
     labels = [k % num_choices for k in range(len(chosen))]
     rng.shuffle(labels)
+    # Distractor pool: answerable sentences with their document and UTF-8 length, in a seeded order
+    # (which breaks ties between equally long sentences at random).
+    # Sentences that are not answerable are used only when a small text runs out of answerable ones.
+    answerable = {(doc, documents[doc][j][1]) for doc, j in candidates}
+    pool = sorted(answerable) + sorted({(doc, sentence) for doc, kept in enumerate(documents)
+                                        for _, sentence in kept} - answerable)
+    tiers = [0] * len(answerable) + [1] * (len(pool) - len(answerable))
+    shuffled = list(range(len(pool)))
+    rng.shuffle(shuffled)
+    pool, tiers = [pool[k] for k in shuffled], [tiers[k] for k in shuffled]
+    pool_sizes = [math.log(len(sentence.encode("utf-8"))) for _, sentence in pool]
     items = []
     for (doc, j), label in zip(chosen, labels):
         kept = documents[doc]
@@ -106,25 +127,25 @@ def build_choice_items(
         first = j - 1
         while first > 0 and j - first < context_sentences and kept[first - 1][0] == kept[first][0] - 1:
             first -= 1
-        others = [sentence for other, sentences in enumerate(documents) if other != doc
-                  for _, sentence in sentences if sentence != answer]
-        distractors = _distinct_sample(rng, others, num_choices - 1)
-        if distractors is None:
+        size = math.log(len(answer.encode("utf-8")))
+        ranked = sorted((tiers[k], abs(pool_sizes[k] - size), k) for k, (other, sentence) in enumerate(pool)
+                        if other != doc and sentence != answer)
+        distractors: list[str] = []
+        for _, _, k in ranked:
+            if pool[k][1] not in distractors:
+                distractors.append(pool[k][1])
+            if len(distractors) == num_choices - 1:
+                break
+        if len(distractors) < num_choices - 1:
             raise ValueError(f"Not enough distinct sentences in other documents for {num_choices} choices")
+        rng.shuffle(distractors)
         choices = distractors[:label] + [answer] + distractors[label:]
         context = " ".join(sentence for _, sentence in kept[first:j])
         items.append(ChoiceItem(context=context, choices=tuple(choices), label=label))
     if len(items) < num_items:
-        logger.warning("Built only %d of %d requested multiple-choice items", len(items), num_items)
+        logger.warning("Built only %d of %d requested multiple-choice items (%d answerable sentences)",
+                       len(items), num_items, len(candidates))
     return items
-
-
-def _distinct_sample(rng: random.Random, population: list[str], k: int) -> list[str] | None:
-    """k distinct strings from `population` (which may repeat sentences), or None if impossible."""
-    distinct = sorted(set(population))
-    if len(distinct) < k:
-        return None
-    return rng.sample(distinct, k)
 
 
 def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int, str]:
@@ -168,39 +189,51 @@ def multiple_choice_accuracy(
     *,
     delimiter: str = " ",
     max_length: int = 1024,
-    batch_size: int = 8,
+    batch_size: int = 16,
     device: torch.device | str | None = None,
     progress: bool = True,
     pmi: bool = False,
-) -> dict[str, float]:
+    confidence: float = 0.95,
+) -> dict:
     """Share of items whose true choice has the highest log-likelihood per UTF-8 byte.
 
     With `pmi=True` also `accuracy_pmi` (and `ties_pmi`): the choice scored by
     log p(choice | context) − log p(choice | no context), i.e. by how much the context raises its
     likelihood. Per-byte scores still favour choices that are likely anyway (short, formulaic
-    sentences), so a model that ignores the context can land far from chance; under PMI such a
+    sentences), so a model that ignores the context can land away from chance; under PMI such a
     model scores exactly chance, which makes it the sharper test of "does the model still use what
-    it reads" (lm-eval's `acc_mutual_info`). It costs one more, short, forward pass per choice.
+    it reads" (lm-eval's `acc_mutual_info`). It costs one more, short, pass over the choices.
 
     Each choice is scored as `delimiter + choice` after the context (the delimiter belongs to the
     continuation, so the context tokens are identical for all choices). Inputs are
     `[prefix token] + context + continuation`; contexts longer than `max_length` allows are cut
-    from the left.
+    from the left. Choices whose context tokens are identical (all of them, unless a token
+    straddles the context/choice boundary) share one forward pass of the context
+    (`score_continuations`).
 
     Ties are split: an item whose true choice shares the best score with k - 1 other choices
     counts 1/k (the expected accuracy of breaking the tie at random), so a tie never favours (nor
     penalises) the label, and a model that cannot tell the choices apart scores exactly chance.
-    Returns `accuracy`, `n` (items), `ties` (items with a tied best score) and `chance`.
+    Returns `accuracy`, `accuracy_ci_low` / `accuracy_ci_high` (Wilson interval at `confidence`),
+    `n` (items), `ties` (items with a tied best score), `chance` and `credits` (the per-item credit
+    list, for paired comparisons between models on the same items); with PMI the same with `_pmi`.
     """
     require_fast_tokenizer(tokenizer)
     if not items:
         raise ValueError("No multiple-choice items to evaluate")
     check_max_length(model, max_length)
     prefix_id = prefix_token_id(tokenizer)
-    sequences, num_context, num_bytes, unconditional = [], [], [], []
+    # Per item: its distinct context token lists, each with the choices (scored ids) that follow it.
+    contexts: list[list[int]] = []
+    continuations: list[list[list[int]]] = []
+    where: list[tuple[int, int]] = []  # per choice (in item order): (context group, position in the group)
+    num_bytes: list[int] = []
+    alone: list[list[int]] = []
     for item in items:
         if not 0 <= item.label < len(item.choices):
             raise ValueError(f"Item label {item.label} is out of range for {len(item.choices)} choices")
+        groups: dict[tuple[int, ...], int] = {}
+        alone.append([])
         for choice in item.choices:
             ids, n_ctx, scored = continuation_tokens(tokenizer, item.context, delimiter + choice)
             context_ids, scored_ids = ids[:n_ctx], ids[n_ctx:]
@@ -208,27 +241,42 @@ def multiple_choice_accuracy(
             if room < 0:
                 raise ValueError(f"A choice has {len(scored_ids)} tokens, more than max_length={max_length} allows")
             context_ids = context_ids[len(context_ids) - room :] if room < len(context_ids) else context_ids
-            sequences.append([prefix_id, *context_ids, *scored_ids])
-            num_context.append(1 + len(context_ids))
+            key = (prefix_id, *context_ids)
+            if key not in groups:
+                groups[key] = len(contexts)
+                contexts.append(list(key))
+                continuations.append([])
+            group = groups[key]
+            where.append((group, len(continuations[group])))
+            continuations[group].append(scored_ids)
             num_bytes.append(len(scored.encode("utf-8")))
             if pmi:
-                alone = tokenizer(scored, add_special_tokens=False)["input_ids"][: max_length - 1]
-                unconditional.append([prefix_id, *alone])
-    nll = score_sequences(model, sequences, num_context, batch_size=batch_size, device=device,
-                          progress=progress, desc="choice")
-    result = {"n": len(items), "chance": chance_accuracy(items)}
-    result["accuracy"], result["ties"] = _accuracy(items, [-value / size for value, size in zip(nll, num_bytes)])
+                alone[-1].append(tokenizer(scored, add_special_tokens=False)["input_ids"][: max_length - 1])
+    parts = score_continuations(model, contexts, continuations, batch_size=batch_size, device=device,
+                                progress=progress, desc="choice")
+    nll = [float(parts[group][position].double().sum()) for group, position in where]
+    result: dict = {"n": len(items), "chance": chance_accuracy(items)}
+    result.update(_summary(items, [-value / size for value, size in zip(nll, num_bytes)], "", confidence))
     if pmi:
-        nll_alone = score_sequences(model, unconditional, [1] * len(unconditional), batch_size=batch_size,
-                                    device=device, progress=progress, desc="choice (no context)")
-        result["accuracy_pmi"], result["ties_pmi"] = _accuracy(
-            items, [alone - with_context for with_context, alone in zip(nll, nll_alone)])
+        parts_alone = score_continuations(model, [[prefix_id]] * len(items), alone, batch_size=batch_size,
+                                          device=device, progress=progress, desc="choice (no context)")
+        nll_alone = [float(part.double().sum()) for item_parts in parts_alone for part in item_parts]
+        result.update(_summary(items, [without - with_context for with_context, without in zip(nll, nll_alone)],
+                               "_pmi", confidence))
     return result
 
 
-def _accuracy(items: Sequence[ChoiceItem], scores: list[float]) -> tuple[float, int]:
-    """Accuracy with split credit for ties (see `multiple_choice_accuracy`) and the number of ties."""
-    credit = 0.0
+def _summary(items: Sequence[ChoiceItem], scores: list[float], suffix: str, confidence: float) -> dict:
+    credits, ties = item_credits(items, scores)
+    low, high = wilson_interval(math.fsum(credits), len(credits), confidence)
+    return {f"accuracy{suffix}": math.fsum(credits) / len(credits), f"accuracy{suffix}_ci_low": low,
+            f"accuracy{suffix}_ci_high": high, f"ties{suffix}": ties, f"credits{suffix}": credits}
+
+
+def item_credits(items: Sequence[ChoiceItem], scores: list[float]) -> tuple[list[float], int]:
+    """Per-item credit (1 if the true choice scores best, 1/k if it shares the best score with
+    k - 1 others, else 0; see `multiple_choice_accuracy`) and the number of items with ties."""
+    credits = []
     ties = 0
     position = 0
     for item in items:
@@ -237,10 +285,10 @@ def _accuracy(items: Sequence[ChoiceItem], scores: list[float]) -> tuple[float, 
         best = max(item_scores)
         tied = [j for j, score in enumerate(item_scores) if score == best]
         ties += len(tied) > 1
-        credit += 1 / len(tied) if item.label in tied else 0.0
+        credits.append(1 / len(tied) if item.label in tied else 0.0)
     if ties:
         logger.info("%d of %d multiple-choice items had tied best choices (split credit)", ties, len(items))
-    return credit / len(items), ties
+    return credits, ties
 
 
 def chance_accuracy(items: Sequence[ChoiceItem]) -> float:

@@ -275,6 +275,12 @@ class ChoiceEvalConfig:
     seed: int = 0
     pmi: bool = True
     """Also `choice_accuracy_pmi`: choices ranked by how much the context raises their likelihood."""
+    whole_split: bool = True
+    """Draw the items from every document of `eval.split`, not only the text capped for bits per
+    byte (`eval.max_documents` / `max_bytes` / `max_document_bytes`): items are short, so hundreds
+    stay cheap, and a capped text may not hold enough answerable sentences."""
+    batch_size: int = 16
+    """Contexts per forward pass; their choices then run 8 rows at a time on the shared key/value cache."""
 
 
 @dataclass
@@ -285,6 +291,9 @@ class GenerationEvalConfig:
     target_chars: int = 100
     max_new_tokens: int = 48
     seed: int = 0
+    batch_size: int = 8
+    """Prompts decoded together (left-padded): greedy decoding is one step per token, so batching
+    the prompts is what keeps its throughput up."""
 
 
 @dataclass
@@ -395,8 +404,8 @@ class ReportConfig:
     output_dir: Optional[str] = None
     """None = `${paths.output_root}/reports/<experiment_name>`."""
     include_failed: bool = False
-    metrics: list[str] = field(default_factory=lambda: ["bpb", "choice_accuracy", "choice_accuracy_pmi", "chrf",
-                                                         "bytes_per_token"])
+    metrics: list[str] = field(default_factory=lambda: ["bpb", "bpb_new", "bpb_shared", "choice_accuracy",
+                                                         "choice_accuracy_pmi", "chrf", "bytes_per_token"])
 
 
 def register_configs() -> None:

@@ -7,13 +7,22 @@ is then scored on exactly the same text and items, so the numbers are comparable
 tokenizers. Metrics (names without the model prefix):
 
   bpb, bpb_tokens        bits per UTF-8 byte of the held-out text (and the tokens it took)
+  bpb_new, bpb_shared    bits per byte on the bytes covered by new / shared student tokens, and
+  new_byte_fraction      their share (when the suite knows the teacher and student tokenizers)
   bytes_per_token, tokens_per_word, chars_per_token    compression of the tokenizer
   unigram_bpb            the tokenizer's context-free unigram floor (fit on the train split)
-  choice_accuracy        next-sentence multiple choice (by log-likelihood per byte)
-  choice_accuracy_pmi    the same items ranked by how much the context raises each choice's likelihood
+  choice_accuracy        next-sentence multiple choice (by log-likelihood per byte), with
+  choice_accuracy_ci_low, choice_accuracy_ci_high    its 95 % Wilson interval
+  choice_accuracy_pmi    the same items ranked by how much the context raises each choice's
+                         likelihood (+ `_ci_low` / `_ci_high`)
   chrf                   greedy continuation vs the true one (chrF)
   lm_eval/<task>/<metric>  lm-evaluation-harness tasks (optional `eval` extra)
   eval_seconds           wall-clock of this model's evaluation
+
+Besides these numbers a model's results hold per-item lists (`ITEM_KEYS`: the multiple-choice
+credit of every item), which go to `results.json` but not to MLflow metrics; the printed table
+uses them for paired comparisons between models (`paired_bootstrap`: all models answer the same
+items, so a difference is called significant only when its paired 95 % interval excludes 0).
 
 A model's results can be cached on disk (`<paths.cache_dir>/eval/`) under a key of the model's
 identity and the suite; sweeps then evaluate the original model and a shared initialisation once.
@@ -31,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from matt.evaluation.intervals import paired_bootstrap
+from matt.report import CI_SUFFIXES, ITEM_KEYS, metric_direction, percent_of_baseline, recovery
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +89,16 @@ class EvalSuite:
     train_texts: list[str]
     choice_items: list = field(default_factory=list)
     generation_items: list = field(default_factory=list)
+    new_bytes: Any = None
+    """`NewByteMasks` of `texts` (bytes covered by new student tokens) when the teacher and student
+    tokenizers were given to `build`; then every model also gets `bpb_new` / `bpb_shared`."""
     skipped: dict[str, str] = field(default_factory=dict)
     empty_documents: int = 0
     """Empty or null documents of the evaluated split (not evaluated; counted, as training does)."""
 
     @classmethod
-    def build(cls, eval_cfg, documents) -> "EvalSuite":
+    def build(cls, eval_cfg, documents, *, teacher_tokenizer=None, student_tokenizer=None) -> "EvalSuite":
+        from matt.evaluation.bpb import NewByteMasks
         from matt.evaluation.choice import build_choice_items
         from matt.evaluation.generation import build_generation_items
 
@@ -99,10 +115,16 @@ class EvalSuite:
             train_texts = train_texts[: eval_cfg.unigram_max_train_documents]
         suite = cls(cfg=eval_cfg, texts=texts, train_texts=train_texts,
                     empty_documents=len(split_texts) - len(present))
+        if eval_cfg.bpb and teacher_tokenizer is not None and student_tokenizer is not None:
+            try:
+                suite.new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts)
+            except ValueError as exc:
+                suite.skipped["bpb_new"] = str(exc)
         if eval_cfg.choice.enabled:
+            choice_texts = present if eval_cfg.choice.whole_split else texts
             try:
                 suite.choice_items = build_choice_items(
-                    texts, num_items=eval_cfg.choice.num_items, num_choices=eval_cfg.choice.num_choices,
+                    choice_texts, num_items=eval_cfg.choice.num_items, num_choices=eval_cfg.choice.num_choices,
                     seed=eval_cfg.choice.seed, context_sentences=eval_cfg.choice.context_sentences)
             except ValueError as exc:
                 suite.skipped["choice_accuracy"] = str(exc)
@@ -132,6 +154,8 @@ class EvalSuite:
         }
         if self.choice_items:
             info["eval/choice_chance"] = chance_accuracy(self.choice_items)
+        if self.new_bytes is not None:
+            info["eval/new_byte_fraction"] = self.new_bytes.new_byte_fraction
         return info
 
     def fingerprint(self) -> str:
@@ -139,9 +163,10 @@ class EvalSuite:
 
         options = {k: v for k, v in _plain(self.cfg).items() if k not in ("progress", "device", "original", "init",
                                                                           "final", "enabled")}
+        new_bytes = None if self.new_bytes is None else [mask.nonzero()[0].tolist() for mask in self.new_bytes.masks]
         return digest({"options": options, "texts": self.texts, "train": len(self.train_texts),
                        "train_head": self.train_texts[:50], "choice": [repr(i) for i in self.choice_items],
-                       "generation": [repr(i) for i in self.generation_items]})
+                       "generation": [repr(i) for i in self.generation_items], "new_bytes": new_bytes})
 
     # --------------------------------------------------------------------------------------------
     def run(self, model, tokenizer, *, name: str = "model", cache_dir: str | Path | None = None,
@@ -166,8 +191,10 @@ class EvalSuite:
             from matt.evaluation.bpb import bits_per_byte
 
             bpb = bits_per_byte(model, tokenizer, self.texts, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                                device=device, progress=cfg.progress)
+                                device=device, progress=cfg.progress, new_bytes=self.new_bytes)
             results["bpb"], results["bpb_tokens"] = bpb.bpb, float(bpb.tokens)
+            if self.new_bytes is not None:
+                results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
         if cfg.compression:
             from matt.evaluation.compression import compression
 
@@ -180,17 +207,20 @@ class EvalSuite:
             from matt.evaluation.choice import multiple_choice_accuracy
 
             choice = multiple_choice_accuracy(
-                model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.choice.batch_size,
                 device=device, progress=cfg.progress, pmi=cfg.choice.pmi)
-            results["choice_accuracy"] = float(choice["accuracy"])
-            if cfg.choice.pmi:
-                results["choice_accuracy_pmi"] = float(choice["accuracy_pmi"])
+            for suffix in ("", "_pmi") if cfg.choice.pmi else ("",):
+                metric = f"choice_accuracy{suffix}"
+                results[metric] = float(choice[f"accuracy{suffix}"])
+                for bound in CI_SUFFIXES:
+                    results[f"{metric}{bound}"] = float(choice[f"accuracy{suffix}{bound}"])
+                results[ITEM_KEYS[metric]] = [float(c) for c in choice[f"credits{suffix}"]]
         if self.generation_items:
             from matt.evaluation.generation import generation_chrf
 
             results["chrf"] = float(generation_chrf(
                 model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
-                batch_size=cfg.batch_size, device=device, progress=cfg.progress)["chrf"])
+                batch_size=cfg.generation.batch_size, device=device, progress=cfg.progress)["chrf"])
         if cfg.lm_eval.enabled:
             results.update(run_lm_eval(cfg.lm_eval, model, tokenizer, device))
         results["eval_seconds"] = time.perf_counter() - started
@@ -226,31 +256,59 @@ def _plain(node) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # results
 # ------------------------------------------------------------------------------------------------
-def prefixed(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    """`{"final": {"bpb": 1.6}}` -> `{"final/bpb": 1.6}` (MLflow metric names)."""
-    return {f"{prefix}/{name}": value for prefix, metrics in results.items() for name, value in metrics.items()}
+def prefixed(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """`{"final": {"bpb": 1.6}}` -> `{"final/bpb": 1.6}` (MLflow metric names); per-item lists
+    (`ITEM_KEYS`) are left out (they live in `results.json`)."""
+    return {f"{prefix}/{name}": value for prefix, metrics in results.items() for name, value in metrics.items()
+            if not isinstance(value, (list, tuple))}
 
 
-def results_table(results: dict[str, dict[str, float]], baseline: str = "original") -> str:
-    """A markdown table: one row per metric, one column per model, plus `% of <baseline>` for the
-    last model (direction-aware: for bits per byte, 100 * baseline / value)."""
-    from matt.report import percent_of_baseline
-
+def results_table(results: dict[str, dict[str, Any]], baseline: str = "original", reference: str = "init") -> str:
+    """A markdown table: one row per metric, one column per model. Accuracies carry their 95 %
+    interval. For the last model also `% of <baseline>` (direction-aware: for bits per byte,
+    100 * baseline / value), `recovery %` = 100 (x − reference) / (baseline − reference) for every
+    metric with a direction (0 = the initialisation, 100 = the original model; `matt.report.recovery`)
+    and, for accuracies, the paired difference to `reference` on the same items with its 95 %
+    bootstrap interval, marked `*` when the interval excludes 0 (`paired_bootstrap`)."""
     models = list(results)
+    hidden = set(ITEM_KEYS.values())
     names: list[str] = []
     for metrics in results.values():
-        names.extend(n for n in metrics if n not in names)
+        names.extend(n for n in metrics if n not in names and n not in hidden and not n.endswith(CI_SUFFIXES))
     last = models[-1] if models else None
     show_percent = baseline in results and last is not None and last != baseline
-    header = ["metric", *models] + ([f"{last} % of {baseline}"] if show_percent else [])
+    show_recovery = show_percent and reference in results and last != reference
+    paired = {name: key for name, key in ITEM_KEYS.items()
+              if last != reference and key in results.get(last, {}) and key in results.get(reference, {})
+              and len(results[last][key]) == len(results[reference][key])}
+    header = ["metric", *models]
+    header += [f"{last} % of {baseline}"] if show_percent else []
+    header += [f"{last} recovery % ({reference} → {baseline})"] if show_recovery else []
+    header += [f"{last} − {reference} [95% CI, paired]"] if paired else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
-        row = [name] + [_fmt(results[m].get(name)) for m in models]
+        row = [name] + [_fmt_with_interval(results[m], name) for m in models]
         if show_percent:
             percent = percent_of_baseline(name, results[last].get(name), results[baseline].get(name))
             row.append("–" if percent is None else f"{percent:.1f}")
+        if show_recovery:
+            value = (recovery(results[last].get(name), results[baseline].get(name), results[reference].get(name))
+                     if metric_direction(name) is not None else None)
+            row.append("–" if value is None else f"{100 * value:.1f}")
+        if paired:
+            if name in paired:
+                diff = paired_bootstrap(results[last][paired[name]], results[reference][paired[name]])
+                row.append(f"{diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]" + (" *" if diff.significant else ""))
+            else:
+                row.append("–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _fmt_with_interval(metrics: dict[str, Any], name: str) -> str:
+    value = _fmt(metrics.get(name))
+    low, high = (metrics.get(f"{name}{suffix}") for suffix in CI_SUFFIXES)
+    return value if low is None or high is None else f"{value} [{low:.4f}, {high:.4f}]"
 
 
 def _fmt(value) -> str:
@@ -261,9 +319,9 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_results(results: dict[str, dict[str, float]], directory: str | Path,
+def write_results(results: dict[str, dict[str, Any]], directory: str | Path,
                   extra: dict | None = None) -> tuple[Path, Path]:
-    """`results.json` and `results.md` in `directory`; returns both paths."""
+    """`results.json` (every number and per-item list) and `results.md` (the table) in `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "results.json"

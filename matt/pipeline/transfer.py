@@ -262,7 +262,8 @@ def run_transfer(cfg) -> float | None:
         # 6. evaluation of original / init / final on one suite
         results: dict[str, dict[str, float]] = {}
         if cfg.eval.enabled:
-            suite = EvalSuite.build(cfg.eval, documents)
+            suite = EvalSuite.build(cfg.eval, documents, teacher_tokenizer=teacher_tokenizer,
+                                    student_tokenizer=student_tokenizer)
             tracker.log_metrics(suite.describe())
             identity = model_identity(cfg.model)
             if cfg.eval.final:
