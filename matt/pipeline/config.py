@@ -64,7 +64,13 @@ class InitMethod(Enum):
     focus = "focus"
     mean = "mean"
     random = "random"
+    subword_mean = "subword_mean"
     checkpoint = "checkpoint"
+
+
+class FocusFallback(Enum):
+    subword_mean = "subword_mean"
+    random = "random"
 
 
 class AimImpl(Enum):
@@ -199,6 +205,9 @@ class InitConfig:
     fasttext_epochs: int = 3
     fasttext_dim: int = 100
     fasttext_threads: int = 1
+    focus_fallback: FocusFallback = FocusFallback.subword_mean
+    """`focus`: how new tokens without a fastText vector start: the mean teacher row of their teacher
+    decomposition (`subword_mean`) or a draw from N(mean, std) of the teacher rows (`random`)."""
     checkpoint: Optional[str] = None
     """`checkpoint`: an `embeddings.safetensors` or a directory holding one (a previous run)."""
     seed: int = 0
