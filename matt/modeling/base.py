@@ -45,11 +45,14 @@ class AIMOutput:
     attn_probs: (B, H, L, L) float32 softmax probabilities, masks applied as the model applies them.
     values: (B, H, L, D) float32 value states, KV heads repeated to the H query heads.
     logits: (B, L, V) when asked for with `return_logits=True`, else None.
+    hidden_states: (B, L, D) float32 output of the AIM decoder layer (the residual stream after it)
+        when asked for with `return_hidden=True`, else None.
     """
 
     attn_probs: torch.Tensor
     values: torch.Tensor
     logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
 
 
 def default_n_layers(num_hidden_layers: int) -> int:
@@ -136,6 +139,7 @@ class PreTrainedModelForAIM(nn.Module):
         model.set_attn_implementation(AIM_ATTENTION)
         self._capture = AIMCapture(self.aim_layer)
         attach_capture(self.get_layers()[self.aim_layer], self._capture)
+        self.get_layers()[self.aim_layer].register_forward_hook(self._capture.record_layer_output)
 
         embeddings = self.create_partly_frozen_embeddings(frozen_mask)
         if not isinstance(embeddings, PartlyFrozenEmbedding):
@@ -263,12 +267,14 @@ class PreTrainedModelForAIM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         detach_head_input: bool = False,
+        return_hidden: bool = False,
     ) -> AIMOutput:
-        """Attention probabilities and values at the AIM layer (+ logits if `return_logits`).
+        """Attention probabilities and values at the AIM layer (+ logits if `return_logits`, + the AIM
+        layer's output hidden states if `return_hidden`).
 
-        Without `return_logits` the forward stops right after the AIM layer's attention. With
-        `detach_head_input` the LM head sees detached hidden states: a loss on the logits then
-        trains the head only, never the layers' inputs.
+        Without `return_logits` the forward stops right after the AIM layer's attention (after the
+        whole AIM layer with `return_hidden`). With `detach_head_input` the LM head sees detached
+        hidden states: a loss on the logits then trains the head only, never the layers' inputs.
         """
         if return_logits and not self.with_ntp:
             raise ValueError("return_logits=True needs the full model: wrap it with with_ntp=True")
@@ -278,7 +284,7 @@ class PreTrainedModelForAIM(nn.Module):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        self._capture.reset(stop_after_capture=not return_logits)
+        self._capture.reset(stop_after_capture=not return_logits, capture_hidden=return_hidden)
         logits = None
         hook = (self.causal_lm.get_output_embeddings().register_forward_pre_hook(_detach_first_input)
                 if return_logits and detach_head_input else None)
@@ -292,8 +298,9 @@ class PreTrainedModelForAIM(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
+        hidden = self._capture.take_hidden() if return_hidden else None
         attn_probs, values = self._capture.take()
-        return AIMOutput(attn_probs=attn_probs, values=values, logits=logits)
+        return AIMOutput(attn_probs=attn_probs, values=values, logits=logits, hidden_states=hidden)
 
     # ---- student helpers -----------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -76,6 +76,7 @@ class FocusFallback(Enum):
 class AimImpl(Enum):
     aim = "aim"
     aim_star = "aim_star"
+    hidden = "hidden"
     none = "none"
 
 
@@ -238,6 +239,9 @@ class TrainConfig:
     """The optimisation loop (mapped onto `MATTConfig`)."""
 
     max_steps: int = 1000
+    max_wall_clock_s: Optional[float] = None
+    """Training-time budget: stop at the first step boundary past it (steps done are recorded as
+    `train/final_steps`); with a large `max_steps`, trains for a given time (e.g. NTP at MATT's time)."""
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     gradient_clip_val: Optional[float] = 1.0
