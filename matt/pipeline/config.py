@@ -96,6 +96,11 @@ class NtpScope(Enum):
     head = "head"
 
 
+class RecoverRows(Enum):
+    input = "input"
+    input_output = "input_output"
+
+
 class TrackingBackend(Enum):
     mlflow = "mlflow"
     none = "none"
@@ -264,6 +269,26 @@ class TrainConfig:
 
 
 @dataclass
+class RecoverConfig:
+    """`experiment=recover_known` (see `matt.pipeline.recover`): the student tokenizer is the teacher's,
+    K frequent tokens have their rows deleted (set by `init.method`: mean | random), training brings
+    them back, and recovery is measured against the known rows."""
+
+    enabled: bool = False
+    """Run the known-answer experiment instead of a transfer (the `tokenizer` group is then unused)."""
+    rank_start: int = 20
+    rank_end: int = 1020
+    """Deleted: the teacher tokens at frequency ranks [rank_start, rank_end) of the train split."""
+    rows: RecoverRows = RecoverRows.input_output
+    """input: only input rows are deleted (the LM head keeps the true rows) | input_output: both (a tied
+    model's output side then follows `objective.output_embeddings`)."""
+    eval_every: int = 50
+    """Bits per byte every this many steps (a multiple of train.log_every_n_steps), at 0 and at the end."""
+    eval_max_chars: Optional[int] = 4000
+    """Each evaluated document is cut to its first N characters (eval.max_documents caps their number)."""
+
+
+@dataclass
 class TrackingConfig:
     """Where runs are recorded."""
 
@@ -377,6 +402,7 @@ class TransferConfig:
     tracking: TrackingConfig = MISSING
     eval: EvalConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
     save_model: bool = True
     """Write the adapted model + tokenizer as a HF directory (`<output_dir>/model`)."""
     dry_run: bool = False
