@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-AIM_IMPLS = ("aim", "aim_star", "none")
+AIM_IMPLS = ("aim", "aim_star", "hidden", "none")
 LOSSES = ("mse", "cosine")
 OUTPUT_EMBEDDINGS = ("tied", "keep_init", "ntp")
 NTP_SCOPES = ("all", "head")
@@ -75,6 +75,10 @@ class MATTConfig:
     # --- optimisation -------------------------------------------------------------------------
     max_steps: int = 1000
     """Optimizer steps (after gradient accumulation)."""
+    max_wall_clock_s: float | None = None
+    """Training-time budget in seconds (None = no budget): training stops at the first optimizer-step
+    boundary past it (checkpointed like a finished run; the steps done are in the result's metrics).
+    Gives a baseline the measured training time of another run (e.g. NTP at MATT's wall-clock)."""
     batch_size: int = 4
     """Examples per micro-batch (per process)."""
     gradient_accumulation_steps: int = 1
@@ -94,8 +98,10 @@ class MATTConfig:
     loss: str = "mse"
     """`mse` (better for generation) or `cosine` (better for discrimination)."""
     aim_impl: str = "aim"
-    """`aim` (pairwise segment influence), `aim_star` (attention output per segment) or `none`
-    (no AIM term: the next-token-prediction baseline, requires `with_ntp`)."""
+    """`aim` (pairwise segment influence), `aim_star` (attention output per segment), `hidden` (the
+    AIM layer's output hidden state at each segment's last token, matched with `loss`: hidden-state
+    distillation as in Token Distillation, Dobler et al. 2025) or `none` (no AIM term: the
+    next-token-prediction baseline, requires `with_ntp`)."""
     with_ntp: bool = False
     """Add a next-token-prediction term (student at full depth), scaled to the AIM loss's size."""
     output_embeddings: str = "tied"
@@ -188,7 +194,9 @@ class MATTConfig:
             bad("output_embeddings", "'ntp' trains the LM head with the NTP term; set with_ntp=True")
         if self.ntp_scope == "head" and (not self.with_ntp or self.aim_impl == "none"):
             bad("ntp_scope", "'head' means AIM trains the input embeddings and NTP the LM head: it needs "
-                "with_ntp=True and an AIM objective (aim_impl 'aim' or 'aim_star')")
+                "with_ntp=True and an AIM objective (aim_impl 'aim', 'aim_star' or 'hidden')")
+        if self.max_wall_clock_s is not None and not self.max_wall_clock_s > 0:
+            bad("max_wall_clock_s", "must be > 0 seconds, or None for no budget")
         if self.resume and not self.checkpoint_dir:
             bad("resume", "resuming needs checkpoint_dir")
 

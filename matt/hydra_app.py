@@ -124,9 +124,10 @@ def _hydra_main(task: Callable[[Any], Any], config_name: str, argv: Sequence[str
 
 
 def _transfer_task(cfg) -> float | None:
+    from matt.pipeline.recover import run_recover
     from matt.pipeline.transfer import run_transfer
 
-    return run_transfer(cfg)
+    return run_recover(cfg) if cfg.recover.enabled else run_transfer(cfg)
 
 
 def _evaluate_task(cfg) -> None:

@@ -10,6 +10,11 @@ layers already know what to do with it. New tokens are initialised by one of
 - `mean`: the exact mean of the teacher rows (no noise: training breaks the symmetry, since each
   token receives gradients from different contexts).
 - `random`: N(mean, std) per dimension of the teacher rows.
+- `subword_mean`: the mean of the teacher rows of the token's decomposition by the teacher
+  tokenizer (the standard vocabulary-extension baseline). The token is mapped to the exact bytes it
+  stands for (`matt.overlap.token_bytes`) and those bytes are encoded by the teacher without special
+  tokens (see `teacher_decomposition`). Also FOCUS's fallback (`focus_fallback`) for the new tokens
+  fastText has no vector for; tokens without bytes (unmatched special tokens) are drawn at random.
 
 Teacher statistics use the rows of real tokens only (`len(teacher_tokenizer)` first rows), not the
 padding rows some checkpoints carry (Gemma, Qwen). All random draws come from one `seed`ed generator.
@@ -22,6 +27,7 @@ import copy
 import functools
 import hashlib
 import logging
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,13 +37,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from matt.overlap import TokenOverlap, _special_ids, token_overlap
+from matt.overlap import TokenOverlap, _special_ids, byte_level_decoder, token_bytes, token_overlap, tokenizer_style
 
 logger = logging.getLogger(__name__)
 
-InitMethod = Literal["focus", "mean", "random"]
-METHODS = ("focus", "mean", "random")
-KINDS = ("copied", "focus", "mean", "random")
+InitMethod = Literal["focus", "mean", "random", "subword_mean"]
+METHODS = ("focus", "mean", "random", "subword_mean")
+KINDS = ("copied", "focus", "mean", "subword_mean", "random")
+FOCUS_FALLBACKS = ("subword_mean", "random")
 _MAX_SIMILARITY_ENTRIES = 2**26
 """Upper bound on new x shared entries per FOCUS chunk (deepfocus builds a dense float64 matrix)."""
 
@@ -50,7 +57,9 @@ class InitResult:
     """(len(student_tokenizer), D) float32."""
     overlap: TokenOverlap
     kinds: list[str]
-    """Per student id: one of `copied`, `focus`, `mean`, `random`."""
+    """Per student id: one of `KINDS`."""
+    decompositions: dict[int, list[int]] = field(default_factory=dict)
+    """Student id -> the teacher ids whose rows it averages (rows of kind `subword_mean`)."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -200,6 +209,75 @@ def _focus_rows(
 
 
 # --------------------------------------------------------------------------------------------------
+# subword_mean: the teacher's decomposition of a new token
+# --------------------------------------------------------------------------------------------------
+def _spelled_pieces(tokenizer, data: bytes) -> list[int] | None:
+    """The teacher's tokenization model (BPE/Unigram, no normalizer or pre-tokenizer) applied to the
+    teacher's own spelling of `data`: byte-level characters for byte-level tokenizers, "▁" for spaces
+    in Metaspace ones. Bytes that are no valid UTF-8 (a piece of a character) become the teacher's
+    <0xNN> byte tokens there; None when it has none."""
+    style, replacement = tokenizer_style(tokenizer)
+    model = tokenizer.backend_tokenizer.model
+    if style == "byte_level":
+        char_of = {b: ch for ch, b in byte_level_decoder().items()}
+        return [t.id for t in model.tokenize("".join(char_of[b] for b in data))] if data else []
+    text = data.decode("utf-8", errors="surrogateescape")  # invalid bytes -> lone surrogates U+DC80..U+DCFF
+    ids: list[int] = []
+    for run in re.split("([\udc80-\udcff])", text):
+        if len(run) == 1 and "\udc80" <= run <= "\udcff":
+            byte_id = tokenizer.convert_tokens_to_ids(f"<0x{ord(run) - 0xDC00:02X}>")
+            if byte_id is None or byte_id == tokenizer.unk_token_id:
+                return None
+            ids.append(byte_id)
+        elif run:
+            ids += [t.id for t in model.tokenize(run.replace(" ", replacement) if style == "metaspace" else run)]
+    return ids
+
+
+def teacher_decomposition(teacher_tokenizer, student_tokenizer, student_ids: Iterable[int]) -> dict[int, list[int]]:
+    """For each student id: the teacher ids whose bytes concatenate to exactly the student token's bytes.
+
+    First choice: the token's text (its bytes decoded as UTF-8) encoded by the teacher without
+    special tokens, i.e. what the teacher makes of that piece of text. When that does not reproduce
+    the bytes exactly (a byte-level token holding part of a multi-byte character, a Metaspace teacher
+    that prefixes "▁", a normalizer that rewrites the text), the teacher's tokenization model is
+    applied directly to the teacher's spelling of the bytes (`_spelled_pieces`). Ids without bytes
+    (unmatched special tokens) or without an exact decomposition are left out."""
+    student_bytes = token_bytes(student_tokenizer)
+    teacher_bytes = token_bytes(teacher_tokenizer)
+    ids = [i for i in student_ids if student_bytes[i]]
+    texts: dict[int, str] = {}
+    for i in ids:
+        with contextlib.suppress(UnicodeDecodeError):
+            texts[i] = student_bytes[i].decode("utf-8")
+    encoded = teacher_tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
+    by_text = dict(zip(texts, encoded))
+
+    def spells(pieces: list[int] | None, data: bytes) -> bool:
+        return bool(pieces) and all(teacher_bytes[t] is not None for t in pieces) and \
+            b"".join(teacher_bytes[t] for t in pieces) == data
+
+    result: dict[int, list[int]] = {}
+    for i in ids:
+        data = student_bytes[i]
+        pieces = by_text.get(i)
+        if not spells(pieces, data):
+            pieces = _spelled_pieces(teacher_tokenizer, data)
+        if spells(pieces, data):
+            result[i] = list(pieces)
+    return result
+
+
+def _subword_mean_rows(target: Tensor, teacher_rows: Tensor, teacher_tokenizer, student_tokenizer,
+                       student_ids: list[int]) -> dict[int, list[int]]:
+    """Set `target[i]` to the mean teacher row of each decomposable student id; returns the decompositions."""
+    decompositions = teacher_decomposition(teacher_tokenizer, student_tokenizer, student_ids)
+    for i, pieces in decompositions.items():
+        target[i] = teacher_rows[pieces].double().mean(dim=0).to(target.dtype)
+    return decompositions
+
+
+# --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
 def initialize_embeddings(
@@ -217,14 +295,19 @@ def initialize_embeddings(
     fasttext_threads: int = 1,
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    focus_fallback: str = "subword_mean",
 ) -> InitResult:
     """Embeddings for the student vocabulary from the teacher's `source_embeddings` (V_t, D).
 
     `texts` (target-language text) are required for `focus` unless a trained `fasttext_model`
-    over the student's tokens is passed. Deterministic for a fixed `seed` (and `fasttext_threads=1`).
+    over the student's tokens is passed. `focus_fallback`: how FOCUS fills the new tokens fastText
+    has no vector for (`subword_mean`, else N(mean, std) draws as `random`). Deterministic for a
+    fixed `seed` (and `fasttext_threads=1`).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown initialisation method {method!r}; choose one of {METHODS}")
+    if focus_fallback not in FOCUS_FALLBACKS:
+        raise ValueError(f"Unknown focus_fallback {focus_fallback!r}; choose one of {FOCUS_FALLBACKS}")
     if source_embeddings.ndim != 2:
         raise ValueError(f"source_embeddings must be (vocab, dim), got shape {tuple(source_embeddings.shape)}")
     num_teacher = len(teacher_tokenizer)
@@ -248,10 +331,15 @@ def initialize_embeddings(
         kinds[s_id] = "copied"
     new_ids = [i for i in range(num_student) if kinds[i] != "copied"]
 
+    decompositions: dict[int, list[int]] = {}
     if method == "mean":
         target[new_ids] = mean
         for i in new_ids:
             kinds[i] = "mean"
+    elif method == "subword_mean":
+        decompositions = _subword_mean_rows(target, real_rows, teacher_tokenizer, student_tokenizer, new_ids)
+        for i in decompositions:
+            kinds[i] = "subword_mean"
     elif method == "focus" and new_ids:
         if fasttext_model is None:
             if texts is None:
@@ -264,16 +352,22 @@ def initialize_embeddings(
                                   fasttext_model)
         for i in focused:
             kinds[i] = "focus"
+        left = [i for i in new_ids if kinds[i] == "random"]
+        if left and focus_fallback == "subword_mean":
+            decompositions = _subword_mean_rows(target, real_rows, teacher_tokenizer, student_tokenizer, left)
+            for i in decompositions:
+                kinds[i] = "subword_mean"
+        if left:
+            logger.info("FOCUS has no fastText vector for %d of %d new tokens: %d initialised by subword_mean, "
+                        "%d drawn from N(mean, std)", len(left), len(new_ids), len(decompositions),
+                        len(left) - len(decompositions))
 
     fallback = [i for i in new_ids if kinds[i] == "random"]
     if fallback:
         generator = torch.Generator().manual_seed(seed)
         target[fallback] = torch.normal(mean.expand(len(fallback), -1), std.expand(len(fallback), -1),
                                         generator=generator)
-    result = InitResult(embeddings=target, overlap=overlap, kinds=kinds)
-    if method == "focus" and fallback:
-        logger.info("%d of %d new tokens have no fastText vector and were drawn from N(mean, std)",
-                    len(fallback), len(new_ids))
+    result = InitResult(embeddings=target, overlap=overlap, kinds=kinds, decompositions=decompositions)
     logger.info("Initialised %d student embeddings with %s: %s", num_student, method, result.counts)
     return result
 

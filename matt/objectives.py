@@ -506,3 +506,53 @@ def _side(name: str, attn: Tensor, values: Tensor, seg: Tensor, dtype: torch.dty
         attn = attn.clone()
     positions, valid = segment_last_positions(seg)
     return _Side(attn, values, seg, positions, valid)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hidden-state distillation at segment ends (the baseline objective of "Token Distillation",
+# Dobler et al., arXiv:2505.20133, at the AIM layer)
+# ------------------------------------------------------------------------------------------------
+HIDDEN_LOSSES = ("mse", "cosine")
+
+
+def hidden_state_loss(
+    teacher_hidden: Tensor, teacher_seg: Tensor, student_hidden: Tensor, student_seg: Tensor, loss: str = "mse",
+) -> Tensor:
+    """Distance between the residual streams of teacher and student at the last token of every segment.
+
+    `*_hidden` (B, L, D): the output of the AIM decoder layer on each side (L differs, B and D agree);
+    `*_seg` (B, L) segment ids as for `aim_loss`. With h_i and h'_i the teacher's and the student's
+    vectors at segment i's last token: `mse` = mean over (b, i, d) of (h − h')², `cosine` = mean over
+    (b, i) of 1 − cos(h, h'). Computed in float32 at least (autocast off)."""
+    if loss not in HIDDEN_LOSSES:
+        raise ValueError(f"unknown hidden-state loss {loss!r}; choose one of {HIDDEN_LOSSES}")
+    dtype = functools.reduce(torch.promote_types, [teacher_hidden.dtype, student_hidden.dtype], torch.float32)
+    for name, hidden, seg in (("teacher", teacher_hidden, teacher_seg), ("student", student_hidden, student_seg)):
+        if hidden.ndim != 3:
+            raise ValueError(f"{name}_hidden must be (B, L, D), got {tuple(hidden.shape)}")
+        if tuple(seg.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"{name}_seg must be (B={hidden.shape[0]}, L={hidden.shape[1]}), got {tuple(seg.shape)}")
+        if seg.dtype.is_floating_point or seg.dtype == torch.bool:
+            raise ValueError(f"{name}_seg must hold integer segment ids, got {seg.dtype}")
+    if teacher_hidden.shape[0] != student_hidden.shape[0] or teacher_hidden.shape[2] != student_hidden.shape[2]:
+        raise ValueError(f"teacher and student hidden states must share batch size and width: "
+                         f"{tuple(teacher_hidden.shape)} vs {tuple(student_hidden.shape)}")
+    t_pos, t_valid = segment_last_positions(teacher_seg.to(teacher_hidden.device))
+    s_pos, s_valid = segment_last_positions(student_seg.to(student_hidden.device))
+    if t_valid.shape != s_valid.shape or not torch.equal(t_valid, s_valid.to(t_valid.device)):
+        raise ValueError("teacher and student must split every sequence into the same segments "
+                         f"(segments per row: teacher {t_valid.sum(1).tolist()}, student {s_valid.sum(1).tolist()})")
+    if not bool(t_valid.any()):
+        raise ValueError("no segments in the batch: every segment id is negative")
+    with _no_autocast(student_hidden.device):
+        width = teacher_hidden.shape[2]
+        teacher_hidden = teacher_hidden.clone() if teacher_hidden.is_inference() else teacher_hidden
+        t = teacher_hidden.to(dtype).gather(1, t_pos.unsqueeze(-1).expand(-1, -1, width))  # (B, S, D)
+        s = student_hidden.to(dtype).gather(1, s_pos.to(student_hidden.device).unsqueeze(-1).expand(-1, -1, width))
+        t = t.to(s.device)
+        valid = t_valid.to(s.device)
+        if loss == "mse":
+            per_segment = ((t - s) ** 2).sum(-1)
+            return torch.where(valid, per_segment, 0.0).sum() / (valid.sum() * width)
+        per_segment = _one_minus_cos((t * s).sum(-1), (t * t).sum(-1), (s * s).sum(-1))
+        return torch.where(valid, per_segment, 0.0).sum() / valid.sum()

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from matt.config import MATTConfig
-from matt.objectives import aim_loss
+from matt.objectives import aim_loss, hidden_state_loss
 from matt.result import TransferResult
 from matt.schedule import wsd_scheduler
 
@@ -70,6 +70,18 @@ def estimate_step_flops(teacher: torch.nn.Module, student: torch.nn.Module, teac
         return sum(p.numel() for n, p in adapter.named_parameters() if "embed" not in n and "lm_head" not in n)
 
     return 2.0 * active_params(teacher) * teacher_tokens + 4.0 * active_params(student) * student_tokens
+
+
+def _budget_spent(budget_s: float | None, t0: float, accelerator) -> bool:
+    """Whether the training-time budget is spent; every process takes the main process's answer."""
+    if budget_s is None:
+        return False
+    spent = torch.tensor(float(time.perf_counter() - t0 >= budget_s), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        spent = broadcast(spent, from_process=0)
+    return bool(spent.item())
 
 
 class _EpochBatches:
@@ -306,6 +318,7 @@ def train(
     stream = iter(batches)
 
     use_aim, use_ntp = config.aim_impl != "none", config.with_ntp
+    use_hidden = config.aim_impl == "hidden"  # hidden-state distillation at the AIM layer instead of AIM
     accum = config.gradient_accumulation_steps
     last: dict[str, float] = dict(prior.get("metrics", {}))
     # cost counts every attempt: wall clock (re-run steps included) and FLOPs of completed steps
@@ -345,7 +358,8 @@ def train(
 
                 # 1. teacher: no graph at all; clone so the loss may save these tensors for backward
                 with torch.inference_mode(), accelerator.autocast():
-                    t_out = teacher(t_ids.to(accelerator.device), t_mask.to(accelerator.device))
+                    t_out = teacher(t_ids.to(accelerator.device), t_mask.to(accelerator.device),
+                                    return_aim_hidden=use_hidden)
                 t_attn, t_values = t_out.attn_probs.clone(), t_out.values.clone()
 
                 sync = accelerator.no_sync(student) if micro < accum - 1 else contextlib.nullcontext()
@@ -353,11 +367,15 @@ def train(
                     # 2. student
                     with accelerator.autocast():
                         s_out = student(s_ids, s_mask, return_hidden_states=use_ntp,
-                                        detach_head_input=config.ntp_scope == "head")
+                                        detach_head_input=config.ntp_scope == "head", return_aim_hidden=use_hidden)
                         # 3. objective
-                        aim = (aim_loss(t_attn, t_values, t_seg.to(t_attn.device), s_out.attn_probs, s_out.values,
-                                        s_seg, impl=config.aim_impl, loss=config.loss)
-                               if use_aim else torch.zeros((), device=accelerator.device))
+                        if use_hidden:
+                            aim = hidden_state_loss(t_out.aim_hidden, t_seg.to(t_attn.device), s_out.aim_hidden,
+                                                    s_seg, loss=config.loss)
+                        else:
+                            aim = (aim_loss(t_attn, t_values, t_seg.to(t_attn.device), s_out.attn_probs, s_out.values,
+                                            s_seg, impl=config.aim_impl, loss=config.loss)
+                                   if use_aim else torch.zeros((), device=accelerator.device))
                         if use_ntp:
                             ntp = next_token_loss(student_module, s_out.hidden_states, s_ids, s_mask)
                             # dynamic scaling keeps both terms the same size; the scale carries no gradient
@@ -396,8 +414,12 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{sums['loss']:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
+            # the wall-clock budget ends training at this step boundary (logged and checkpointed as the last)
+            out_of_time = _budget_spent(config.max_wall_clock_s, t0, accelerator)
+            last_step = done == config.max_steps or out_of_time
+
             # 6. log
-            if done % config.log_every_n_steps == 0 or done == config.max_steps:
+            if done % config.log_every_n_steps == 0 or last_step:
                 now = time.perf_counter()
                 last = {
                     **sums,
@@ -418,10 +440,14 @@ def train(
 
             # 7. checkpoint
             if ckpt_dir is not None and accelerator.is_main_process and (
-                (config.save_every_n_steps and done % config.save_every_n_steps == 0) or done == config.max_steps
+                (config.save_every_n_steps and done % config.save_every_n_steps == 0) or last_step
             ):
                 save_checkpoint()
             accelerator.wait_for_everyone()
+            if out_of_time:
+                logger.info("Wall-clock budget of %.0f s spent after %d of %d steps", config.max_wall_clock_s, done,
+                            config.max_steps)
+                break
     except BaseException as exc:
         if ckpt_dir is not None and accelerator.is_main_process and completed[0] > start_step:
             # never let a failing save (a full disk, a non-finite state) replace the real error
@@ -438,7 +464,7 @@ def train(
     progress.close()
     if not math.isfinite(last.get("loss", 0.0)):
         raise FloatingPointError("Training ended with a non-finite loss")
-    return _result(student_module, {**last, "steps": config.max_steps, "wall_clock_s": totals()["wall_clock_s"]})
+    return _result(student_module, {**last, "steps": completed[0], "wall_clock_s": totals()["wall_clock_s"]})
 
 
 def _result(student_module, metrics: dict[str, float]) -> TransferResult:

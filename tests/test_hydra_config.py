@@ -161,7 +161,7 @@ def test_ablation_presets_carry_their_sweeps(preset, params, fake_assets):
     ("objective.typo=1", "objective.typo"),
     ("objective.loss=l1", r"expected one of \[mse, cosine\]"),
     ("objective=aim_star2", "aim_star"),
-    ("init.method=wechsel", r"expected one of \[focus, mean, random, checkpoint\]"),
+    ("init.method=wechsel", r"expected one of \[focus, mean, random, subword_mean, checkpoint\]"),
     ("train.lr=fast", "train.lr"),
     ("tracking.backend=wandb", r"expected one of \[mlflow, none\]"),
 ])

@@ -108,7 +108,7 @@ def test_shared_rows_are_copied_bit_for_bit(tokenizers, source, method):
     new = [i for i in range(len(student)) if i not in overlap.student_to_teacher]
     assert len(new) > 50 and all(result.kinds[i] == method for i in new)
     assert result.counts == {"copied": overlap.num_shared, "focus": 0, "mean": len(new) * (method == "mean"),
-                             "random": len(new) * (method == "random")}
+                             "subword_mean": 0, "random": len(new) * (method == "random")}
 
 
 def test_mean_is_the_exact_mean_of_the_real_teacher_rows(tokenizers, source):
@@ -145,7 +145,8 @@ def test_random_is_seeded_and_follows_the_teacher_statistics(tokenizers):
 
 def test_focus_matches_the_definition(tokenizers, source, fasttext_model):
     teacher, student = tokenizers
-    result = initialize_embeddings(source, teacher, student, "focus", fasttext_model=fasttext_model, seed=3)
+    result = initialize_embeddings(source, teacher, student, "focus", fasttext_model=fasttext_model, seed=3,
+                                   focus_fallback="random")
     overlap = result.overlap
     weights = reference_focus_weights(overlap, student, fasttext_model)
     focus_ids = [i for i, kind in enumerate(result.kinds) if kind == "focus"]
@@ -160,7 +161,8 @@ def test_focus_matches_the_definition(tokenizers, source, fasttext_model):
     assert all(student.convert_ids_to_tokens(i) not in words or i in student_special_ids(student) for i in fallback)
     assert result.counts["copied"] == overlap.num_shared
     assert sum(result.counts.values()) == len(student)
-    again = initialize_embeddings(source, teacher, student, "focus", fasttext_model=fasttext_model, seed=3)
+    again = initialize_embeddings(source, teacher, student, "focus", fasttext_model=fasttext_model, seed=3,
+                                  focus_fallback="random")
     assert torch.equal(again.embeddings, result.embeddings)  # fallback draws are seeded too
 
 
@@ -190,7 +192,8 @@ def test_focus_anchor_and_fallback_rules(tokenizers, source, text_tools, style_c
     zero = student.convert_ids_to_tokens(new[15])
     vectors[zero] = np.zeros(8, dtype=np.float32)
     model = FakeFastText(vectors)
-    result = initialize_embeddings(source, teacher, student, "focus", fasttext_model=model, seed=0)
+    result = initialize_embeddings(source, teacher, student, "focus", fasttext_model=model, seed=0,
+                                   focus_fallback="random")
     weights = reference_focus_weights(overlap, student, model)
     assert sorted(weights) == [i for i, kind in enumerate(result.kinds) if kind == "focus"]
     special_new = [i for i in (student.eos_token_id, student.convert_tokens_to_ids("<|im_start|>")) if i in new]

@@ -47,12 +47,15 @@ class AIMOutput:
     values: (B, H, L, D) float32 value states, KV heads repeated to the H query heads.
     logits: (B, L, V) when asked for with `return_logits=True`, else None.
     hidden_states: (B, L, D) the LM head's input, when asked for with `return_hidden_states=True`.
+    aim_hidden: (B, L, D) float32 output of the AIM decoder layer (the residual stream after it)
+        when asked for with `return_aim_hidden=True`, else None (the `hidden` objective).
     """
 
     attn_probs: torch.Tensor
     values: torch.Tensor
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    aim_hidden: torch.Tensor | None = None
 
 
 def default_n_layers(num_hidden_layers: int) -> int:
@@ -139,6 +142,7 @@ class PreTrainedModelForAIM(nn.Module):
         model.set_attn_implementation(AIM_ATTENTION)
         self._capture = AIMCapture(self.aim_layer)
         attach_capture(self.get_layers()[self.aim_layer], self._capture)
+        self.get_layers()[self.aim_layer].register_forward_hook(self._capture.record_layer_output)
 
         embeddings = self.create_partly_frozen_embeddings(frozen_mask)
         if not isinstance(embeddings, PartlyFrozenEmbedding):
@@ -267,12 +271,13 @@ class PreTrainedModelForAIM(nn.Module):
         return_logits: bool = False,
         detach_head_input: bool = False,
         return_hidden_states: bool = False,
+        return_aim_hidden: bool = False,
     ) -> AIMOutput:
         """Attention probabilities and values at the AIM layer (+ logits if `return_logits`, + the
-        LM head's input if `return_hidden_states`).
+        LM head's input if `return_hidden_states`, + the AIM layer's output if `return_aim_hidden`).
 
-        Without either the forward stops right after the AIM layer's attention. With
-        `return_hidden_states` the model runs up to its LM head and stops there (no logits are
+        Without either the forward stops right after the AIM layer's attention (after the whole AIM
+        layer with `return_aim_hidden`). With `return_hidden_states` the model runs up to its LM head and stops there (no logits are
         computed; `lm_head_loss` turns the hidden states into the next-token loss in chunks).
         With `detach_head_input` nothing computed after the AIM layer is differentiable w.r.t. the
         inputs: the layers above the AIM layer run on a detached copy of its output (so they record
@@ -289,7 +294,7 @@ class PreTrainedModelForAIM(nn.Module):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        self._capture.reset(stop_after_capture=not wants_head)
+        self._capture.reset(stop_after_capture=not wants_head, capture_hidden=return_aim_hidden)
         logits, head_input = None, []
         head = self.causal_lm.get_output_embeddings()
         hooks = []
@@ -310,13 +315,15 @@ class PreTrainedModelForAIM(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
+        aim_hidden = self._capture.take_hidden() if return_aim_hidden else None
         attn_probs, values = self._capture.take()
         hidden_states = None
         if return_hidden_states:
             if not head_input:
                 raise RuntimeError(f"{self._model_name()} never called its LM head: no hidden states to return")
             hidden_states = head_input[0].detach() if detach_head_input else head_input[0]
-        return AIMOutput(attn_probs=attn_probs, values=values, logits=logits, hidden_states=hidden_states)
+        return AIMOutput(attn_probs=attn_probs, values=values, logits=logits, hidden_states=hidden_states,
+                         aim_hidden=aim_hidden)
 
     def lm_head_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """Mean cross-entropy of the LM head's logits on `hidden_states` (B, L, D) against `labels`

@@ -20,6 +20,10 @@ just at real tokens, and never produces NaNs from fully masked rows.
 When the caller needs nothing after the AIM layer, the capture raises `StopForward` right
 after recording, so the AIM layer's output projection and MLP, the later layers, the final norm
 and the LM head never run.
+
+For hidden-state objectives the capture can also record the AIM layer's *output* (the residual
+stream after that decoder layer, `record_layer_output`, a forward hook on the layer); the forward
+then stops after the layer instead of after its attention.
 """
 
 from __future__ import annotations
@@ -47,13 +51,33 @@ class AIMCapture:
     def __init__(self, layer_idx: int) -> None:
         self.layer_idx = layer_idx
         self.stop_after_capture = True
+        self.capture_hidden = False
         self.attn_probs: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.hidden_states: torch.Tensor | None = None
 
-    def reset(self, stop_after_capture: bool) -> None:
+    def reset(self, stop_after_capture: bool, capture_hidden: bool = False) -> None:
         self.stop_after_capture = stop_after_capture
+        self.capture_hidden = capture_hidden
         self.attn_probs = None
         self.values = None
+        self.hidden_states = None
+
+    def record_layer_output(self, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook of the AIM decoder layer: keep its output (B, L, D) when asked to."""
+        if not self.capture_hidden:
+            return
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        self.hidden_states = hidden.float()
+        if self.stop_after_capture:
+            raise StopForward
+
+    def take_hidden(self) -> torch.Tensor:
+        """Hand over the recorded output of the AIM layer and forget it."""
+        if self.hidden_states is None:
+            raise RuntimeError(f"The forward pass never reached the output of AIM layer {self.layer_idx}")
+        hidden, self.hidden_states = self.hidden_states, None
+        return hidden
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Hand over the recorded tensors and forget them (no references outlive the step)."""
@@ -166,7 +190,7 @@ def aim_attention_forward(
                                   sliding_window=sliding_window)
     values = repeat_kv(value, query.shape[1] // value.shape[1])
     capture.attn_probs, capture.values = probs, values.float()
-    if capture.stop_after_capture:
+    if capture.stop_after_capture and not capture.capture_hidden:
         raise StopForward
     attn_output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
     return attn_output, probs

@@ -5,9 +5,10 @@ preflight   validate a composed config before any heavy work
 models      teacher tokenizer / config / weights (local dir, hub id or tiny random model)
 data        documents from a hub dataset, local files or the built-in sample; splits and caps
 tokenizer   the student tokenizer: pretrained | train | extend (cached)
-init        the student's initial embeddings: focus | mean | random | checkpoint
+init        the student's initial embeddings: focus | mean | random | subword_mean | checkpoint
 train       MATTConfig from the groups, adapters, the training run
 save        the adapted HF model directory + student tokenizer
 evaluate    the `eval` group: metrics of original / init / final models, tables; `evaluate` recipe
 transfer    the `transfer` recipe tying the steps together (tracking, checkpoints, resume)
+recover     `experiment=recover_known`: delete known rows, train them back, measure recovery
 """

@@ -57,12 +57,19 @@ class InitMethod(Enum):
     focus = "focus"
     mean = "mean"
     random = "random"
+    subword_mean = "subword_mean"
     checkpoint = "checkpoint"
+
+
+class FocusFallback(Enum):
+    subword_mean = "subword_mean"
+    random = "random"
 
 
 class AimImpl(Enum):
     aim = "aim"
     aim_star = "aim_star"
+    hidden = "hidden"
     none = "none"
 
 
@@ -80,6 +87,11 @@ class OutputEmbeddings(Enum):
 class NtpScope(Enum):
     all = "all"
     head = "head"
+
+
+class RecoverRows(Enum):
+    input = "input"
+    input_output = "input_output"
 
 
 class TrackingBackend(Enum):
@@ -194,6 +206,9 @@ class InitConfig:
     fasttext_epochs: int = 3
     fasttext_dim: int = 100
     fasttext_threads: int = 1
+    focus_fallback: FocusFallback = FocusFallback.subword_mean
+    """`focus`: how new tokens without a fastText vector start: the mean teacher row of their teacher
+    decomposition (`subword_mean`) or a draw from N(mean, std) of the teacher rows (`random`)."""
     checkpoint: Optional[str] = None
     """`checkpoint`: an `embeddings.safetensors` or a directory holding one (a previous run)."""
     seed: int = 0
@@ -224,6 +239,9 @@ class TrainConfig:
     """The optimisation loop (mapped onto `MATTConfig`)."""
 
     max_steps: int = 1000
+    max_wall_clock_s: Optional[float] = None
+    """Training-time budget: stop at the first step boundary past it (steps done are recorded as
+    `train/final_steps`); with a large `max_steps`, trains for a given time (e.g. NTP at MATT's time)."""
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     gradient_clip_val: Optional[float] = 1.0
@@ -244,6 +262,26 @@ class TrainConfig:
     progress_bar: bool = True
     resume: bool = False
     """Continue the checkpoint (and the MLflow run) found in this job's output directory."""
+
+
+@dataclass
+class RecoverConfig:
+    """`experiment=recover_known` (see `matt.pipeline.recover`): the student tokenizer is the teacher's,
+    K frequent tokens have their rows deleted (set by `init.method`: mean | random), training brings
+    them back, and recovery is measured against the known rows."""
+
+    enabled: bool = False
+    """Run the known-answer experiment instead of a transfer (the `tokenizer` group is then unused)."""
+    rank_start: int = 20
+    rank_end: int = 1020
+    """Deleted: the teacher tokens at frequency ranks [rank_start, rank_end) of the train split."""
+    rows: RecoverRows = RecoverRows.input_output
+    """input: only input rows are deleted (the LM head keeps the true rows) | input_output: both (a tied
+    model's output side then follows `objective.output_embeddings`)."""
+    eval_every: int = 50
+    """Bits per byte every this many steps (a multiple of train.log_every_n_steps), at 0 and at the end."""
+    eval_max_chars: Optional[int] = 4000
+    """Each evaluated document is cut to its first N characters (eval.max_documents caps their number)."""
 
 
 @dataclass
@@ -369,6 +407,7 @@ class TransferConfig:
     tracking: TrackingConfig = MISSING
     eval: EvalConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
     save_model: bool = True
     """Write the adapted model + tokenizer as a HF directory (`<output_dir>/model`)."""
     dry_run: bool = False

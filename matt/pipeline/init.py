@@ -1,4 +1,4 @@
-"""The student's initial embeddings from the `init` group: focus | mean | random | checkpoint.
+"""The student's initial embeddings from the `init` group: focus | mean | random | subword_mean | checkpoint.
 
 The initial embeddings are stored as a `TransferResult` (`<output_dir>/init/embeddings.safetensors`)
 together with the key of what produced them. A resumed job, and every non-main process of a
@@ -110,6 +110,7 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
             fasttext_min_count=init_cfg.fasttext_min_count, fasttext_epochs=init_cfg.fasttext_epochs,
             fasttext_dim=init_cfg.fasttext_dim, fasttext_threads=init_cfg.fasttext_threads,
             cache_dir=Path(cache_dir) / "fasttext", seed=init_cfg.seed,
+            focus_fallback=enum_value(init_cfg.focus_fallback),
         )
         info = report.to_dict()
         info.pop("overlap_summary", None)

@@ -19,7 +19,7 @@ from matt.pipeline.config import enum_value
 logger = logging.getLogger(__name__)
 
 HYDRA_KEYS = {
-    "max_steps": "train.max_steps", "batch_size": "train.batch_size",
+    "max_steps": "train.max_steps", "max_wall_clock_s": "train.max_wall_clock_s", "batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
     "gradient_clip_val": "train.gradient_clip_val", "lr": "train.lr", "weight_decay": "train.weight_decay",
     "adam_betas": "train.adam_betas", "num_warmup_steps": "train.num_warmup_steps",
@@ -53,7 +53,7 @@ def matt_config(cfg, *, checkpoint_dir: str | Path | None = None):
 
     train = cfg.train
     values = dict(
-        max_steps=train.max_steps, batch_size=train.batch_size,
+        max_steps=train.max_steps, max_wall_clock_s=train.max_wall_clock_s, batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps, gradient_clip_val=train.gradient_clip_val,
         lr=train.lr, weight_decay=train.weight_decay, adam_betas=tuple(train.adam_betas),
         num_warmup_steps=train.num_warmup_steps, num_decay_steps=train.num_decay_steps, seed=train.seed,
