@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_evaluation_helpers import ConstantLM, hand_bpe_tokenizer
+from evaluation_helpers import ConstantLM, hand_bpe_tokenizer
 
 from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_evaluation_helpers import ConstantLM
+from evaluation_helpers import ConstantLM
 
 from matt.evaluation import scoring
 from matt.evaluation.scoring import has_separate_head, score_continuations, token_nll
