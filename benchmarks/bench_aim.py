@@ -887,24 +887,15 @@ def main(argv: list[str] | None = None) -> None:
               f"command: `python benchmarks/bench_aim.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
     results, lines = {}, list(header)
     parts = args.parts.split(",")
-    if "loss" in parts:
-        results["loss"], part_lines = part_loss(args, device)
-        lines += part_lines
-    if "step" in parts:
-        results["step"], part_lines = part_step(args, device)
-        lines += part_lines
-    if "ntp" in parts:
-        results["ntp"], part_lines = part_ntp(args, device)
-        lines += part_lines
-    if "rss" in parts:
-        results["rss"], part_lines = part_rss(args, device)
-        lines += part_lines
-    if "ops" in parts:
-        results["ops"], part_lines = part_ops(args, device)
-        lines += part_lines
-    if "eval" in parts:
-        results["eval"], part_lines = part_eval(args, device)
-        lines += part_lines
+    part_functions = {"loss": part_loss, "step": part_step, "ntp": part_ntp, "rss": part_rss, "ops": part_ops,
+                      "eval": part_eval}
+    unknown = [part for part in parts if part not in part_functions]
+    if unknown:
+        raise SystemExit(f"--parts: unknown part(s) {unknown}; choose from {list(part_functions)}")
+    for name, part_function in part_functions.items():
+        if name in parts:
+            results[name], part_lines = part_function(args, device)
+            lines += part_lines
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_quick" if args.quick else "bench"
