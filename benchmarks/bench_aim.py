@@ -577,8 +577,10 @@ def part_ops(args, device: str) -> tuple[list[dict], list[str]]:
             lines.append(line)
     lines += ["", f"Batch {args.batch}; top-level `aten::` operators (what Python dispatches, views included; on a GPU "
               "the kernels columns count launches).", ""]
+    return rows, lines
 
 
+# ------------------------------------------------------------------------------------------------
 # part 7: evaluation throughput (matt.evaluation) against a plain batched forward
 # ------------------------------------------------------------------------------------------------
 EVAL_MODELS = {  # name: (transformers config class, config) - random weights: cost does not depend on them
