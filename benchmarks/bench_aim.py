@@ -701,6 +701,16 @@ SPAWN = True
 isolate each measurement; saves a process start per measurement)."""
 
 
+def measure_time_and_memory(fn, **kwargs) -> dict:
+    """One measurement row: on CUDA one isolated run (the allocator isolates time and memory); on a
+    CPU the peak RSS in a process with exact RSS accounting and the time in a separate normal one."""
+    if kwargs["device"] == "cuda":
+        return run_isolated(fn, **kwargs)
+    row = run_isolated(fn, exact_rss=True, measure="memory", **kwargs)
+    row["seconds"] = run_isolated(fn, measure="time", **kwargs)["seconds"]
+    return row
+
+
 def run_isolated(fn, *, exact_rss: bool = False, **kwargs) -> dict:
     """Run `fn(**kwargs)` in a fresh spawned process (its own memory high-water mark).
 
@@ -745,11 +755,7 @@ def part_loss(args, device: str) -> tuple[list[dict], list[str]]:
                     continue
                 kwargs = dict(impl=impl, shape=shape, length=length, batch=args.batch, repeats=args.repeats,
                               device=device)
-                if device == "cuda":
-                    row = run_isolated(loss_worker, **kwargs)
-                else:
-                    row = run_isolated(loss_worker, exact_rss=True, measure="memory", **kwargs)
-                    row["seconds"] = run_isolated(loss_worker, measure="time", **kwargs)["seconds"]
+                row = measure_time_and_memory(loss_worker, **kwargs)
                 rows.append(row)
                 print(f"  loss {shape} L={length} {impl}: {row['seconds'] * 1e3:.1f} ms, "
                       f"+{row['peak_extra_mb']:.0f} MB", flush=True)
@@ -825,11 +831,7 @@ def part_ntp(args, device: str) -> tuple[list[dict], list[str]]:
         for impl in ("chunked", "plain"):
             kwargs = dict(impl=impl, vocab=head_vocab, tokens=batch * length, detach=True, repeats=max(1, args.repeats // 2),
                           precision=args.precision, device=device)
-            if device == "cuda":
-                row = run_isolated(head_worker, **kwargs)
-            else:
-                row = run_isolated(head_worker, exact_rss=True, measure="memory", **kwargs)
-                row["seconds"] = run_isolated(head_worker, measure="time", **kwargs)["seconds"]
+            row = measure_time_and_memory(head_worker, **kwargs)
             head_rows.append(row)
             print(f"  head term V={head_vocab}+{GEMMA3_NEW_ROWS} {impl}: {row['seconds'] * 1e3:.0f} ms, "
                   f"+{row['peak_extra_mb']:.0f} MB", flush=True)

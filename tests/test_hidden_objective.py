@@ -19,18 +19,14 @@ from matt.initialization import build_student_model
 from matt.modeling import adapter_for
 from matt.objectives import hidden_state_loss
 from matt.tiny import SAMPLE_TEXTS, tiny_model
+from model_helpers import padded_batch as _padded_batch
 
 VOCAB = 97
 TEXTS = SAMPLE_TEXTS[:4]
 
 
 def padded_batch(seed: int = 0, length: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (3, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, length - 6:] = 0
-    mask[1, :4] = 0
-    return ids, mask
+    return _padded_batch(VOCAB, seed, length)
 
 
 # ---------------------------------------------------------------------------------------------

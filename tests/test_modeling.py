@@ -25,6 +25,7 @@ from matt.modeling import registry
 from matt.modeling.embeddings import EmbeddingLMHead
 from matt.modeling.registry import family_of, register_adapter
 from matt.tiny import FAMILIES, tiny_config, tiny_model
+from model_helpers import padded_batch as _padded_batch
 
 VOCAB = 97
 TIED = {"llama", "gemma3"}
@@ -42,13 +43,7 @@ def make_model(family: str, seed: int = 0, **overrides):
 
 
 def padded_batch(seed: int = 0, length: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row 0 right-padded, row 1 left-padded, row 2 unpadded."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (3, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, length - 6:] = 0
-    mask[1, :4] = 0
-    return ids, mask
+    return _padded_batch(VOCAB, seed, length)
 
 
 def record_values(model: nn.Module, layer: int, recorded: dict):
