@@ -94,11 +94,11 @@ class MATT:
             raise ValueError("No dataset: call matt.prepare_dataset(...) first or pass dataset=")
         check_vocab(teacher, self.teacher_tokenizer)
         check_vocab(student, self.student_tokenizer)
-        collator = AIMCollator(_pad_id(self.teacher_tokenizer), _pad_id(self.student_tokenizer))
+        collator = AIMCollator(pad_id(self.teacher_tokenizer), pad_id(self.student_tokenizer))
         return train(self.config, teacher, student, dataset, collator, log_fns=log_fns, accelerator=accelerator)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     """Pad id for batching; padded positions are masked, so any valid id works as a fallback."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if candidate is not None:

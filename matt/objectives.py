@@ -71,19 +71,22 @@ def segment_last_positions(seg: Tensor) -> tuple[Tensor, Tensor]:
 def aim_loss(
     teacher_attn: Tensor, teacher_values: Tensor, teacher_seg: Tensor,
     student_attn: Tensor, student_values: Tensor, student_seg: Tensor,
-    impl: str = "aim", loss: str = "mse",
+    impl: str = "aim", loss: str = "mse", pairs: Tensor | None = None,
 ) -> Tensor:
     """AIM loss between teacher and student (scalar), never materialising per-pair vectors.
 
-    Teacher tensors may be inference tensors; gradients flow to whatever requires them.
+    Teacher tensors may be inference tensors; gradients flow to whatever requires them. `pairs`
+    restricts the mean to a subset: (B, S, S) bool over (query segment i, key segment k) for `aim`,
+    (B, S) over query segments for `aim_star` (S = the batch's segment count); NaN when it keeps
+    no valid pair (a diagnostic, e.g. the pairs that involve new tokens: `matt.pipeline.probe`).
     """
     teacher, student = _prepare(teacher_attn, teacher_values, teacher_seg,
                                 student_attn, student_values, student_seg, impl, loss)
     with _no_autocast(teacher_attn.device):
         if impl == "aim_star":
             return _vector_loss(teacher.queries() @ teacher.values, student.queries() @ student.values,
-                                teacher.valid, loss)
-        mask = _pair_mask(teacher.valid)  # (B, S, S)
+                                _restrict(teacher.valid, pairs), loss)
+        mask = _restrict(_pair_mask(teacher.valid), pairs)  # (B, S, S)
         total = _PairwiseAIM.apply(teacher.attn, teacher.values, student.attn, student.values,
                                    teacher.positions, student.positions, teacher.seg, student.seg, mask, loss)
         count = mask.sum() * teacher.values.shape[1]  # pairs × heads
@@ -93,14 +96,14 @@ def aim_loss(
 def naive_aim_loss(
     teacher_attn: Tensor, teacher_values: Tensor, teacher_seg: Tensor,
     student_attn: Tensor, student_values: Tensor, student_seg: Tensor,
-    impl: str = "aim", loss: str = "mse",
+    impl: str = "aim", loss: str = "mse", pairs: Tensor | None = None,
 ) -> Tensor:
     """Reference implementation: materialises every s (B,H,S,S,D) / o (B,H,S,D) literally."""
     teacher, student = _prepare(teacher_attn, teacher_values, teacher_seg,
                                 student_attn, student_values, student_seg, impl, loss)
     with _no_autocast(teacher_attn.device):
         vec_t, vec_s = _naive_vectors(teacher, impl), _naive_vectors(student, impl)
-        mask = _pair_mask(teacher.valid) if impl == "aim" else teacher.valid
+        mask = _restrict(_pair_mask(teacher.valid) if impl == "aim" else teacher.valid, pairs)
         return _vector_loss(vec_t, vec_s, mask, loss)
 
 
@@ -440,6 +443,16 @@ def _pair_mask(valid: Tensor) -> Tensor:
     """(B, S, S): query segment i and key segment k both exist and k ≤ i."""
     causal = torch.ones(valid.shape[1], valid.shape[1], dtype=torch.bool, device=valid.device).tril()
     return valid.unsqueeze(2) & valid.unsqueeze(1) & causal
+
+
+def _restrict(mask: Tensor, pairs: Tensor | None) -> Tensor:
+    """`mask` & `pairs` (the caller's subset of pairs / query segments), shapes checked."""
+    if pairs is None:
+        return mask
+    if tuple(pairs.shape) != tuple(mask.shape) or pairs.dtype != torch.bool:
+        raise ValueError(f"pairs must be a bool tensor of shape {tuple(mask.shape)} (batch, segments"
+                         f"{', segments' if mask.ndim == 3 else ''}), got {pairs.dtype} {tuple(pairs.shape)}")
+    return mask & pairs.to(mask.device)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -312,7 +312,7 @@ def train(
     if start_step >= config.max_steps:
         logger.warning("The checkpoint in %s is at step %d and max_steps=%d: training already finished, nothing "
                        "to do (raise max_steps to train further)", ckpt_dir, start_step, config.max_steps)
-        return _result(student_module, {**prior.get("metrics", {}), "steps": start_step,
+        return transfer_result(student_module, {**prior.get("metrics", {}), "steps": start_step,
                                         "wall_clock_s": prior.get("wall_clock_s", 0.0)})
     batches = _EpochBatches(dataset, config, collate_fn, accelerator, epoch=epoch, skip=skip)
     stream = iter(batches)
@@ -324,13 +324,16 @@ def train(
     # cost counts every attempt: wall clock (re-run steps included) and FLOPs of completed steps
     prior_wall_s = float(prior.get("wall_clock_s", 0.0))
     window_tokens, window_start, t0 = 0, time.perf_counter(), time.perf_counter()
+    # time spent in the log functions (an evaluation probe may run there) is not training time: it
+    # counts neither in the wall clock nor against `max_wall_clock_s`
+    paused_s = 0.0
     total_flops = completed_flops = float(prior.get("flops", 0.0))
     teacher_table = teacher.input_embeddings  # its rows live in `frozen`, or `trainable` when no mask was given
     teacher_max_norm = float(torch.cat([row_norms(teacher_table.frozen), row_norms(teacher_table.trainable)]).max())
     norm_warned = [False]
 
     def totals() -> dict[str, Any]:
-        return {"wall_clock_s": prior_wall_s + time.perf_counter() - t0, "flops": completed_flops,
+        return {"wall_clock_s": prior_wall_s + time.perf_counter() - t0 - paused_s, "flops": completed_flops,
                 "metrics": last}
 
     def save_checkpoint() -> Path:
@@ -415,7 +418,7 @@ def train(
             progress.set_postfix(loss=f"{sums['loss']:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
             # the wall-clock budget ends training at this step boundary (logged and checkpointed as the last)
-            out_of_time = _budget_spent(config.max_wall_clock_s, t0, accelerator)
+            out_of_time = _budget_spent(config.max_wall_clock_s, t0 + paused_s, accelerator)
             last_step = done == config.max_steps or out_of_time
 
             # 6. log
@@ -428,15 +431,16 @@ def train(
                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                     "peak_memory_mb": peak_memory_mb(accelerator.device),
                     "flops": total_flops,
-                    "elapsed_s": prior_wall_s + now - t0,
+                    "elapsed_s": prior_wall_s + now - t0 - paused_s,
                     "epoch": batches.epoch,
                     **embedding_row_norms(student_module, teacher_max_norm),
                 }
                 check_row_norms(last, done, norm_warned)
-                window_tokens, window_start = 0, now
                 if accelerator.is_main_process:
                     for fn in log_fns:
                         fn(last, done)
+                paused_s += time.perf_counter() - now
+                window_tokens, window_start = 0, time.perf_counter()
 
             # 7. checkpoint
             if ckpt_dir is not None and accelerator.is_main_process and (
@@ -464,10 +468,12 @@ def train(
     progress.close()
     if not math.isfinite(last.get("loss", 0.0)):
         raise FloatingPointError("Training ended with a non-finite loss")
-    return _result(student_module, {**last, "steps": completed[0], "wall_clock_s": totals()["wall_clock_s"]})
+    return transfer_result(student_module, {**last, "steps": completed[0], "wall_clock_s": totals()["wall_clock_s"]})
 
 
-def _result(student_module, metrics: dict[str, float]) -> TransferResult:
+def transfer_result(student_module, metrics: dict[str, float]) -> TransferResult:
+    """The student adapter's current embeddings (input rows, and the LM head when it is untied) as a
+    `TransferResult` in float32 on the CPU."""
     output = student_module.output_embedding_weight()
     tied = output is None
     return TransferResult(

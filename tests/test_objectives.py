@@ -357,3 +357,47 @@ def test_shape_errors():
         aim_loss(t_attn, t_values, t_seg, s_attn, s_values, s_seg[:, :2])
     with pytest.raises(ValueError, match="integer segment ids"):
         aim_loss(t_attn, t_values, t_seg.float(), s_attn, s_values, s_seg)
+
+
+# --------------------------------------------------------------------------------- pair subsets
+def random_pairs(p: dict, impl: str, seed: int) -> torch.Tensor:
+    """A random bool selection of (query, key) segment pairs (aim) or query segments (aim_star)."""
+    n_segments = int(p["t_seg"].max()) + 1
+    shape = (p["t_seg"].shape[0], n_segments) + ((n_segments,) if impl == "aim" else ())
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+@pytest.mark.parametrize("impl,loss", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pair_subset_matches_naive_and_splits_the_mean(impl, loss, seed):
+    """The mean over a subset of pairs equals the literal definition on that subset, gradients
+    too; the subset and its complement, weighted by their pair counts, give the full mean."""
+    p = random_problem(seed, torch.float64)
+    pairs = random_pairs(p, impl, seed)
+    fast = call(aim_loss, p, impl=impl, loss=loss, pairs=pairs)
+    naive = call(naive_aim_loss, p, impl=impl, loss=loss, pairs=pairs)
+    torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
+    for g_fast, g_naive in zip(torch.autograd.grad(fast, [p["s_attn"], p["s_kv"]]),
+                               torch.autograd.grad(naive, [p["s_attn"], p["s_kv"]])):
+        torch.testing.assert_close(g_fast, g_naive, rtol=1e-10, atol=1e-12)
+    # decomposition: count the valid pairs on each side of the split
+    from matt.objectives import _pair_mask
+
+    _, valid = segment_last_positions(p["t_seg"])
+    full_mask = _pair_mask(valid) if impl == "aim" else valid
+    inside, outside = (full_mask & pairs).sum(), (full_mask & ~pairs).sum()
+    rest = call(aim_loss, p, impl=impl, loss=loss, pairs=~pairs)
+    whole = call(aim_loss, p, impl=impl, loss=loss)
+    torch.testing.assert_close((fast * inside + rest * outside) / (inside + outside), whole.detach(),
+                               rtol=1e-10, atol=1e-12)
+    assert not torch.isclose(fast, rest)  # the subsets really differ
+
+
+def test_empty_or_malformed_pair_subset():
+    p = random_problem(0)
+    pairs = random_pairs(p, "aim", 0)
+    assert torch.isnan(call(aim_loss, p, pairs=torch.zeros_like(pairs)))
+    with pytest.raises(ValueError, match="pairs must be a bool tensor of shape"):
+        call(aim_loss, p, pairs=pairs[:, :1])
+    with pytest.raises(ValueError, match="pairs must be a bool tensor"):
+        call(aim_loss, p, pairs=pairs.float())

@@ -224,3 +224,27 @@ def test_bad_inputs_fail_with_clear_errors(tmp_path, byte_level_tokenizer, sente
     with pytest.raises(ValueError, match="hidden_size"):
         matt.train(adapter_for(teacher_model).from_pretrained(teacher_model, n_layers=2),
                    adapter_for(other).from_pretrained(other, n_layers=2))
+
+
+def test_time_in_log_functions_is_not_training_time(tmp_path, byte_level_tokenizer, sentencepiece_tokenizer):
+    """An evaluation probe runs inside a log function: its time counts neither in `elapsed_s` /
+    `wall_clock_s` nor against `max_wall_clock_s` (a 0.4 s probe per step, 0.3 s budget)."""
+    import time
+
+    matt, teacher, student = setup_run(tmp_path, "llama", byte_level_tokenizer, sentencepiece_tokenizer,
+                                       max_steps=4, max_wall_clock_s=30.0)
+    rec = Recorder()
+
+    def slow_probe(metrics, step):
+        time.sleep(0.4)
+
+    result = matt.train(teacher, student, log_fns=[rec, slow_probe])
+    assert result.metrics["steps"] == 4
+    assert result.metrics["wall_clock_s"] < 1.2, result.metrics  # 4 probes = 1.6 s left out
+    assert rec.series("elapsed_s")[-1] < 1.2
+    matt2, teacher2, student2 = setup_run(tmp_path, "llama", byte_level_tokenizer, sentencepiece_tokenizer,
+                                          max_steps=10, max_wall_clock_s=2.0)
+    slow = matt2.train(teacher2, student2, log_fns=[slow_probe])
+    step_s = slow.metrics["wall_clock_s"] / slow.metrics["steps"]
+    # with the probe counted, the 2 s budget would end the run after 5 steps
+    assert slow.metrics["steps"] == 10 or step_s > 0.2, slow.metrics

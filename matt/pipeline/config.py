@@ -285,6 +285,26 @@ class RecoverConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Held-out diagnostics during training (`matt.pipeline.probe`): budget curves and why they flatten."""
+
+    enabled: bool = False
+    every_s: Optional[float] = None
+    """Measure every this many seconds of training time (the probe's own time is not counted)."""
+    every_n_steps: Optional[int] = None
+    """... or every this many steps (a multiple of train.log_every_n_steps); both None: start and end only."""
+    split: str = "validation"
+    """validation | test: the held-out split measured (never train)."""
+    max_documents: Optional[int] = 9
+    max_document_chars: Optional[int] = 2000
+    """Each document is cut to its first N characters (bits per byte and the AIM batches)."""
+    aim_batches: int = 4
+    """Held-out batches (of train.batch_size segmented windows) for the held-out AIM loss; 0 = none."""
+    bpb: bool = True
+    """Bits per byte of the full-depth model at each measurement (the expensive part)."""
+
+
+@dataclass
 class TrackingConfig:
     """Where runs are recorded."""
 
@@ -408,6 +428,7 @@ class TransferConfig:
     eval: EvalConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     save_model: bool = True
     """Write the adapted model + tokenizer as a HF directory (`<output_dir>/model`)."""
     dry_run: bool = False

@@ -103,10 +103,9 @@ def make_accelerator(cfg):
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
-def train_embeddings(cfg, matt, teacher_model, student_model, *, log_fns, accelerator):
-    """Wrap teacher and student for AIM (in place: both models are consumed) and train.
-
-    Returns the `TransferResult` (learned embeddings + final training metrics)."""
+def build_adapters(cfg, matt, teacher_model, student_model):
+    """Wrap teacher and student for AIM (in place: both models are consumed): `(teacher, student)`,
+    the student's shared rows frozen when `objective.freeze_shared`."""
     from matt.modeling import adapter_for
 
     n_layers = resolved_n_layers(cfg)
@@ -123,4 +122,4 @@ def train_embeddings(cfg, matt, teacher_model, student_model, *, log_fns, accele
                 f"output_embeddings={enum_value(cfg.objective.output_embeddings)}" if student.is_tied
                 else "untied LM head",
                 sum(p.shape[0] for p in student.trainable_parameters()))
-    return matt.train(teacher, student, log_fns=log_fns, accelerator=accelerator)
+    return teacher, student

@@ -142,13 +142,14 @@ def run_transfer(cfg) -> float | None:
 
     from matt.api import MATT
     from matt.data import tokenizer_fingerprint
-    from matt.pipeline.evaluate import EvalSuite, prefixed, results_table, write_results
+    from matt.pipeline.evaluate import EvalSuite, eval_device, prefixed, results_table, write_results
     from matt.pipeline.init import INIT_DIR, init_key, init_metrics, initialize_student, release_memory
     from matt.pipeline.models import load_teacher_model, model_identity, text_config
     from matt.pipeline.preflight import check_init_checkpoint, preflight
     from matt.pipeline.save import adapted_model, save_adapted
     from matt.pipeline.tokenizer import _texts_digest, build_student_tokenizer
-    from matt.pipeline.train import make_accelerator, matt_config, train_embeddings
+    from matt.pipeline.probe import build_probe, write_probe_rows
+    from matt.pipeline.train import build_adapters, make_accelerator, matt_config
     from matt.result import TransferResult
     from matt.tracking import flatten, open_tracker, save_run_reference
     from matt.trainer import CHECKPOINT_FILE
@@ -240,9 +241,25 @@ def run_transfer(cfg) -> float | None:
 
             torch.cuda.reset_peak_memory_stats(accelerator.device)
         train_log = JsonlLog(output_dir / "train_log.jsonl")
-        result = train_embeddings(cfg, matt, teacher_model, student_model, accelerator=accelerator,
-                                  log_fns=[tracker.training_logger(), train_log])
-        del teacher_model, student_model, matt
+        teacher, student = build_adapters(cfg, matt, teacher_model, student_model)
+        log_fns, probe, eval_model = [tracker.training_logger(), train_log], None, None
+        if cfg.probe.enabled and is_main:  # held-out diagnostics, outside the training clock
+            if cfg.probe.bpb:
+                eval_model = adapted_model(load_teacher_model(cfg.model, teacher_tokenizer), TransferResult.load(
+                    output_dir / INIT_DIR / "embeddings.safetensors"), student_tokenizer).to(eval_device(cfg.eval))
+            probe = build_probe(cfg, documents=documents, teacher=teacher, student=student,
+                                frozen_mask=matt.prepare_frozen_embeddings_mask(), teacher_tokenizer=teacher_tokenizer,
+                                student_tokenizer=student_tokenizer, eval_model=eval_model,
+                                log_fn=tracker.log_metrics, device=accelerator.device)
+            log_fns.append(probe)
+            if not (mcfg.resume and (checkpoint_dir / CHECKPOINT_FILE).exists()):
+                probe.start()
+        result = matt.train(teacher, student, log_fns=log_fns, accelerator=accelerator)
+        if probe is not None:
+            probe.finish(int(result.metrics["steps"]), float(result.metrics["wall_clock_s"]))
+            write_probe_rows(probe.rows, output_dir / "probe.jsonl")
+            tracker.log_artifact(output_dir / "probe.jsonl", "probe")
+        del teacher_model, student_model, matt, teacher, student, probe, eval_model
         release_memory()
         if not is_main:
             return None
