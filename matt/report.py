@@ -14,7 +14,9 @@ interval excludes 0; runs without per-item credits fall back to non-overlapping 
 (conservative). Training wall-clock and peak memory per run come from the trainer's final metrics.
 
 Plots: `loss_curves.png` (the AIM and NTP loss terms per run), `layer_depth.png` (AIM depth vs quality, time and
-memory, when runs differ in depth), `methods.png` (bits per byte per table row).
+memory, when runs differ in depth), `methods.png` (bits per byte per table row), and for runs with a
+probe (`probe.enabled`) `budget_curves.png` + `budget.md`: held-out measurements against training
+seconds (`probe_histories`).
 """
 
 from __future__ import annotations
@@ -302,8 +304,10 @@ def table_rows(runs: Iterable[RunRecord]) -> list[TableRow]:
         init_values = models.get("init", {})
         init_items = run.items.get("init", {})
         for kind, method in (("original", f"original ({run.model})"), ("init", f"{run.init} init")):
-            if kind in models and (kind, run.model, run.init, _key(models[kind])) not in seen:
-                seen.add((kind, run.model, run.init, _key(models[kind])))
+            # the original model does not depend on the run's init: one row per identical evaluation
+            identity = (kind, run.model, run.init if kind == "init" else "", _key(models[kind])) if kind in models else None
+            if identity is not None and identity not in seen:
+                seen.add(identity)
                 rows.append(TableRow(method, kind, run.model, dict(models[kind]), baseline=baseline, run_id=run.run_id,
                                      init_values=init_values, items=run.items.get(kind, {}), init_items=init_items))
         if "final" in models:
@@ -417,6 +421,70 @@ def loss_histories(tracking_uri: str, runs: Sequence[RunRecord],
     return curves
 
 
+PROBE_KEYS = ("train_s", "heldout_bpb", "heldout_bpb_new", "heldout_bpb_shared", "heldout_aim_cosine_new",
+              "heldout_aim_cosine_shared", "heldout_aim_mse_new", "heldout_aim_mse_shared", "row_change",
+              "head_row_change", "row_norm")
+
+
+def probe_histories(tracking_uri: str, runs: Sequence[RunRecord], keys: Sequence[str] = PROBE_KEYS
+                    ) -> dict[str, list[dict]]:
+    """`{label: [{"step": s, "train_s": t, "heldout_bpb": ..., ...}, ...]}`: the probe's held-out
+    measurements (`diag/...`, see `matt.pipeline.probe`) of each run, at the steps where it measured
+    (those that have `diag/train_s`); runs without a probe are left out."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    curves: dict[str, list[dict]] = {}
+    for run in runs:
+        by_step: dict[int, dict] = {}
+        for key in keys:
+            for m in client.get_metric_history(run.run_id, f"diag/{key}"):
+                by_step.setdefault(m.step, {"step": m.step})[key] = m.value
+        rows = [by_step[step] for step in sorted(by_step) if "train_s" in by_step[step]]
+        if rows:
+            curves[run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"] = rows
+    return curves
+
+
+def plot_budget_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                       reference: Mapping[str, float] | None = None) -> Path:
+    """Budget curves: held-out bits per byte (all bytes; bytes under new tokens), held-out AIM
+    cosine loss on pairs with new tokens (solid) / shared only (dashed), and how far the new rows
+    moved (input solid, LM head dashed), each against training seconds; one colour per run.
+    `reference`: horizontal lines (e.g. `{"original": 0.71}`) on the bits-per-byte panel."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panels = (("held-out bits per byte", (("heldout_bpb", "-"),)),
+              ("held-out bits per byte, new-token bytes", (("heldout_bpb_new", "-"),)),
+              ("held-out AIM cosine: new pairs (—), shared (--)", (("heldout_aim_cosine_new", "-"),
+                                                                   ("heldout_aim_cosine_shared", "--"))),
+              ("row change ‖w−w₀‖/‖w₀‖: input (—), head (--)", (("row_change", "-"), ("head_row_change", "--"))))
+    figure, axes = _figure(len(panels), width=4.6)
+    for ax, (title, series) in zip(axes, panels):
+        for index, (label, rows) in enumerate(curves.items()):
+            for key, style in series:
+                points = [(row["train_s"], row[key]) for row in rows if row.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, marker="o", markersize=3, color=f"C{index % 10}",
+                            label=label if style == "-" else None)
+        ax.set_xlabel("training time (s)")
+        ax.set_title(title, fontsize="medium")
+        ax.grid(alpha=0.3)
+    for name, value in (reference or {}).items():
+        axes[0].axhline(value, linestyle=":", color="grey", label=name)
+    axes[0].legend(fontsize="x-small")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def budget_table(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
+    """Markdown: one line per (run, measurement) with the budget-curve numbers."""
+    keys = [k for k in PROBE_KEYS if any(k in row for rows in curves.values() for row in rows)]
+    header = ["method", "step", *keys]
+    cells = [[label, int(row["step"]), *(row.get(k) for k in keys)] for label, rows in curves.items() for row in rows]
+    return markdown_table(header, cells)
+
+
 def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path, *,
                  metrics: Sequence[str] = ("bpb", "bpb_new", "bpb_shared", "choice_accuracy", "choice_accuracy_pmi",
                                            "chrf", "bytes_per_token"),
@@ -436,6 +504,12 @@ def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path
     if any(curves.values()):
         keys = [key for key in ("aim_loss", "ntp_loss") if any(key in row for rows in curves.values() for row in rows)]
         paths["loss_curves.png"] = plot_training_curves(curves, output_dir / "loss_curves.png", keys=keys)
+    budget = probe_histories(tracking_uri, runs)
+    if budget:
+        paths["budget_curves.png"] = plot_budget_curves(budget, output_dir / "budget_curves.png")
+        paths["budget.md"] = output_dir / "budget.md"
+        paths["budget.md"].write_text(f"# {experiment_name}: held-out measurements during training\n\n"
+                                      f"{budget_table(budget)}\n", encoding="utf-8")
     depth = plot_layer_depth(runs, output_dir / "layer_depth.png")
     if depth is not None:
         paths["layer_depth.png"] = depth

@@ -283,7 +283,7 @@ def train(
     log_fns = log_fns or []
 
     # ---- what trains: input embeddings (non-frozen rows), and the LM head where the run says so
-    if student.is_tied:
+    if student.is_tied and student.output_mode != config.output_embeddings:
         student.set_output_mode(config.output_embeddings)
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout: AIM compares deterministic attention patterns

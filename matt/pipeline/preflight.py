@@ -152,6 +152,24 @@ def check_eval(eval_cfg, documents) -> None:
         raise ValueError("eval.lm_eval.enabled=true needs eval.lm_eval.tasks=[task, ...]")
 
 
+def check_probe(cfg, documents) -> None:
+    """The `probe` group: a held-out split that exists, measurement points at logged steps."""
+    pc = cfg.probe
+    if not pc.enabled:
+        return
+    if pc.split not in ("validation", "test"):
+        raise ValueError(f"probe.split={pc.split!r} is invalid: choose validation or test (never the training split)")
+    if not any(documents.split(pc.split)["text"]):  # names data.*_split when the split is absent
+        raise ValueError(f"probe.split={pc.split!r} has no non-empty documents to measure on")
+    if pc.every_n_steps is not None and (pc.every_n_steps < 1 or pc.every_n_steps % cfg.train.log_every_n_steps):
+        raise ValueError(f"probe.every_n_steps={pc.every_n_steps} must be a positive multiple of "
+                         f"train.log_every_n_steps={cfg.train.log_every_n_steps} (the probe runs at logged steps)")
+    if pc.every_s is not None and not pc.every_s > 0:
+        raise ValueError(f"probe.every_s={pc.every_s} must be positive (or null: start and end only)")
+    if pc.aim_batches < 0:
+        raise ValueError(f"probe.aim_batches={pc.aim_batches} must be >= 0")
+
+
 def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) -> None:
     if enum_value(init_cfg.method) != "checkpoint":
         return
@@ -209,6 +227,7 @@ def preflight(cfg) -> Plan:
 
     documents = load_documents(cfg.data, teacher_tokenizer)
     check_eval(cfg.eval, documents)
+    check_probe(cfg, documents)
     plan = Plan(teacher_tokenizer=teacher_tokenizer, model_config=model_config, documents=documents,
                 n_layers=n_layers, depth=depth, hidden_size=hidden, with_ntp=resolved_with_ntp(cfg),
                 student_tokenizer=student_tokenizer)

@@ -26,14 +26,22 @@ the end, on held-out text (`probe.split`, never the training split):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 import torch
 
+from matt.api import pad_id
+from matt.data import AIMCollator, prepare_dataset
+from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.objectives import aim_loss, segment_last_positions
+from matt.pipeline.evaluate import cap_texts
+from matt.pipeline.train import dataset_cache_dir
+from matt.trainer import transfer_result
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +144,6 @@ class TrainingProbe:
 
     # --- held out -----------------------------------------------------------------------------
     def bits_per_byte(self) -> dict[str, float]:
-        from matt.evaluation.bpb import bits_per_byte
-
         self.result_fn().apply_to(self.eval_model)
         result = bits_per_byte(self.eval_model, self.tokenizer, self.texts, max_length=self.max_length,
                                batch_size=self.batch_size, device=self.device, progress=False,
@@ -199,21 +205,8 @@ def build_probe(cfg, *, documents, teacher, student, frozen_mask: torch.Tensor, 
     """The `probe` group's `TrainingProbe` for a transfer job: held-out texts from `probe.split`,
     their segmented AIM batches (cached like the training data) and, with `probe.bpb`, `eval_model`
     (a full-depth model with the student's vocabulary) for bits per byte."""
-    from matt.api import pad_id
-    from matt.data import AIMCollator, prepare_dataset
-    from matt.evaluation.bpb import NewByteMasks
-    from matt.pipeline.evaluate import cap_texts
-    from matt.pipeline.train import dataset_cache_dir
-    from matt.trainer import transfer_result
 
-    pc = cfg.probe
-    if pc.split not in ("validation", "test"):
-        raise ValueError(f"probe.split={pc.split!r} is invalid: choose validation or test (never the training split)")
-    if pc.every_n_steps is not None and (pc.every_n_steps < 1 or pc.every_n_steps % cfg.train.log_every_n_steps):
-        raise ValueError(f"probe.every_n_steps={pc.every_n_steps} must be a positive multiple of "
-                         f"train.log_every_n_steps={cfg.train.log_every_n_steps} (the probe runs at logged steps)")
-    if pc.every_s is not None and pc.every_s <= 0:
-        raise ValueError(f"probe.every_s={pc.every_s} must be positive (or null)")
+    pc = cfg.probe  # validated by `matt.pipeline.preflight.check_probe`
     texts = [t for t in documents.split(pc.split)["text"] if t]
     if pc.max_document_chars is not None:
         texts = [t[:pc.max_document_chars] for t in texts]
@@ -246,7 +239,4 @@ def build_probe(cfg, *, documents, teacher, student, frozen_mask: torch.Tensor, 
 
 def write_probe_rows(rows: list[dict[str, float]], path) -> None:
     """The held-out measurements as JSON lines (one per measurement)."""
-    import json
-    from pathlib import Path
-
     Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -116,6 +116,8 @@ def build_adapters(cfg, matt, teacher_model, student_model):
     teacher = adapter(teacher_model, n_layers=n_layers, frozen_embeddings_mask=torch.ones(rows, dtype=torch.bool))
     mask = matt.prepare_frozen_embeddings_mask() if cfg.objective.freeze_shared else None
     student = adapter(student_model, n_layers=n_layers, frozen_embeddings_mask=mask, with_ntp=with_ntp)
+    if student.is_tied:  # the output side exists from here on (a probe measures it from step 0)
+        student.set_output_mode(enum_value(cfg.objective.output_embeddings))
     logger.info("Training %s (AIM %s, loss %s) at n_layers=%d of %d, with_ntp=%s, %s; %d trainable embedding rows",
                 cfg.objective.name, enum_value(cfg.objective.aim_impl), enum_value(cfg.objective.loss), n_layers,
                 student.original_num_layers, with_ntp,
