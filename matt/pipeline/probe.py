@@ -126,7 +126,9 @@ class TrainingProbe:
         embeddings = student.input_embeddings
         self.initial_rows = embeddings.trainable.detach().float().cpu().clone()
         self.reference_norm = float(embeddings.frozen.float().norm(dim=-1).mean()) if embeddings.frozen.numel() else 1.0
-        head = student.output_embedding_weight()
+        # the LM head trains with output_embeddings=ntp, and for untied models whenever NTP runs
+        head_trains = student.output_mode == "ntp" or (not student.is_tied and student.with_ntp)
+        head = student.output_embedding_weight() if head_trains else None
         self.initial_head = None if head is None else head.detach().float().cpu()[self.is_new].clone()
         self.rows: list[dict[str, float]] = []
         """Every held-out measurement: `{"step": s, "train_s": t, "heldout_bpb": ..., ...}`."""
@@ -136,7 +138,7 @@ class TrainingProbe:
     def row_metrics(self) -> dict[str, float]:
         metrics = row_movement(self.student.input_embeddings.trainable, self.initial_rows, self.reference_norm)
         head = self.student.output_embedding_weight()
-        if head is not None and self.initial_head is not None and head.requires_grad:
+        if head is not None and self.initial_head is not None:
             rows = head.detach()[self.is_new.to(head.device)]
             metrics.update({f"head_{k}": v for k, v in
                             row_movement(rows, self.initial_head, self.reference_norm).items()})
