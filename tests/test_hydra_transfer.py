@@ -149,20 +149,20 @@ def test_multirun_gives_one_mlflow_run_per_job_and_a_report(tmp_path, env, cache
 
 
 def test_a_crashed_run_is_failed_and_resumes_into_the_same_run(tmp_path, env, cache, monkeypatch):
-    from matt.pipeline import transfer as recipe
+    from matt.pipeline import run_context
     from matt.result import TransferResult
 
     root = tmp_path / "crash"
     args = ["experiment=smoke", "eval=none", "train.max_steps=6", "train.save_every_n_steps=100",
             f"paths.output_root={root}", f"paths.cache_dir={cache}", f"hydra.run.dir={root / 'run'}"]
-    original_log = recipe.JsonlLog.__call__
+    original_log = run_context.JsonlLog.__call__
 
     def crash_at_step_4(self, metrics, step):
         original_log(self, metrics, step)
         if step == 4:
             raise RuntimeError("simulated crash at step 4")
 
-    monkeypatch.setattr(recipe.JsonlLog, "__call__", crash_at_step_4)
+    monkeypatch.setattr(run_context.JsonlLog, "__call__", crash_at_step_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_app(transfer, args)
     client, runs = runs_of(uri(root), "smoke")
@@ -172,7 +172,7 @@ def test_a_crashed_run_is_failed_and_resumes_into_the_same_run(tmp_path, env, ca
     state = json.loads((root / "run" / "checkpoints" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the finished steps were checkpointed on the way out
 
-    monkeypatch.setattr(recipe.JsonlLog, "__call__", original_log)
+    monkeypatch.setattr(run_context.JsonlLog, "__call__", original_log)
     run_app(transfer, args + ["train.resume=true"])
     client, runs = runs_of(uri(root), "smoke")
     assert len(runs) == 1, "resuming must continue the same MLflow run"

@@ -41,8 +41,17 @@ from typing import Any
 
 import torch
 
+from matt.evaluation.bpb import NewByteMasks, bits_per_byte
+from matt.evaluation.choice import build_choice_items, chance_accuracy, multiple_choice_accuracy
+from matt.evaluation.compression import compression
+from matt.evaluation.generation import build_generation_items, generation_chrf
 from matt.evaluation.intervals import paired_bootstrap
+from matt.evaluation.unigram import UnigramModel
+from matt.pipeline.data import load_documents
+from matt.pipeline.models import DTYPES, digest
+from matt.pipeline.run_context import job_output_dir
 from matt.report import CI_SUFFIXES, ITEM_KEYS, metric_direction, percent_of_baseline, recovery
+from matt.tracking import flatten, open_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +107,6 @@ class EvalSuite:
 
     @classmethod
     def build(cls, eval_cfg, documents, *, teacher_tokenizer=None, student_tokenizer=None) -> "EvalSuite":
-        from matt.evaluation.bpb import NewByteMasks
-        from matt.evaluation.choice import build_choice_items
-        from matt.evaluation.generation import build_generation_items
-
         split_texts = list(documents.split(eval_cfg.split)["text"])
         present = [t for t in split_texts if t]
         if len(present) < len(split_texts):
@@ -142,8 +147,6 @@ class EvalSuite:
 
     def describe(self) -> dict[str, float]:
         """What the suite holds (logged once per job as `eval/...`)."""
-        from matt.evaluation.choice import chance_accuracy
-
         info = {
             "eval/num_documents": float(len(self.texts)),
             "eval/num_bytes": float(sum(len(t.encode("utf-8")) for t in self.texts)),
@@ -159,8 +162,6 @@ class EvalSuite:
         return info
 
     def fingerprint(self) -> str:
-        from matt.pipeline.models import digest
-
         options = {k: v for k, v in _plain(self.cfg).items() if k not in ("progress", "device", "original", "init",
                                                                           "final", "enabled")}
         new_bytes = None if self.new_bytes is None else [mask.nonzero()[0].tolist() for mask in self.new_bytes.masks]
@@ -174,8 +175,6 @@ class EvalSuite:
         """All enabled metrics of `model` with `tokenizer` (see the module docstring)."""
         cache_file = None
         if cache_dir is not None and cache_key is not None:
-            from matt.pipeline.models import digest
-
             cache_file = Path(cache_dir) / "eval" / f"{digest({'model': cache_key, 'suite': self.fingerprint()})}.json"
             if cache_file.is_file():
                 logger.info("Evaluation of %s from cache %s", name, cache_file)
@@ -188,24 +187,16 @@ class EvalSuite:
         results: dict[str, float] = {}
         logger.info("Evaluating %s on %d documents (%s)", name, len(self.texts), device)
         if cfg.bpb:
-            from matt.evaluation.bpb import bits_per_byte
-
             bpb = bits_per_byte(model, tokenizer, self.texts, max_length=cfg.max_length, batch_size=cfg.batch_size,
                                 device=device, progress=cfg.progress, new_bytes=self.new_bytes)
             results["bpb"], results["bpb_tokens"] = bpb.bpb, float(bpb.tokens)
             if self.new_bytes is not None:
                 results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
         if cfg.compression:
-            from matt.evaluation.compression import compression
-
             results.update({k: float(v) for k, v in compression(tokenizer, self.texts).items()})
         if cfg.unigram:
-            from matt.evaluation.unigram import UnigramModel
-
             results["unigram_bpb"] = UnigramModel.fit(tokenizer, self.train_texts).bits_per_byte(self.texts).bpb
         if self.choice_items:
-            from matt.evaluation.choice import multiple_choice_accuracy
-
             choice = multiple_choice_accuracy(
                 model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.choice.batch_size,
                 device=device, progress=cfg.progress, pmi=cfg.choice.pmi)
@@ -216,8 +207,6 @@ class EvalSuite:
                     results[f"{metric}{bound}"] = float(choice[f"accuracy{suffix}{bound}"])
                 results[ITEM_KEYS[metric]] = [float(c) for c in choice[f"credits{suffix}"]]
         if self.generation_items:
-            from matt.evaluation.generation import generation_chrf
-
             results["chrf"] = float(generation_chrf(
                 model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
                 batch_size=cfg.generation.batch_size, device=device, progress=cfg.progress)["chrf"])
@@ -234,7 +223,7 @@ def run_lm_eval(lm_cfg, model, tokenizer, device) -> dict[str, float]:
     """lm-evaluation-harness tasks through `matt.evaluation.lm_eval_bridge` (the `eval` extra)."""
     if not lm_cfg.tasks:
         raise ValueError("eval.lm_eval.enabled=true needs eval.lm_eval.tasks=[...]")
-    try:
+    try:  # lazy: lm-eval is an optional extra and slow to import
         from matt.evaluation.lm_eval_bridge import run_lm_eval as bridge
     except ImportError as exc:
         raise ImportError(f"eval.lm_eval needs the lm-eval bridge and `lm-eval` "
@@ -338,11 +327,6 @@ def run_evaluate(cfg) -> dict[str, float]:
     """Evaluate `cfg.model_dir` (+ tokenizer) with the `eval` group on the `data` group's split."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from matt.pipeline.data import load_documents
-    from matt.pipeline.models import DTYPES
-    from matt.pipeline.transfer import job_output_dir
-    from matt.tracking import flatten, open_tracker
 
     output_dir = job_output_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model_dir)

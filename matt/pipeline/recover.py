@@ -29,6 +29,7 @@ and at the end for bits per byte), logged to MLflow under `recover/...` and writ
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -39,9 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from matt.api import MATT
+from matt.evaluation.bpb import bits_per_byte
+from matt.modeling import adapter_for
 from matt.pipeline.config import enum_value
+from matt.pipeline.models import digest, load_teacher_model, model_identity
+from matt.pipeline.preflight import preflight
+from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
+from matt.pipeline.tokenizer import _texts_digest
+from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
+from matt.tracking import flatten, open_tracker, save_run_reference
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +187,6 @@ class RecoveryProbe:
         return inputs, outputs
 
     def bits_per_byte(self) -> float:
-        from matt.evaluation.bpb import bits_per_byte
-
         inputs, outputs = self.current_rows()
         ids = self.deleted.ids
         with torch.no_grad():
@@ -239,8 +248,6 @@ def results_table(rows: list[dict[str, float]], bpb_untouched: float, bpb_delete
 # ------------------------------------------------------------------------------------------------
 def _cached_bpb(cache_dir: Path, key: dict[str, Any], compute) -> float:
     """Bits per byte memoised on disk (the untouched model is the same for every run of a sweep)."""
-    from matt.pipeline.models import digest
-
     path = cache_dir / "recover" / f"bpb-{digest(key)}.json"
     if path.is_file():
         return float(json.loads(path.read_text())["bpb"])
@@ -252,20 +259,6 @@ def _cached_bpb(cache_dir: Path, key: dict[str, Any], compute) -> float:
 
 def run_recover(cfg) -> float | None:
     """Run one known-answer job; returns the final fraction of the bits-per-byte damage recovered."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from matt.api import MATT
-    from matt.evaluation.bpb import bits_per_byte
-    from matt.modeling import adapter_for
-    from matt.pipeline.models import load_teacher_model, model_identity
-    from matt.pipeline.preflight import preflight
-    from matt.pipeline.tokenizer import _texts_digest
-    from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
-    from matt.pipeline.transfer import JsonlLog, hydra_job, job_output_dir, method_label
-    from matt.tracking import flatten, open_tracker, save_run_reference
-
     started = time.perf_counter()
     rc = cfg.recover
     method = enum_value(cfg.init.method)
