@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import logging
 import re
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from matt.digests import text_digest
 from matt.overlap import TokenOverlap, _special_ids, byte_level_decoder, token_bytes, token_overlap, tokenizer_style
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _texts_file(texts: Iterable[str], directory: Path) -> Path:
     if not lines:
         raise ValueError("FOCUS needs non-empty target-language `texts` to train fastText on")
     content = "\n".join(lines) + "\n"
-    path = directory / f"texts-{hashlib.sha256(content.encode('utf-8')).hexdigest()[:20]}.txt"
+    path = directory / f"texts-{text_digest(content)[:20]}.txt"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")

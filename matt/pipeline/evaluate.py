@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from matt import digests
 from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.evaluation.choice import build_choice_items, chance_accuracy, multiple_choice_accuracy
 from matt.evaluation.compression import compression
@@ -48,7 +49,7 @@ from matt.evaluation.generation import build_generation_items, generation_chrf
 from matt.evaluation.intervals import paired_bootstrap
 from matt.evaluation.unigram import UnigramModel
 from matt.pipeline.data import load_documents
-from matt.pipeline.models import DTYPES, digest
+from matt.pipeline.models import DTYPES
 from matt.pipeline.run_context import job_output_dir
 from matt.report import CI_SUFFIXES, ITEM_KEYS, metric_direction, percent_of_baseline, recovery
 from matt.tracking import flatten, open_tracker
@@ -165,9 +166,9 @@ class EvalSuite:
         options = {k: v for k, v in _plain(self.cfg).items() if k not in ("progress", "device", "original", "init",
                                                                           "final", "enabled")}
         new_bytes = None if self.new_bytes is None else [mask.nonzero()[0].tolist() for mask in self.new_bytes.masks]
-        return digest({"options": options, "texts": self.texts, "train": len(self.train_texts),
-                       "train_head": self.train_texts[:50], "choice": [repr(i) for i in self.choice_items],
-                       "generation": [repr(i) for i in self.generation_items], "new_bytes": new_bytes})
+        return digests.cache_key({"options": options, "texts": self.texts, "train": len(self.train_texts),
+                                  "train_head": self.train_texts[:50], "choice": [repr(i) for i in self.choice_items],
+                                  "generation": [repr(i) for i in self.generation_items], "new_bytes": new_bytes})
 
     # --------------------------------------------------------------------------------------------
     def run(self, model, tokenizer, *, name: str = "model", cache_dir: str | Path | None = None,
@@ -175,7 +176,8 @@ class EvalSuite:
         """All enabled metrics of `model` with `tokenizer` (see the module docstring)."""
         cache_file = None
         if cache_dir is not None and cache_key is not None:
-            cache_file = Path(cache_dir) / "eval" / f"{digest({'model': cache_key, 'suite': self.fingerprint()})}.json"
+            key = digests.cache_key({"model": cache_key, "suite": self.fingerprint()})
+            cache_file = Path(cache_dir) / "eval" / f"{key}.json"
             if cache_file.is_file():
                 logger.info("Evaluation of %s from cache %s", name, cache_file)
                 return json.loads(cache_file.read_text())

@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
+from matt.digests import cache_key, tokenizer_fingerprint
+from matt.initialization import build_student_model
 from matt.pipeline.config import enum_value
+from matt.result import TransferResult
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +27,8 @@ INIT_DIR = "init"
 KEY_FILE = "init_key.json"
 
 
-def embeddings_of(model) -> "TransferResult":  # noqa: F821 - imported lazily
+def embeddings_of(model) -> TransferResult:
     """A model's current embeddings as a `TransferResult` (untied LM head included)."""
-    from matt.result import TransferResult
-
     inputs = model.get_input_embeddings().weight.detach().float().cpu().clone()
     head = model.get_output_embeddings()
     tied = head is None or head.weight is model.get_input_embeddings().weight
@@ -70,12 +71,9 @@ def check_checkpoint(result, student_tokenizer, hidden_size: int, where: str) ->
 
 
 def init_key(init_cfg, model_identity: dict[str, Any], student_tokenizer, texts_digest: str) -> str:
-    from matt.data import tokenizer_fingerprint
-    from matt.pipeline.models import digest
-
     options = {k: enum_value(v) for k, v in init_cfg.items()} if hasattr(init_cfg, "items") else dict(init_cfg)
-    return digest({"init": options, "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
-                   "texts": texts_digest})
+    return cache_key({"init": options, "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
+                      "texts": texts_digest})
 
 
 def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_tokenizer, texts: list[str], *,
@@ -83,9 +81,6 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
     """`(student_model, info)`: a copy of the teacher with initial embeddings for the student vocabulary.
 
     Reuses `<output_dir>/init` when it was written for the same `key` (resume, non-main ranks)."""
-    from matt.initialization import build_student_model
-    from matt.result import TransferResult
-
     directory = Path(output_dir) / INIT_DIR
     key_file = directory / KEY_FILE
     if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:

@@ -8,8 +8,6 @@ same config always gives the same tokenizer and (with `tiny.seed`) the same weig
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -113,7 +111,3 @@ def model_identity(model_cfg) -> dict[str, Any]:
                                        for f in path.iterdir() if f.is_file())
     return identity
 
-
-def digest(value: Any) -> str:
-    """A short stable hash of a JSON-serialisable value."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:20]

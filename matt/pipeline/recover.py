@@ -44,13 +44,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from matt.api import MATT
+from matt.digests import cache_key, texts_digest
 from matt.evaluation.bpb import bits_per_byte
 from matt.modeling import adapter_for
 from matt.pipeline.config import enum_value
-from matt.pipeline.models import digest, load_teacher_model, model_identity
+from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.preflight import preflight
 from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
-from matt.pipeline.tokenizer import _texts_digest
 from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
 from matt.tracking import flatten, open_tracker, save_run_reference
 
@@ -248,7 +248,7 @@ def results_table(rows: list[dict[str, float]], bpb_untouched: float, bpb_delete
 # ------------------------------------------------------------------------------------------------
 def _cached_bpb(cache_dir: Path, key: dict[str, Any], compute) -> float:
     """Bits per byte memoised on disk (the untouched model is the same for every run of a sweep)."""
-    path = cache_dir / "recover" / f"bpb-{digest(key)}.json"
+    path = cache_dir / "recover" / f"bpb-{cache_key(key)}.json"
     if path.is_file():
         return float(json.loads(path.read_text())["bpb"])
     value = compute()
@@ -321,7 +321,7 @@ def run_recover(cfg) -> float | None:
         texts = evaluation_texts(cfg, documents)
         device = cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
         eval_model.to(device)
-        identity = {"model": model_identity(cfg.model), "texts": _texts_digest(texts),
+        identity = {"model": model_identity(cfg.model), "texts": texts_digest(texts),
                     "max_length": cfg.eval.max_length}
         bpb_untouched = _cached_bpb(cache_dir, {**identity, "state": "untouched"}, lambda: bits_per_byte(
             eval_model, tokenizer, texts, max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,

@@ -39,16 +39,6 @@ FINISHED_FILE = "finished.json"
 """In `checkpoints/`: written when the whole job (training, saving, evaluation) is done."""
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _finished_job(checkpoint_dir: Path) -> dict[str, Any] | None:
     path = checkpoint_dir / FINISHED_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -66,13 +56,13 @@ def run_transfer(cfg) -> float | None:
     from omegaconf import OmegaConf
 
     from matt.api import MATT
-    from matt.data import tokenizer_fingerprint
+    from matt.digests import file_digest, texts_digest, tokenizer_fingerprint
     from matt.pipeline.evaluate import EvalSuite, prefixed, results_table, write_results
     from matt.pipeline.init import INIT_DIR, init_key, init_metrics, initialize_student, release_memory
     from matt.pipeline.models import load_teacher_model, model_identity, text_config
     from matt.pipeline.preflight import check_init_checkpoint, preflight
     from matt.pipeline.save import adapted_model, save_adapted
-    from matt.pipeline.tokenizer import _texts_digest, build_student_tokenizer
+    from matt.pipeline.tokenizer import build_student_tokenizer
     from matt.pipeline.train import make_accelerator, matt_config, train_embeddings
     from matt.result import TransferResult
     from matt.tracking import flatten, open_tracker, save_run_reference
@@ -152,7 +142,7 @@ def run_transfer(cfg) -> float | None:
         # 3. initial student embeddings
         teacher_model = load_teacher_model(cfg.model, teacher_tokenizer)
         train_texts = [t for t in documents.train["text"] if t]
-        key = init_key(cfg.init, model_identity(cfg.model), student_tokenizer, _texts_digest(train_texts))
+        key = init_key(cfg.init, model_identity(cfg.model), student_tokenizer, texts_digest(train_texts))
         with accelerator.main_process_first():
             student_model, init_info = initialize_student(
                 cfg.init, teacher_model, teacher_tokenizer, student_tokenizer, train_texts,
@@ -208,7 +198,7 @@ def run_transfer(cfg) -> float | None:
                                       TransferResult.load(init_file), student_tokenizer)
                 results["init"] = suite.run(
                     model, student_tokenizer, name="init", cache_dir=cache_dir,
-                    cache_key={"model": identity, "embeddings": _file_digest(init_file),
+                    cache_key={"model": identity, "embeddings": file_digest(init_file),
                                "tokenizer": tokenizer_fingerprint(student_tokenizer)})
                 del model
                 release_memory()
