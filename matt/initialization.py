@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from matt.digests import text_digest
-from matt.overlap import TokenOverlap, _special_ids, byte_level_decoder, token_bytes, token_overlap, tokenizer_style
+from matt.overlap import TokenOverlap, byte_level_decoder, token_bytes, token_overlap, tokenizer_style
+from matt.segmentation import special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _focus_rows(
     from tqdm.auto import tqdm
 
     known = set(fasttext_model.words)
-    specials = _special_ids(student_tokenizer)  # named specials and added ones flagged special
+    specials = special_token_ids(student_tokenizer)  # named specials and added ones flagged special
 
     def vector(student_id: int):
         if student_id in specials:
@@ -410,16 +411,18 @@ def _embeddings_tied(model) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
-def _set_special_token_ids(model, tokenizer) -> None:
-    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("pad", "bos", "eos")}
-    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
-    for config in configs:
-        for key, value in ids.items():
-            setattr(config, key, value)
+def set_special_token_ids(model, tokenizer) -> None:
+    """Point the model's (its text config's and its generation config's) pad/bos/eos ids at the tokenizer's."""
+    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in ("pad", "bos", "eos")}
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
+        configs.append(generation_config)
+    for config in {id(c): c for c in configs}.values():
         for key, value in ids.items():
-            setattr(generation_config, key, value)
+            setattr(config, key, value)
 
 
 def build_student_model(
@@ -464,7 +467,7 @@ def build_student_model(
         if output is not None and not tied:
             head = student.get_output_embeddings().weight
             head.copy_(result.embeddings[:, dim:].to(head.device, head.dtype))
-    _set_special_token_ids(student, student_tokenizer)
+    set_special_token_ids(student, student_tokenizer)
     check_embedding_rows(student, student_tokenizer)
 
     overlap = result.overlap

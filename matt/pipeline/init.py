@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from matt.digests import cache_key, tokenizer_fingerprint
-from matt.initialization import build_student_model
+from matt.initialization import build_student_model, set_special_token_ids
 from matt.pipeline.config import enum_value
 from matt.result import TransferResult
 
@@ -34,20 +34,6 @@ def embeddings_of(model) -> TransferResult:
     tied = head is None or head.weight is model.get_input_embeddings().weight
     outputs = None if tied else head.weight.detach().float().cpu().clone()
     return TransferResult(input_embeddings=inputs, output_embeddings=outputs, tie_word_embeddings=tied)
-
-
-def set_special_token_ids(model, tokenizer) -> None:
-    """Point the model's (and its generation config's) pad/bos/eos ids at the tokenizer's."""
-    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in ("pad", "bos", "eos")}
-    configs = [model.config]
-    if hasattr(model.config, "get_text_config") and model.config.get_text_config() is not model.config:
-        configs.append(model.config.get_text_config())
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        configs.append(generation_config)
-    for config in configs:
-        for key, value in ids.items():
-            setattr(config, key, value)
 
 
 def with_embeddings(teacher_model, embeddings, student_tokenizer, *, copy_model: bool = True):

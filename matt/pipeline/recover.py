@@ -52,6 +52,7 @@ from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.preflight import preflight
 from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
 from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
+from matt.segmentation import special_token_ids
 from matt.tracking import flatten, open_tracker, save_run_reference
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def frequent_token_ids(tokenizer, texts: list[str], rank_start: int, rank_end: i
     counts: Counter[int] = Counter()
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         counts.update(ids)
-    specials = set(tokenizer.all_special_ids)
+    specials = special_token_ids(tokenizer)
     ranked = sorted((t for t in counts if t not in specials), key=lambda t: (-counts[t], t))
     if len(ranked) < rank_end:
         raise ValueError(f"recover.rank_end={rank_end}: the train split has only {len(ranked)} distinct teacher "
