@@ -121,6 +121,30 @@ def test_evaluate_on_the_saved_model_reproduces_the_final_numbers(smoke_run, env
     assert eval_runs[-1].data.tags["matt.kind"] == "evaluate"
 
 
+def test_a_run_computes_the_token_overlap_once(tmp_path, env, monkeypatch):
+    """Student init, the frozen-row mask and the evaluation's new/shared bytes share one overlap."""
+    import sys
+
+    import matt.overlap
+    import matt.pipeline.evaluate
+    import matt.pipeline.init  # noqa: F401 - load the modules that bind token_overlap before patching
+
+    original, calls = matt.overlap.token_overlap, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for module in list(sys.modules.values()):  # every module that bound the function by name
+        if getattr(module, "__name__", "").startswith("matt") and getattr(module, "token_overlap", None) is original:
+            monkeypatch.setattr(module, "token_overlap", counting)
+    run_app(transfer, FAST + ["train.max_steps=2", "save_model=false", f"paths.output_root={tmp_path}",
+                              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert "bpb_new" in json.dumps(results)  # the evaluation did split bytes into new / shared
+    assert len(calls) == 1
+
+
 def test_multirun_gives_one_mlflow_run_per_job_and_a_report(tmp_path, env, cache):
     root = tmp_path / "sweep"
     run_app(transfer, ["-m", "experiment=smoke", "eval=bpb_only", "objective=aim,aim_star", "train.max_steps=4",

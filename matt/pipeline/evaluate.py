@@ -107,7 +107,8 @@ class EvalSuite:
     """Empty or null documents of the evaluated split (not evaluated; counted, as training does)."""
 
     @classmethod
-    def build(cls, eval_cfg, documents, *, teacher_tokenizer=None, student_tokenizer=None) -> "EvalSuite":
+    def build(cls, eval_cfg, documents, *, teacher_tokenizer=None, student_tokenizer=None,
+              overlap=None) -> "EvalSuite":
         split_texts = list(documents.split(eval_cfg.split)["text"])
         present = [t for t in split_texts if t]
         if len(present) < len(split_texts):
@@ -123,7 +124,8 @@ class EvalSuite:
                     empty_documents=len(split_texts) - len(present))
         if eval_cfg.bpb and teacher_tokenizer is not None and student_tokenizer is not None:
             try:
-                suite.new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts)
+                suite.new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts,
+                                                               overlap=overlap)
             except ValueError as exc:
                 suite.skipped["bpb_new"] = str(exc)
         if eval_cfg.choice.enabled:

@@ -63,10 +63,11 @@ def init_key(init_cfg, model_identity: dict[str, Any], student_tokenizer, texts_
 
 
 def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_tokenizer, texts: list[str], *,
-                       cache_dir: str | Path, output_dir: str | Path, key: str):
+                       cache_dir: str | Path, output_dir: str | Path, key: str, overlap=None):
     """`(student_model, info)`: a copy of the teacher with initial embeddings for the student vocabulary.
 
-    Reuses `<output_dir>/init` when it was written for the same `key` (resume, non-main ranks)."""
+    Reuses `<output_dir>/init` when it was written for the same `key` (resume, non-main ranks).
+    `overlap`: the teacher/student `TokenOverlap` when the caller has it (else computed here)."""
     directory = Path(output_dir) / INIT_DIR
     key_file = directory / KEY_FILE
     if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
@@ -87,7 +88,7 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
     else:
         student, report = build_student_model(
             teacher_model, teacher_tokenizer, student_tokenizer, method,
-            texts=texts if method == "focus" else None,
+            texts=texts if method == "focus" else None, overlap=overlap,
             fasttext_min_count=init_cfg.fasttext_min_count, fasttext_epochs=init_cfg.fasttext_epochs,
             fasttext_dim=init_cfg.fasttext_dim, fasttext_threads=init_cfg.fasttext_threads,
             cache_dir=Path(cache_dir) / "fasttext", seed=init_cfg.seed,

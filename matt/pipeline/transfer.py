@@ -139,14 +139,15 @@ def run_transfer(cfg) -> float | None:
             matt.prepare_dataset(documents.train, text_column="text")
         tracker.log_metrics({f"data/{k}": v for k, v in _numeric(matt.segmentation_stats.as_dict()).items()})
 
-        # 3. initial student embeddings
+        # 3. initial student embeddings (the token overlap is computed once: init, frozen rows, eval bytes)
+        overlap = matt.overlap
         teacher_model = load_teacher_model(cfg.model, teacher_tokenizer)
         train_texts = [t for t in documents.train["text"] if t]
         key = init_key(cfg.init, model_identity(cfg.model), student_tokenizer, texts_digest(train_texts))
         with accelerator.main_process_first():
             student_model, init_info = initialize_student(
                 cfg.init, teacher_model, teacher_tokenizer, student_tokenizer, train_texts,
-                cache_dir=cache_dir, output_dir=output_dir, key=key)
+                cache_dir=cache_dir, output_dir=output_dir, key=key, overlap=overlap)
         tracker.log_metrics(init_metrics(init_info))
 
         # 4. training (all processes); the peak-memory metric must describe this run only
@@ -178,7 +179,7 @@ def run_transfer(cfg) -> float | None:
         results: dict[str, dict[str, float]] = {}
         if cfg.eval.enabled:
             suite = EvalSuite.build(cfg.eval, documents, teacher_tokenizer=teacher_tokenizer,
-                                    student_tokenizer=student_tokenizer)
+                                    student_tokenizer=student_tokenizer, overlap=overlap)
             tracker.log_metrics(suite.describe())
             identity = model_identity(cfg.model)
             if cfg.eval.final:
