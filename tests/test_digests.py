@@ -33,7 +33,7 @@ def test_known_digests_are_unchanged(tmp_path):
 
 
 def test_cache_keys_built_on_the_digests_are_unchanged(tmp_path):
-    from matt.data import _data_fingerprint
+    from matt.batches import _data_fingerprint
     from matt.initialization import _texts_file
 
     assert _data_fingerprint({"text": ["a", None, "ü"]}, "text") == (

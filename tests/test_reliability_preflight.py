@@ -78,7 +78,7 @@ def test_unparsable_file_names_the_file(paths, tmp_path):
 def test_evaluation_counts_empty_and_null_documents(caplog):
     import datasets
 
-    from matt.pipeline.data import Documents
+    from matt.pipeline.documents import Documents
     from matt.pipeline.evaluate import EvalSuite
 
     validation = datasets.Dataset.from_dict({"text": [SAMPLE_TEXTS[0], None, "", SAMPLE_TEXTS[1], None]})

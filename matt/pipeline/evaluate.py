@@ -48,7 +48,7 @@ from matt.evaluation.compression import compression
 from matt.evaluation.generation import build_generation_items, generation_chrf
 from matt.evaluation.intervals import paired_bootstrap
 from matt.evaluation.unigram import UnigramModel
-from matt.pipeline.data import load_documents
+from matt.pipeline.documents import load_documents
 from matt.pipeline.models import DTYPES
 from matt.pipeline.run_context import job_output_dir
 from matt.report import CI_SUFFIXES, ITEM_KEYS, metric_direction, percent_of_baseline, recovery

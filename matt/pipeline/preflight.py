@@ -176,7 +176,7 @@ def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) ->
 def preflight(cfg) -> Plan:
     """Validate the transfer config `cfg`; raise `ValueError` naming the offending key."""
     from matt.modeling import adapter_for
-    from matt.pipeline.data import load_documents
+    from matt.pipeline.documents import load_documents
     from matt.pipeline.models import load_model_config, load_teacher_tokenizer, text_config
     from matt.pipeline.tokenizer import load_pretrained_student
     from matt.pipeline.train import matt_config, resolved_with_ntp
