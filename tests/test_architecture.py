@@ -107,3 +107,47 @@ def test_matt_has_no_import_cycles():
 
 def test_tracking_does_not_import_the_recipes():
     assert not {m for m in import_graph()["matt.tracking"] if m.startswith("matt.pipeline")}
+
+
+def design_map() -> dict[str, int]:
+    """docs/DESIGN.md's module map: module -> its line's rank (0 = top). A package listed without its
+    modules (`evaluation/`) stands for all of them."""
+    text = (PACKAGE_DIR.parent / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    block = text.split("```\nmatt/", 1)[1].split("```", 1)[0]
+    ranks: dict[str, int] = {"matt": 0}
+    parents: list[str] = ["matt"]
+    for rank, line in enumerate(block.splitlines()[1:], start=1):
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        names = []
+        for token in line.split():
+            if not (token.endswith(".py") or token.endswith("/")):
+                break
+            names.append(token)
+        if not names:
+            continue  # a continuation line
+        parents = parents[:depth]
+        for name in names:
+            module = ".".join([*parents, name.rstrip("/").removesuffix(".py")])
+            ranks[module] = rank
+            if name.endswith("/"):
+                parents = [*parents, name.rstrip("/")]
+    return ranks
+
+
+def _design_rank(module: str, ranks: dict[str, int]) -> int | None:
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):  # a module not listed on its own goes with its package's line
+        if ".".join(parts[:end]) in ranks:
+            return ranks[".".join(parts[:end])]
+    return None
+
+
+def test_the_design_module_map_lists_every_module_and_imports_point_down():
+    ranks = design_map()
+    graph = import_graph()
+    assert "matt.pipeline.run_context" in ranks and "matt.modeling.base" in ranks
+    unlisted = [m for m in graph if m != "matt" and _design_rank(m, ranks) in (None, 0)]
+    assert not unlisted, f"modules missing from docs/DESIGN.md's module map: {unlisted}"
+    upward = [(a, b) for a, edges in graph.items() for b in edges
+              if _design_rank(b, ranks) < _design_rank(a, ranks)]
+    assert not upward, f"imports of a module listed above the importer in docs/DESIGN.md: {upward}"
