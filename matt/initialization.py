@@ -406,7 +406,8 @@ def check_embedding_rows(model, tokenizer) -> None:
             raise ValueError(f"model has {rows} {what} but tokenizer has {num_tokens} tokens")
 
 
-def _embeddings_tied(model) -> bool:
+def embeddings_tied(model) -> bool:
+    """The HF model's LM head shares the input embedding matrix."""
     output = model.get_output_embeddings()
     return output is not None and output.weight is model.get_input_embeddings().weight
 
@@ -445,7 +446,7 @@ def build_student_model(
     Returns `(student_model, InitReport)`.
     """
     check_embedding_rows(teacher_model, teacher_tokenizer)
-    tied = _embeddings_tied(teacher_model)
+    tied = embeddings_tied(teacher_model)
     output = teacher_model.get_output_embeddings()
     if output is not None and not tied and getattr(output, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by build_student_model")

@@ -46,6 +46,7 @@ from torch import nn
 from matt.api import MATT
 from matt.digests import cache_key, texts_digest
 from matt.evaluation.bpb import bits_per_byte
+from matt.initialization import embeddings_tied
 from matt.modeling import adapter_for
 from matt.pipeline.config import enum_value
 from matt.pipeline.models import load_teacher_model, model_identity
@@ -91,11 +92,6 @@ def untie_output_embeddings(model) -> None:
         config.tie_word_embeddings = False
 
 
-def is_tied(model) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
-
-
 @dataclass
 class DeletedRows:
     """The K deleted token ids with their true and deleted-state rows (float32, (K, D))."""
@@ -125,7 +121,7 @@ def delete_rows(model, ids: list[int], *, method: str, rows: str, num_real: int,
     if rows not in ("input", "input_output"):
         raise ValueError(f"recover.rows={rows!r} is invalid: choose one of ['input', 'input_output']")
     index = torch.tensor(ids, dtype=torch.long)
-    if rows == "input" and is_tied(model):
+    if rows == "input" and embeddings_tied(model):
         untie_output_embeddings(model)  # the LM head keeps the true rows
     inputs = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
@@ -317,7 +313,7 @@ def run_recover(cfg) -> float | None:
         deleted = delete_rows(student_model, ids, method=method, rows=rows_mode, num_real=len(tokenizer),
                               seed=cfg.init.seed)
         eval_model = copy.deepcopy(teacher_model)
-        if is_tied(eval_model):
+        if embeddings_tied(eval_model):
             untie_output_embeddings(eval_model)
         texts = evaluation_texts(cfg, documents)
         device = cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
