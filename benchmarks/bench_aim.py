@@ -269,7 +269,7 @@ def step_worker(kind: str, n_layers: int, batch: int, length: int, steps: int, w
         import datasets
 
         from matt.config import MATTConfig
-        from matt.data import AIMCollator
+        from matt.batches import AIMCollator
         from matt.modeling import LlamaForAIM
         from matt.trainer import train
 
@@ -381,7 +381,7 @@ def gemma_step_worker(kind: str, batch: int, length: int, steps: int, warmup: in
     import torch
 
     from matt.config import MATTConfig
-    from matt.data import AIMCollator
+    from matt.batches import AIMCollator
     from matt.modeling import Gemma3ForAIM
     from matt.trainer import train
 
@@ -465,7 +465,7 @@ def rss_worker(steps: int, marks: tuple[int, ...], batch: int, max_length: int, 
     from transformers import AutoModelForCausalLM
 
     from matt.config import MATTConfig
-    from matt.data import AIMCollator
+    from matt.batches import AIMCollator
     from matt.modeling import LlamaForAIM
     from matt.trainer import train
 

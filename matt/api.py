@@ -41,7 +41,7 @@ class MATT:
 
         Cached on disk under `config.dataset_cache_dir`; a second call with the same data and
         tokenizers loads the cache. Returns the prepared dataset (also kept for `train`)."""
-        from matt.data import prepare_dataset
+        from matt.batches import prepare_dataset
 
         prepared = prepare_dataset(
             dataset,
@@ -85,7 +85,7 @@ class MATT:
     # --- training -----------------------------------------------------------------------------
     def train(self, teacher, student, *, dataset=None, log_fns=None, accelerator=None) -> TransferResult:
         """Train the student adapter's embeddings against the teacher adapter; see `matt.trainer`."""
-        from matt.data import AIMCollator
+        from matt.batches import AIMCollator
         from matt.modeling import check_vocab
         from matt.trainer import train
 

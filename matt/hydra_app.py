@@ -3,7 +3,8 @@
 `experiments/*.py` and the console scripts `matt-transfer` / `matt-evaluate` / `matt-report` all
 land here. This module only wires Hydra (config directory, resolvers, the structured-config
 schemas, one run-directory stamp shared by all processes of a distributed launch); the work
-itself is in `matt.pipeline` (one module per step) and `matt.report`.
+itself is in `matt.pipeline` (one module per step) and `matt.report`. The recipes are imported inside
+the tasks (they pull in torch/transformers), so `--help` and config errors stay fast.
 
 Resolvers available in configs:
 - `${matt_asset:NAME}` - local path of an offline asset (`matt.assets.resolve`, imported lazily,
@@ -16,15 +17,15 @@ Resolvers available in configs:
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
-import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-STAMP_ENV = "MATT_RUN_STAMP"
+from matt.pipeline.config import register_configs
+from matt.pipeline.run_context import STAMP_ENV, new_run_stamp, run_stamp
+
 CONFIG_DIR_ENV = "MATT_CONFIG_DIR"
 
 
@@ -58,15 +59,6 @@ def _asset_path(name: str) -> str:
         ) from exc
 
 
-def new_run_stamp() -> str:
-    """`<date>_<time>_<6 hex digits>`: sortable by start time, unique per job."""
-    return f"{_dt.datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
-
-
-def _run_stamp() -> str:
-    return os.environ.get(STAMP_ENV) or new_run_stamp()
-
-
 def register_resolvers() -> None:
     """Register MATT's OmegaConf resolvers (idempotent)."""
     from omegaconf import OmegaConf
@@ -74,13 +66,11 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("matt_asset"):
         OmegaConf.register_new_resolver("matt_asset", _asset_path, use_cache=True)
     if not OmegaConf.has_resolver("matt_stamp"):
-        OmegaConf.register_new_resolver("matt_stamp", _run_stamp, use_cache=True)
+        OmegaConf.register_new_resolver("matt_stamp", run_stamp, use_cache=True)
 
 
 def setup() -> Path:
     """Everything Hydra needs before composing a MATT config; returns the config directory."""
-    from matt.pipeline.config import register_configs
-
     register_resolvers()
     register_configs()
     return config_dir()

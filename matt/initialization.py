@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import logging
 import re
 import tempfile
@@ -37,7 +36,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from matt.overlap import TokenOverlap, _special_ids, byte_level_decoder, token_bytes, token_overlap, tokenizer_style
+from matt.digests import text_digest
+from matt.overlap import TokenOverlap, byte_level_decoder, token_bytes, token_overlap, tokenizer_style
+from matt.segmentation import special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _texts_file(texts: Iterable[str], directory: Path) -> Path:
     if not lines:
         raise ValueError("FOCUS needs non-empty target-language `texts` to train fastText on")
     content = "\n".join(lines) + "\n"
-    path = directory / f"texts-{hashlib.sha256(content.encode('utf-8')).hexdigest()[:20]}.txt"
+    path = directory / f"texts-{text_digest(content)[:20]}.txt"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")
@@ -170,7 +171,7 @@ def _focus_rows(
     from tqdm.auto import tqdm
 
     known = set(fasttext_model.words)
-    specials = _special_ids(student_tokenizer)  # named specials and added ones flagged special
+    specials = special_token_ids(student_tokenizer)  # named specials and added ones flagged special
 
     def vector(student_id: int):
         if student_id in specials:
@@ -405,21 +406,24 @@ def check_embedding_rows(model, tokenizer) -> None:
             raise ValueError(f"model has {rows} {what} but tokenizer has {num_tokens} tokens")
 
 
-def _embeddings_tied(model) -> bool:
+def embeddings_tied(model) -> bool:
+    """The HF model's LM head shares the input embedding matrix."""
     output = model.get_output_embeddings()
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
-def _set_special_token_ids(model, tokenizer) -> None:
-    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("pad", "bos", "eos")}
-    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
-    for config in configs:
-        for key, value in ids.items():
-            setattr(config, key, value)
+def set_special_token_ids(model, tokenizer) -> None:
+    """Point the model's (its text config's and its generation config's) pad/bos/eos ids at the tokenizer's."""
+    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in ("pad", "bos", "eos")}
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
+        configs.append(generation_config)
+    for config in {id(c): c for c in configs}.values():
         for key, value in ids.items():
-            setattr(generation_config, key, value)
+            setattr(config, key, value)
 
 
 def build_student_model(
@@ -442,7 +446,7 @@ def build_student_model(
     Returns `(student_model, InitReport)`.
     """
     check_embedding_rows(teacher_model, teacher_tokenizer)
-    tied = _embeddings_tied(teacher_model)
+    tied = embeddings_tied(teacher_model)
     output = teacher_model.get_output_embeddings()
     if output is not None and not tied and getattr(output, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by build_student_model")
@@ -464,7 +468,7 @@ def build_student_model(
         if output is not None and not tied:
             head = student.get_output_embeddings().weight
             head.copy_(result.embeddings[:, dim:].to(head.device, head.dtype))
-    _set_special_token_ids(student, student_tokenizer)
+    set_special_token_ids(student, student_tokenizer)
     check_embedding_rows(student, student_tokenizer)
 
     overlap = result.overlap

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from matt.segmentation import special_token_ids
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
@@ -100,12 +102,6 @@ def tokenizer_style(tokenizer) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------------------------------
 # Canonical bytes
 # --------------------------------------------------------------------------------------------------
-def _special_ids(tokenizer) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
-    return ids
-
-
 def _id_to_token(tokenizer) -> list[str | None]:
     """Token string for every id 0..len(tokenizer)-1 (None for holes)."""
     size = len(tokenizer)
@@ -126,7 +122,7 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     """
     style, replacement = tokenizer_style(tokenizer)
     byte_fallback = bool(_backend_state(tokenizer)["model"].get("byte_fallback"))
-    specials = _special_ids(tokenizer)
+    specials = special_token_ids(tokenizer)
     added = {i for i in tokenizer.added_tokens_decoder if i not in specials}
     char_to_byte = byte_level_decoder()
     result: list[bytes | None] = []
@@ -210,8 +206,8 @@ def _match_specials(teacher, student) -> dict[int, int]:
         t_id = getattr(teacher, f"{role}_token_id", None)
         if s_id is not None and t_id is not None and s_id not in matched:
             matched[s_id] = t_id
-    teacher_specials = {teacher.convert_ids_to_tokens(i): i for i in sorted(_special_ids(teacher), reverse=True)}
-    for s_id in sorted(_special_ids(student)):
+    teacher_specials = {teacher.convert_ids_to_tokens(i): i for i in sorted(special_token_ids(teacher), reverse=True)}
+    for s_id in sorted(special_token_ids(student)):
         if s_id not in matched:
             t_id = teacher_specials.get(student.convert_ids_to_tokens(s_id))
             if t_id is not None:

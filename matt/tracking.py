@@ -392,9 +392,8 @@ def open_tracker(
 
     `resume_from`: a checkpoint directory; if it holds a run reference, that run is reopened
     (and must live in the same tracking store)."""
-    from matt.pipeline.config import enum_value
-
-    if not is_main_process or enum_value(tracking_cfg.backend) == "none":
+    backend = getattr(tracking_cfg.backend, "value", tracking_cfg.backend)  # an enum member or its string
+    if not is_main_process or backend == "none":
         return Tracker()
     uri = tracking_cfg.uri or default_tracking_uri(output_root)
     artifact_location = None

@@ -269,7 +269,7 @@ def train(
     """Train the student's embeddings with AIM (+ optional NTP); returns the learned embeddings.
 
     `teacher` / `student` are `matt.modeling.PreTrainedModelForAIM` adapters; `dataset` is a
-    prepared dataset (see `matt.data.prepare_dataset`) and `collate_fn` an `AIMCollator`.
+    prepared dataset (see `matt.batches.prepare_dataset`) and `collate_fn` an `AIMCollator`.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed

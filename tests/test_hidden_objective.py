@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from matt import MATT, MATTConfig
-from matt.data import AIMCollator
+from matt.batches import AIMCollator
 from matt.initialization import build_student_model
 from matt.modeling import adapter_for
 from matt.objectives import hidden_state_loss

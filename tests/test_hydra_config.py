@@ -238,7 +238,7 @@ def test_config_dir_can_be_relocated(monkeypatch, tmp_path):
 
 
 def test_method_labels_name_what_trains(fake_assets):
-    from matt.pipeline.transfer import method_label
+    from matt.pipeline.run_context import method_label
 
     def label(*overrides, with_ntp=False, tied=True):
         return method_label(compose("transfer", ["experiment=demo", *overrides]), 10, with_ntp, tied)

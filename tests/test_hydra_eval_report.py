@@ -9,7 +9,7 @@ import types
 import pytest
 
 from matt.hydra_app import compose
-from matt.pipeline.data import Documents
+from matt.pipeline.documents import Documents
 from matt.pipeline.evaluate import EvalSuite, cap_texts, prefixed, results_table
 from matt.report import RunRecord, percent_of_baseline, recovery, table_columns, table_rows
 from matt.tiny import SAMPLE_TEXTS, tiny_model, train_tokenizer

@@ -121,6 +121,30 @@ def test_evaluate_on_the_saved_model_reproduces_the_final_numbers(smoke_run, env
     assert eval_runs[-1].data.tags["matt.kind"] == "evaluate"
 
 
+def test_a_run_computes_the_token_overlap_once(tmp_path, env, monkeypatch):
+    """Student init, the frozen-row mask and the evaluation's new/shared bytes share one overlap."""
+    import sys
+
+    import matt.overlap
+    import matt.pipeline.evaluate
+    import matt.pipeline.init  # noqa: F401 - load the modules that bind token_overlap before patching
+
+    original, calls = matt.overlap.token_overlap, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for module in list(sys.modules.values()):  # every module that bound the function by name
+        if getattr(module, "__name__", "").startswith("matt") and getattr(module, "token_overlap", None) is original:
+            monkeypatch.setattr(module, "token_overlap", counting)
+    run_app(transfer, FAST + ["train.max_steps=2", "save_model=false", f"paths.output_root={tmp_path}",
+                              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert "bpb_new" in json.dumps(results)  # the evaluation did split bytes into new / shared
+    assert len(calls) == 1
+
+
 def test_multirun_gives_one_mlflow_run_per_job_and_a_report(tmp_path, env, cache):
     root = tmp_path / "sweep"
     run_app(transfer, ["-m", "experiment=smoke", "eval=bpb_only", "objective=aim,aim_star", "train.max_steps=4",
@@ -149,20 +173,20 @@ def test_multirun_gives_one_mlflow_run_per_job_and_a_report(tmp_path, env, cache
 
 
 def test_a_crashed_run_is_failed_and_resumes_into_the_same_run(tmp_path, env, cache, monkeypatch):
-    from matt.pipeline import transfer as recipe
+    from matt.pipeline import run_context
     from matt.result import TransferResult
 
     root = tmp_path / "crash"
     args = ["experiment=smoke", "eval=none", "train.max_steps=6", "train.save_every_n_steps=100",
             f"paths.output_root={root}", f"paths.cache_dir={cache}", f"hydra.run.dir={root / 'run'}"]
-    original_log = recipe.JsonlLog.__call__
+    original_log = run_context.JsonlLog.__call__
 
     def crash_at_step_4(self, metrics, step):
         original_log(self, metrics, step)
         if step == 4:
             raise RuntimeError("simulated crash at step 4")
 
-    monkeypatch.setattr(recipe.JsonlLog, "__call__", crash_at_step_4)
+    monkeypatch.setattr(run_context.JsonlLog, "__call__", crash_at_step_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_app(transfer, args)
     client, runs = runs_of(uri(root), "smoke")
@@ -172,7 +196,7 @@ def test_a_crashed_run_is_failed_and_resumes_into_the_same_run(tmp_path, env, ca
     state = json.loads((root / "run" / "checkpoints" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the finished steps were checkpointed on the way out
 
-    monkeypatch.setattr(recipe.JsonlLog, "__call__", original_log)
+    monkeypatch.setattr(run_context.JsonlLog, "__call__", original_log)
     run_app(transfer, args + ["train.resume=true"])
     client, runs = runs_of(uri(root), "smoke")
     assert len(runs) == 1, "resuming must continue the same MLflow run"

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 
 from hydra_helpers import run_app
 from matt.hydra_app import transfer
-from matt.pipeline.recover import delete_rows, frequent_token_ids, is_tied
+from matt.initialization import embeddings_tied
+from matt.pipeline.recover import delete_rows, frequent_token_ids
 from matt.tiny import SAMPLE_TEXTS, tiny_model
 
 
@@ -54,9 +55,9 @@ def test_delete_rows(family, rows):
     torch.testing.assert_close(after_in[ids], expected_in.expand(4, -1), rtol=0, atol=1e-6)
     assert torch.equal(deleted.true_input, before_in[ids]) and torch.equal(deleted.true_output, before_out[ids])
     if rows == "input":
-        assert not is_tied(model) and torch.equal(after_out[ids], before_out[ids])  # the LM head keeps the truth
+        assert not embeddings_tied(model) and torch.equal(after_out[ids], before_out[ids])  # the LM head keeps the truth
     elif family == "llama":
-        assert is_tied(model) and torch.equal(after_out[ids], after_in[ids])
+        assert embeddings_tied(model) and torch.equal(after_out[ids], after_in[ids])
     else:
         expected_out = before_out[:real].double().mean(0).float()
         torch.testing.assert_close(after_out[ids], expected_out.expand(4, -1), rtol=0, atol=1e-6)

@@ -14,18 +14,19 @@ from mlflow import MlflowClient
 from hydra_helpers import run_app
 from matt import hydra_app
 from matt.hydra_app import transfer
+from matt.pipeline import run_context
 
 
 def test_jobs_started_in_the_same_second_get_separate_directories(monkeypatch):
     frozen = datetime.datetime(2026, 1, 2, 3, 4, 5)
     fake = types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: frozen))
-    monkeypatch.setattr(hydra_app, "_dt", fake)
-    monkeypatch.delenv(hydra_app.STAMP_ENV, raising=False)
-    first, second = hydra_app._run_stamp(), hydra_app._run_stamp()
+    monkeypatch.setattr(run_context, "_dt", fake)
+    monkeypatch.delenv(run_context.STAMP_ENV, raising=False)
+    first, second = run_context.run_stamp(), run_context.run_stamp()
     assert first != second and first.startswith("2026-01-02_03-04-05_") and second.startswith("2026-01-02_03-04-05_")
     # one launch (all ranks of `accelerate launch`) shares the stamp rank 0 put in the environment
-    monkeypatch.setenv(hydra_app.STAMP_ENV, first)
-    assert hydra_app._run_stamp() == first
+    monkeypatch.setenv(run_context.STAMP_ENV, first)
+    assert run_context.run_stamp() == first
 
 
 def test_run_dirs_of_two_composed_jobs_differ():
@@ -52,13 +53,13 @@ def env(monkeypatch):
 
 
 def test_resume_accumulates_cost_and_a_finished_job_resumes_as_a_no_op(tmp_path, env, capsys):
-    from matt.pipeline import transfer as recipe
+    from matt.pipeline import run_context
 
     root = tmp_path / "out"
     args = ["experiment=smoke", "eval=none", "train.max_steps=6", "train.log_every_n_steps=1",
             "train.save_every_n_steps=100", f"paths.output_root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={root / 'run'}"]
-    original_log = recipe.JsonlLog.__call__
+    original_log = run_context.JsonlLog.__call__
 
     def slow_then_crash(self, metrics, step):
         original_log(self, metrics, step)
@@ -67,10 +68,10 @@ def test_resume_accumulates_cost_and_a_finished_job_resumes_as_a_no_op(tmp_path,
         if step == 3:
             raise RuntimeError("simulated crash at step 3")
 
-    env.setattr(recipe.JsonlLog, "__call__", slow_then_crash)
+    env.setattr(run_context.JsonlLog, "__call__", slow_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_app(transfer, args)
-    env.setattr(recipe.JsonlLog, "__call__", original_log)
+    env.setattr(run_context.JsonlLog, "__call__", original_log)
     run_app(transfer, args + ["train.resume=true"])
 
     client = MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")
@@ -104,7 +105,7 @@ def test_two_concurrent_jobs_on_a_fresh_store_both_finish_in_separate_directorie
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", "TQDM_DISABLE": "1"}
-    env.pop(hydra_app.STAMP_ENV, None)
+    env.pop(run_context.STAMP_ENV, None)
     command = [sys.executable, str(repo / "experiments" / "transfer.py"), "experiment=smoke", "eval=none",
                "data.max_documents=4", "train.max_steps=2", f"paths.output_root={tmp_path / 'out'}",
                f"paths.cache_dir={tmp_path / 'cache'}"]

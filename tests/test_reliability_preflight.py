@@ -62,11 +62,11 @@ def test_text_column_of_numbers(paths, tmp_path):
 
 
 def test_non_text_documents_from_an_in_memory_dataset_are_named():
-    from matt.pipeline.tokenizer import _texts_digest
+    from matt.digests import texts_digest
 
-    assert _texts_digest(["a", "b"]) != _texts_digest(["ab"])
+    assert texts_digest(["a", "b"]) != texts_digest(["ab"])
     with pytest.raises(ValueError, match=r"Training document 1 is int \(123\), not text: .*data\.text_column"):
-        _texts_digest(["fine", 123])
+        texts_digest(["fine", 123])
 
 
 def test_unparsable_file_names_the_file(paths, tmp_path):
@@ -78,7 +78,7 @@ def test_unparsable_file_names_the_file(paths, tmp_path):
 def test_evaluation_counts_empty_and_null_documents(caplog):
     import datasets
 
-    from matt.pipeline.data import Documents
+    from matt.pipeline.documents import Documents
     from matt.pipeline.evaluate import EvalSuite
 
     validation = datasets.Dataset.from_dict({"text": [SAMPLE_TEXTS[0], None, "", SAMPLE_TEXTS[1], None]})

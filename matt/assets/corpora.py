@@ -9,7 +9,6 @@ whole documents chosen in the order of a hash of their ids (see `assign_splits`)
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import re
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from matt.assets.html_text import html_to_text
 from matt.assets.man_text import MANDOC_ARGS, clean_mandoc_output, fetch_mandoc, run_mandoc
 from matt.assets.sources import AssetError, apt_download, deb_extract, deb_version
+from matt.digests import text_digest
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,6 @@ SPLIT_RULE = ("documents in sha256(id) order; each goes to test, else validation
               "fits that split's budget of 5% of all characters, else to train")
 
 
-def _hash_key(doc_id: str) -> str:
-    return hashlib.sha256(doc_id.encode("utf-8")).hexdigest()
 
 
 def assign_splits(sizes: dict[str, int], held_out: dict[str, float] | None = None) -> dict[str, str]:
@@ -52,7 +50,7 @@ def assign_splits(sizes: dict[str, int], held_out: dict[str, float] | None = Non
     budget = {split: fraction * total for split, fraction in held_out.items()}
     used = {split: 0 for split in held_out}
     result = {}
-    for doc_id in sorted(sizes, key=_hash_key):
+    for doc_id in sorted(sizes, key=text_digest):
         n = sizes[doc_id]
         result[doc_id] = next((s for s in held_out if used[s] + n <= budget[s]), "train")
         if result[doc_id] != "train":

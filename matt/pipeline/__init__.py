@@ -1,9 +1,10 @@
 """The transfer recipe, one module per step (the Hydra entry points in `matt.hydra_app` call these).
 
 config      structured configs (schemas) of the Hydra groups
+run_context the job's run-directory stamp, output directory, Hydra job info, label, train log
 preflight   validate a composed config before any heavy work
 models      teacher tokenizer / config / weights (local dir, hub id or tiny random model)
-data        documents from a hub dataset, local files or the built-in sample; splits and caps
+documents   documents from a hub dataset, local files or the built-in sample; splits and caps
 tokenizer   the student tokenizer: pretrained | train | extend (cached)
 init        the student's initial embeddings: focus | mean | random | subword_mean | checkpoint
 train       MATTConfig from the groups, adapters, the training run

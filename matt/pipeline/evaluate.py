@@ -41,8 +41,18 @@ from typing import Any
 
 import torch
 
+from matt import digests
+from matt.evaluation.bpb import NewByteMasks, bits_per_byte
+from matt.evaluation.choice import build_choice_items, chance_accuracy, multiple_choice_accuracy
+from matt.evaluation.compression import compression
+from matt.evaluation.generation import build_generation_items, generation_chrf
 from matt.evaluation.intervals import paired_bootstrap
+from matt.evaluation.unigram import UnigramModel
+from matt.pipeline.documents import load_documents
+from matt.pipeline.models import DTYPES
+from matt.pipeline.run_context import job_output_dir
 from matt.report import CI_SUFFIXES, ITEM_KEYS, metric_direction, percent_of_baseline, recovery
+from matt.tracking import flatten, open_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +107,8 @@ class EvalSuite:
     """Empty or null documents of the evaluated split (not evaluated; counted, as training does)."""
 
     @classmethod
-    def build(cls, eval_cfg, documents, *, teacher_tokenizer=None, student_tokenizer=None) -> "EvalSuite":
-        from matt.evaluation.bpb import NewByteMasks
-        from matt.evaluation.choice import build_choice_items
-        from matt.evaluation.generation import build_generation_items
-
+    def build(cls, eval_cfg, documents, *, teacher_tokenizer=None, student_tokenizer=None,
+              overlap=None) -> "EvalSuite":
         split_texts = list(documents.split(eval_cfg.split)["text"])
         present = [t for t in split_texts if t]
         if len(present) < len(split_texts):
@@ -117,7 +124,8 @@ class EvalSuite:
                     empty_documents=len(split_texts) - len(present))
         if eval_cfg.bpb and teacher_tokenizer is not None and student_tokenizer is not None:
             try:
-                suite.new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts)
+                suite.new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts,
+                                                               overlap=overlap)
             except ValueError as exc:
                 suite.skipped["bpb_new"] = str(exc)
         if eval_cfg.choice.enabled:
@@ -142,8 +150,6 @@ class EvalSuite:
 
     def describe(self) -> dict[str, float]:
         """What the suite holds (logged once per job as `eval/...`)."""
-        from matt.evaluation.choice import chance_accuracy
-
         info = {
             "eval/num_documents": float(len(self.texts)),
             "eval/num_bytes": float(sum(len(t.encode("utf-8")) for t in self.texts)),
@@ -159,14 +165,12 @@ class EvalSuite:
         return info
 
     def fingerprint(self) -> str:
-        from matt.pipeline.models import digest
-
         options = {k: v for k, v in _plain(self.cfg).items() if k not in ("progress", "device", "original", "init",
                                                                           "final", "enabled")}
         new_bytes = None if self.new_bytes is None else [mask.nonzero()[0].tolist() for mask in self.new_bytes.masks]
-        return digest({"options": options, "texts": self.texts, "train": len(self.train_texts),
-                       "train_head": self.train_texts[:50], "choice": [repr(i) for i in self.choice_items],
-                       "generation": [repr(i) for i in self.generation_items], "new_bytes": new_bytes})
+        return digests.cache_key({"options": options, "texts": self.texts, "train": len(self.train_texts),
+                                  "train_head": self.train_texts[:50], "choice": [repr(i) for i in self.choice_items],
+                                  "generation": [repr(i) for i in self.generation_items], "new_bytes": new_bytes})
 
     # --------------------------------------------------------------------------------------------
     def run(self, model, tokenizer, *, name: str = "model", cache_dir: str | Path | None = None,
@@ -174,9 +178,8 @@ class EvalSuite:
         """All enabled metrics of `model` with `tokenizer` (see the module docstring)."""
         cache_file = None
         if cache_dir is not None and cache_key is not None:
-            from matt.pipeline.models import digest
-
-            cache_file = Path(cache_dir) / "eval" / f"{digest({'model': cache_key, 'suite': self.fingerprint()})}.json"
+            key = digests.cache_key({"model": cache_key, "suite": self.fingerprint()})
+            cache_file = Path(cache_dir) / "eval" / f"{key}.json"
             if cache_file.is_file():
                 logger.info("Evaluation of %s from cache %s", name, cache_file)
                 return json.loads(cache_file.read_text())
@@ -188,24 +191,16 @@ class EvalSuite:
         results: dict[str, float] = {}
         logger.info("Evaluating %s on %d documents (%s)", name, len(self.texts), device)
         if cfg.bpb:
-            from matt.evaluation.bpb import bits_per_byte
-
             bpb = bits_per_byte(model, tokenizer, self.texts, max_length=cfg.max_length, batch_size=cfg.batch_size,
                                 device=device, progress=cfg.progress, new_bytes=self.new_bytes)
             results["bpb"], results["bpb_tokens"] = bpb.bpb, float(bpb.tokens)
             if self.new_bytes is not None:
                 results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
         if cfg.compression:
-            from matt.evaluation.compression import compression
-
             results.update({k: float(v) for k, v in compression(tokenizer, self.texts).items()})
         if cfg.unigram:
-            from matt.evaluation.unigram import UnigramModel
-
             results["unigram_bpb"] = UnigramModel.fit(tokenizer, self.train_texts).bits_per_byte(self.texts).bpb
         if self.choice_items:
-            from matt.evaluation.choice import multiple_choice_accuracy
-
             choice = multiple_choice_accuracy(
                 model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.choice.batch_size,
                 device=device, progress=cfg.progress, pmi=cfg.choice.pmi)
@@ -216,8 +211,6 @@ class EvalSuite:
                     results[f"{metric}{bound}"] = float(choice[f"accuracy{suffix}{bound}"])
                 results[ITEM_KEYS[metric]] = [float(c) for c in choice[f"credits{suffix}"]]
         if self.generation_items:
-            from matt.evaluation.generation import generation_chrf
-
             results["chrf"] = float(generation_chrf(
                 model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
                 batch_size=cfg.generation.batch_size, device=device, progress=cfg.progress)["chrf"])
@@ -234,7 +227,7 @@ def run_lm_eval(lm_cfg, model, tokenizer, device) -> dict[str, float]:
     """lm-evaluation-harness tasks through `matt.evaluation.lm_eval_bridge` (the `eval` extra)."""
     if not lm_cfg.tasks:
         raise ValueError("eval.lm_eval.enabled=true needs eval.lm_eval.tasks=[...]")
-    try:
+    try:  # lazy: lm-eval is an optional extra and slow to import
         from matt.evaluation.lm_eval_bridge import run_lm_eval as bridge
     except ImportError as exc:
         raise ImportError(f"eval.lm_eval needs the lm-eval bridge and `lm-eval` "
@@ -338,11 +331,6 @@ def run_evaluate(cfg) -> dict[str, float]:
     """Evaluate `cfg.model_dir` (+ tokenizer) with the `eval` group on the `data` group's split."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from matt.pipeline.data import load_documents
-    from matt.pipeline.models import DTYPES
-    from matt.pipeline.transfer import job_output_dir
-    from matt.tracking import flatten, open_tracker
 
     output_dir = job_output_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model_dir)

@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
+from matt.digests import cache_key, tokenizer_fingerprint
+from matt.initialization import build_student_model, set_special_token_ids
 from matt.pipeline.config import enum_value
+from matt.result import TransferResult
 
 logger = logging.getLogger(__name__)
 
@@ -24,29 +27,13 @@ INIT_DIR = "init"
 KEY_FILE = "init_key.json"
 
 
-def embeddings_of(model) -> "TransferResult":  # noqa: F821 - imported lazily
+def embeddings_of(model) -> TransferResult:
     """A model's current embeddings as a `TransferResult` (untied LM head included)."""
-    from matt.result import TransferResult
-
     inputs = model.get_input_embeddings().weight.detach().float().cpu().clone()
     head = model.get_output_embeddings()
     tied = head is None or head.weight is model.get_input_embeddings().weight
     outputs = None if tied else head.weight.detach().float().cpu().clone()
     return TransferResult(input_embeddings=inputs, output_embeddings=outputs, tie_word_embeddings=tied)
-
-
-def set_special_token_ids(model, tokenizer) -> None:
-    """Point the model's (and its generation config's) pad/bos/eos ids at the tokenizer's."""
-    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in ("pad", "bos", "eos")}
-    configs = [model.config]
-    if hasattr(model.config, "get_text_config") and model.config.get_text_config() is not model.config:
-        configs.append(model.config.get_text_config())
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        configs.append(generation_config)
-    for config in configs:
-        for key, value in ids.items():
-            setattr(config, key, value)
 
 
 def with_embeddings(teacher_model, embeddings, student_tokenizer, *, copy_model: bool = True):
@@ -70,22 +57,17 @@ def check_checkpoint(result, student_tokenizer, hidden_size: int, where: str) ->
 
 
 def init_key(init_cfg, model_identity: dict[str, Any], student_tokenizer, texts_digest: str) -> str:
-    from matt.data import tokenizer_fingerprint
-    from matt.pipeline.models import digest
-
     options = {k: enum_value(v) for k, v in init_cfg.items()} if hasattr(init_cfg, "items") else dict(init_cfg)
-    return digest({"init": options, "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
-                   "texts": texts_digest})
+    return cache_key({"init": options, "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
+                      "texts": texts_digest})
 
 
 def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_tokenizer, texts: list[str], *,
-                       cache_dir: str | Path, output_dir: str | Path, key: str):
+                       cache_dir: str | Path, output_dir: str | Path, key: str, overlap=None):
     """`(student_model, info)`: a copy of the teacher with initial embeddings for the student vocabulary.
 
-    Reuses `<output_dir>/init` when it was written for the same `key` (resume, non-main ranks)."""
-    from matt.initialization import build_student_model
-    from matt.result import TransferResult
-
+    Reuses `<output_dir>/init` when it was written for the same `key` (resume, non-main ranks).
+    `overlap`: the teacher/student `TokenOverlap` when the caller has it (else computed here)."""
     directory = Path(output_dir) / INIT_DIR
     key_file = directory / KEY_FILE
     if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
@@ -106,7 +88,7 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
     else:
         student, report = build_student_model(
             teacher_model, teacher_tokenizer, student_tokenizer, method,
-            texts=texts if method == "focus" else None,
+            texts=texts if method == "focus" else None, overlap=overlap,
             fasttext_min_count=init_cfg.fasttext_min_count, fasttext_epochs=init_cfg.fasttext_epochs,
             fasttext_dim=init_cfg.fasttext_dim, fasttext_threads=init_cfg.fasttext_threads,
             cache_dir=Path(cache_dir) / "fasttext", seed=init_cfg.seed,

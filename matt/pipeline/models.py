@@ -8,8 +8,6 @@ same config always gives the same tokenizer and (with `tiny.seed`) the same weig
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ def _tiny_tokenizer(style: str, vocab_size: int):
 def model_source(model_cfg) -> str:
     """Where the weights come from (for messages and cache keys)."""
     if model_cfg.tiny is not None:
-        return f"tiny:{enum_value(model_cfg.family)}"
+        return f"tiny:{model_cfg.family}"
     if not model_cfg.pretrained:
         raise ValueError(f"model.pretrained is not set for model {model_cfg.name!r}: give a local model "
                          "directory or a hub id (or use a tiny_* model)")
@@ -67,7 +65,7 @@ def load_model_config(model_cfg, teacher_tokenizer=None):
         from matt.tiny import tiny_config
 
         tokenizer = teacher_tokenizer or load_teacher_tokenizer(model_cfg)
-        return tiny_config(enum_value(model_cfg.family), len(tokenizer), **_tiny_dims(model_cfg.tiny))
+        return tiny_config(model_cfg.family, len(tokenizer), **_tiny_dims(model_cfg.tiny))
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_source(model_cfg), revision=model_cfg.revision,
@@ -80,7 +78,7 @@ def load_teacher_model(model_cfg, teacher_tokenizer=None):
         from matt.tiny import tiny_model
 
         tokenizer = teacher_tokenizer or load_teacher_tokenizer(model_cfg)
-        return tiny_model(enum_value(model_cfg.family), len(tokenizer), seed=model_cfg.tiny.seed,
+        return tiny_model(model_cfg.family, len(tokenizer), seed=model_cfg.tiny.seed,
                           **_tiny_dims(model_cfg.tiny))
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +111,3 @@ def model_identity(model_cfg) -> dict[str, Any]:
                                        for f in path.iterdir() if f.is_file())
     return identity
 
-
-def digest(value: Any) -> str:
-    """A short stable hash of a JSON-serialisable value."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:20]

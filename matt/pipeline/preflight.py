@@ -193,8 +193,7 @@ def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) ->
 
 def preflight(cfg) -> Plan:
     """Validate the transfer config `cfg`; raise `ValueError` naming the offending key."""
-    from matt.modeling import adapter_for
-    from matt.pipeline.data import load_documents
+    from matt.pipeline.documents import load_documents
     from matt.pipeline.models import load_model_config, load_teacher_tokenizer, text_config
     from matt.pipeline.tokenizer import load_pretrained_student
     from matt.pipeline.train import matt_config, resolved_with_ntp
@@ -212,8 +211,7 @@ def preflight(cfg) -> Plan:
     teacher_source = cfg.model.tokenizer or cfg.model.pretrained
     check_offsets_support(teacher_tokenizer, f"model.tokenizer (the teacher's, {teacher_source!r})")
     model_config = load_model_config(cfg.model, teacher_tokenizer)
-    check_family(cfg.model, model_config)
-    adapter_for(model_config)
+    check_family(cfg.model, model_config)  # the family covers the model_type: an adapter exists
     decoder = text_config(model_config)
     depth, hidden = int(decoder.num_hidden_layers), int(decoder.hidden_size)
     check_vocab_fits(cfg.model, teacher_tokenizer, decoder)

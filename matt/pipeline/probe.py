@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 
 from matt.api import pad_id
-from matt.data import AIMCollator, prepare_dataset
+from matt.batches import AIMCollator, prepare_dataset
 from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.objectives import aim_loss, segment_last_positions
 from matt.pipeline.evaluate import cap_texts
@@ -202,11 +202,12 @@ class TrainingProbe:
         return self.measure(steps, train_s)
 
 
-def build_probe(cfg, *, documents, teacher, student, frozen_mask: torch.Tensor, teacher_tokenizer,
-                student_tokenizer, eval_model, log_fn, device) -> TrainingProbe:
+def build_probe(cfg, *, documents, teacher, student, overlap, teacher_tokenizer, student_tokenizer, eval_model,
+                log_fn, device) -> TrainingProbe:
     """The `probe` group's `TrainingProbe` for a transfer job: held-out texts from `probe.split`,
     their segmented AIM batches (cached like the training data) and, with `probe.bpb`, `eval_model`
-    (a full-depth model with the student's vocabulary) for bits per byte."""
+    (a full-depth model with the student's vocabulary) for bits per byte; `overlap`: the run's
+    `TokenOverlap` (new tokens = student tokens it does not share)."""
 
     pc = cfg.probe  # validated by `matt.pipeline.preflight.check_probe`
     texts = [t for t in documents.split(pc.split)["text"] if t]
@@ -226,13 +227,13 @@ def build_probe(cfg, *, documents, teacher, student, frozen_mask: torch.Tensor, 
     new_bytes = None
     if pc.bpb:
         try:
-            new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts)
+            new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts, overlap=overlap)
         except ValueError as exc:
             logger.warning("probe: no heldout_bpb_new / _shared (%s)", exc)
     logger.info("Probe: %d held-out documents of %r, %d AIM batches, bits per byte %s, every %s", len(texts),
                 pc.split, len(batches), "on" if pc.bpb else "off",
                 f"{pc.every_s:g} s" if pc.every_s else f"{pc.every_n_steps} steps" if pc.every_n_steps else "-")
-    return TrainingProbe(teacher=teacher, student=student, frozen_mask=frozen_mask, log_fn=log_fn, batches=batches,
+    return TrainingProbe(teacher=teacher, student=student, frozen_mask=overlap.frozen_mask(), log_fn=log_fn, batches=batches,
                          eval_model=eval_model if pc.bpb else None, tokenizer=student_tokenizer, texts=texts,
                          new_bytes=new_bytes, every_s=pc.every_s, every_n_steps=pc.every_n_steps,
                          max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,

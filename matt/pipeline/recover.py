@@ -29,6 +29,7 @@ and at the end for bits per byte), logged to MLflow under `recover/...` and writ
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -39,9 +40,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from matt.api import MATT
+from matt.digests import cache_key, texts_digest
+from matt.evaluation.bpb import bits_per_byte
+from matt.initialization import embeddings_tied
+from matt.modeling import adapter_for
 from matt.pipeline.config import enum_value
+from matt.pipeline.models import load_teacher_model, model_identity
+from matt.pipeline.preflight import preflight
+from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
+from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
+from matt.segmentation import special_token_ids
+from matt.tracking import flatten, open_tracker, save_run_reference
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +73,7 @@ def frequent_token_ids(tokenizer, texts: list[str], rank_start: int, rank_end: i
     counts: Counter[int] = Counter()
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         counts.update(ids)
-    specials = set(tokenizer.all_special_ids)
+    specials = special_token_ids(tokenizer)
     ranked = sorted((t for t in counts if t not in specials), key=lambda t: (-counts[t], t))
     if len(ranked) < rank_end:
         raise ValueError(f"recover.rank_end={rank_end}: the train split has only {len(ranked)} distinct teacher "
@@ -77,11 +90,6 @@ def untie_output_embeddings(model) -> None:
         configs.append(model.config.get_text_config())
     for config in {id(c): c for c in configs}.values():
         config.tie_word_embeddings = False
-
-
-def is_tied(model) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 @dataclass
@@ -113,7 +121,7 @@ def delete_rows(model, ids: list[int], *, method: str, rows: str, num_real: int,
     if rows not in ("input", "input_output"):
         raise ValueError(f"recover.rows={rows!r} is invalid: choose one of ['input', 'input_output']")
     index = torch.tensor(ids, dtype=torch.long)
-    if rows == "input" and is_tied(model):
+    if rows == "input" and embeddings_tied(model):
         untie_output_embeddings(model)  # the LM head keeps the true rows
     inputs = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
@@ -176,8 +184,6 @@ class RecoveryProbe:
         return inputs, outputs
 
     def bits_per_byte(self) -> float:
-        from matt.evaluation.bpb import bits_per_byte
-
         inputs, outputs = self.current_rows()
         ids = self.deleted.ids
         with torch.no_grad():
@@ -239,9 +245,7 @@ def results_table(rows: list[dict[str, float]], bpb_untouched: float, bpb_delete
 # ------------------------------------------------------------------------------------------------
 def _cached_bpb(cache_dir: Path, key: dict[str, Any], compute) -> float:
     """Bits per byte memoised on disk (the untouched model is the same for every run of a sweep)."""
-    from matt.pipeline.models import digest
-
-    path = cache_dir / "recover" / f"bpb-{digest(key)}.json"
+    path = cache_dir / "recover" / f"bpb-{cache_key(key)}.json"
     if path.is_file():
         return float(json.loads(path.read_text())["bpb"])
     value = compute()
@@ -252,20 +256,6 @@ def _cached_bpb(cache_dir: Path, key: dict[str, Any], compute) -> float:
 
 def run_recover(cfg) -> float | None:
     """Run one known-answer job; returns the final fraction of the bits-per-byte damage recovered."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from matt.api import MATT
-    from matt.evaluation.bpb import bits_per_byte
-    from matt.modeling import adapter_for
-    from matt.pipeline.models import load_teacher_model, model_identity
-    from matt.pipeline.preflight import preflight
-    from matt.pipeline.tokenizer import _texts_digest
-    from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
-    from matt.pipeline.transfer import JsonlLog, hydra_job, job_output_dir, method_label
-    from matt.tracking import flatten, open_tracker, save_run_reference
-
     started = time.perf_counter()
     rc = cfg.recover
     method = enum_value(cfg.init.method)
@@ -323,12 +313,12 @@ def run_recover(cfg) -> float | None:
         deleted = delete_rows(student_model, ids, method=method, rows=rows_mode, num_real=len(tokenizer),
                               seed=cfg.init.seed)
         eval_model = copy.deepcopy(teacher_model)
-        if is_tied(eval_model):
+        if embeddings_tied(eval_model):
             untie_output_embeddings(eval_model)
         texts = evaluation_texts(cfg, documents)
         device = cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
         eval_model.to(device)
-        identity = {"model": model_identity(cfg.model), "texts": _texts_digest(texts),
+        identity = {"model": model_identity(cfg.model), "texts": texts_digest(texts),
                     "max_length": cfg.eval.max_length}
         bpb_untouched = _cached_bpb(cache_dir, {**identity, "state": "untouched"}, lambda: bits_per_byte(
             eval_model, tokenizer, texts, max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,

@@ -8,33 +8,19 @@ run see the identical object (and share prepared-dataset caches).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 from pathlib import Path
 
+from matt.digests import cache_key, texts_digest, tokenizer_fingerprint
 from matt.pipeline.config import enum_value
 
 logger = logging.getLogger(__name__)
 
 
-def _texts_digest(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"Training document {i} is {type(text).__name__} ({text!r:.40}), not text: point "
-                             "data.text_column at a column of strings")
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def tokenizer_key(tok_cfg, teacher_tokenizer, texts: list[str]) -> str:
     """Hash of everything a trained/extended student tokenizer depends on."""
-    from matt.data import tokenizer_fingerprint
-    from matt.pipeline.models import digest
-
     options = {
         "source": enum_value(tok_cfg.source),
         "kind": enum_value(tok_cfg.kind),
@@ -43,8 +29,8 @@ def tokenizer_key(tok_cfg, teacher_tokenizer, texts: list[str]) -> str:
         "min_frequency": tok_cfg.min_frequency if enum_value(tok_cfg.source) == "extend" else None,
         "path": tok_cfg.path if enum_value(tok_cfg.source) == "pretrained" else None,
     }
-    return digest({"teacher": tokenizer_fingerprint(teacher_tokenizer), "options": options,
-                   "texts": _texts_digest(texts) if options["path"] is None else None})
+    return cache_key({"teacher": tokenizer_fingerprint(teacher_tokenizer), "options": options,
+                      "texts": texts_digest(texts) if options["path"] is None else None})
 
 
 def training_texts(tok_cfg, documents) -> list[str]:

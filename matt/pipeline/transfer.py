@@ -31,97 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from matt.pipeline.config import enum_value
+from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
 
 logger = logging.getLogger(__name__)
 
 FINISHED_FILE = "finished.json"
 """In `checkpoints/`: written when the whole job (training, saving, evaluation) is done."""
-
-
-# ------------------------------------------------------------------------------------------------
-# job context
-# ------------------------------------------------------------------------------------------------
-def job_output_dir(cfg) -> Path:
-    """Hydra's output directory of this job (or `<output_root>/runs/<name>/<stamp>` outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        directory = Path(HydraConfig.get().runtime.output_dir)
-    else:
-        from matt.hydra_app import _run_stamp
-
-        directory = Path(cfg.paths.output_root) / "runs" / cfg.name / _run_stamp()
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-def hydra_job(cfg) -> dict[str, Any]:
-    """Overrides, job number and sweep of the current Hydra job (empty outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return {}
-    hydra_cfg = HydraConfig.get()
-    info: dict[str, Any] = {"overrides": hydra_cfg.job.override_dirname or "", "mode": hydra_cfg.mode.name}
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        info["job_num"] = hydra_cfg.job.num
-        info["sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
-        info["sweep_id"] = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}"
-    return info
-
-
-def method_label(cfg, n_layers: int, with_ntp: bool, tied: bool) -> str:
-    """Short name of the method for tables, e.g. `aim mse L10 keep_init`."""
-    if cfg.label:
-        return str(cfg.label)
-    parts = [str(cfg.objective.name)]
-    head_only = with_ntp and enum_value(cfg.objective.ntp_scope) == "head"
-    if enum_value(cfg.objective.aim_impl) != "none":
-        parts += [enum_value(cfg.objective.loss), f"L{n_layers}"]
-        if with_ntp and cfg.objective.name != "aim_ntp":
-            parts.append("+ntp(head)" if head_only else "+ntp")
-        elif head_only:
-            parts.append("(ntp: head)")
-    output = enum_value(cfg.objective.output_embeddings)
-    if tied and output != "tied" and not (output == "ntp" and with_ntp):  # an NTP-trained head is implied
-        parts.append(output)
-    if not cfg.objective.freeze_shared:
-        parts.append("unfrozen")
-    return " ".join(parts)
-
-
-class JsonlLog:
-    """A trainer log function appending `{"step": s, ...metrics}` lines (survives resumes)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, metrics: dict[str, float], step: int) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-
-    def read(self) -> list[dict[str, float]]:
-        """Logged steps in order; a step logged twice (before a crash and after resuming) keeps the last."""
-        if not self.path.exists():
-            return []
-        by_step = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                by_step[row["step"]] = row
-        return [by_step[s] for s in sorted(by_step)]
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finished_job(checkpoint_dir: Path) -> dict[str, Any] | None:
@@ -141,14 +56,14 @@ def run_transfer(cfg) -> float | None:
     from omegaconf import OmegaConf
 
     from matt.api import MATT
-    from matt.data import tokenizer_fingerprint
+    from matt.digests import file_digest, texts_digest, tokenizer_fingerprint
     from matt.pipeline.evaluate import EvalSuite, eval_device, prefixed, results_table, write_results
     from matt.pipeline.init import INIT_DIR, init_key, init_metrics, initialize_student, release_memory
     from matt.pipeline.models import load_teacher_model, model_identity, text_config
     from matt.pipeline.preflight import check_init_checkpoint, preflight
     from matt.pipeline.save import adapted_model, save_adapted
-    from matt.pipeline.tokenizer import _texts_digest, build_student_tokenizer
     from matt.pipeline.probe import build_probe, write_probe_rows
+    from matt.pipeline.tokenizer import build_student_tokenizer
     from matt.pipeline.train import build_adapters, make_accelerator, matt_config
     from matt.result import TransferResult
     from matt.tracking import flatten, open_tracker, save_run_reference
@@ -181,7 +96,7 @@ def run_transfer(cfg) -> float | None:
     job = hydra_job(cfg)
     tags = {
         "matt.kind": "transfer", "matt.experiment": cfg.name, "matt.label": label, "matt.model": cfg.model.name,
-        "matt.model_family": enum_value(cfg.model.family), "matt.aim_impl": enum_value(cfg.objective.aim_impl),
+        "matt.model_family": cfg.model.family, "matt.aim_impl": enum_value(cfg.objective.aim_impl),
         "matt.objective": cfg.objective.name, "matt.loss": enum_value(cfg.objective.loss),
         "matt.n_layers": plan.n_layers, "matt.with_ntp": str(plan.with_ntp).lower(),
         "matt.init": enum_value(cfg.init.method), "matt.tokenizer": enum_value(cfg.tokenizer.source),
@@ -225,14 +140,15 @@ def run_transfer(cfg) -> float | None:
             matt.prepare_dataset(documents.train, text_column="text")
         tracker.log_metrics({f"data/{k}": v for k, v in _numeric(matt.segmentation_stats.as_dict()).items()})
 
-        # 3. initial student embeddings
+        # 3. initial student embeddings (the token overlap is computed once: init, frozen rows, eval bytes)
+        overlap = matt.overlap
         teacher_model = load_teacher_model(cfg.model, teacher_tokenizer)
         train_texts = [t for t in documents.train["text"] if t]
-        key = init_key(cfg.init, model_identity(cfg.model), student_tokenizer, _texts_digest(train_texts))
+        key = init_key(cfg.init, model_identity(cfg.model), student_tokenizer, texts_digest(train_texts))
         with accelerator.main_process_first():
             student_model, init_info = initialize_student(
                 cfg.init, teacher_model, teacher_tokenizer, student_tokenizer, train_texts,
-                cache_dir=cache_dir, output_dir=output_dir, key=key)
+                cache_dir=cache_dir, output_dir=output_dir, key=key, overlap=overlap)
         tracker.log_metrics(init_metrics(init_info))
 
         # 4. training (all processes); the peak-memory metric must describe this run only
@@ -247,10 +163,9 @@ def run_transfer(cfg) -> float | None:
             if cfg.probe.bpb:
                 eval_model = adapted_model(load_teacher_model(cfg.model, teacher_tokenizer), TransferResult.load(
                     output_dir / INIT_DIR / "embeddings.safetensors"), student_tokenizer).to(eval_device(cfg.eval))
-            probe = build_probe(cfg, documents=documents, teacher=teacher, student=student,
-                                frozen_mask=matt.prepare_frozen_embeddings_mask(), teacher_tokenizer=teacher_tokenizer,
-                                student_tokenizer=student_tokenizer, eval_model=eval_model,
-                                log_fn=tracker.log_metrics, device=accelerator.device)
+            probe = build_probe(cfg, documents=documents, teacher=teacher, student=student, overlap=overlap,
+                                teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer,
+                                eval_model=eval_model, log_fn=tracker.log_metrics, device=accelerator.device)
             log_fns.append(probe)
             if not (mcfg.resume and (checkpoint_dir / CHECKPOINT_FILE).exists()):
                 probe.start()
@@ -280,7 +195,7 @@ def run_transfer(cfg) -> float | None:
         results: dict[str, dict[str, float]] = {}
         if cfg.eval.enabled:
             suite = EvalSuite.build(cfg.eval, documents, teacher_tokenizer=teacher_tokenizer,
-                                    student_tokenizer=student_tokenizer)
+                                    student_tokenizer=student_tokenizer, overlap=overlap)
             tracker.log_metrics(suite.describe())
             identity = model_identity(cfg.model)
             if cfg.eval.final:
@@ -300,7 +215,7 @@ def run_transfer(cfg) -> float | None:
                                       TransferResult.load(init_file), student_tokenizer)
                 results["init"] = suite.run(
                     model, student_tokenizer, name="init", cache_dir=cache_dir,
-                    cache_key={"model": identity, "embeddings": _file_digest(init_file),
+                    cache_key={"model": identity, "embeddings": file_digest(init_file),
                                "tokenizer": tokenizer_fingerprint(student_tokenizer)})
                 del model
                 release_memory()

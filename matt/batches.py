@@ -12,7 +12,6 @@ stored next to the cache and returned with the dataset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from matt.digests import json_digest, texts_digest, tokenizer_fingerprint
 from matt.segmentation import IGNORE_INDEX, SegmentationStats, check_offsets_support, segment_document
 
 logger = logging.getLogger(__name__)
@@ -47,27 +47,11 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------
 # fingerprints
 # ----------------------------------------------------------------------------------------------
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what decides `tokenizer(text)`: the serialized Rust pipeline and the special tokens."""
-    check_offsets_support(tokenizer)
-    state = {
-        "backend": tokenizer.backend_tokenizer.to_str(),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "class": type(tokenizer).__name__,
-        "added": sorted((i, str(t)) for i, t in tokenizer.added_tokens_decoder.items()),
-    }
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def _data_fingerprint(dataset, text_column: str) -> str:
     fingerprint = getattr(dataset, "_fingerprint", None)
     if fingerprint:
         return f"datasets:{fingerprint}"
-    digest = hashlib.sha256()
-    for row in dataset[text_column]:
-        digest.update(repr(row).encode("utf-8"))
-        digest.update(b"\0")
-    return f"rows:{digest.hexdigest()}"
+    return f"rows:{texts_digest(repr(row) for row in dataset[text_column])}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,15 +144,14 @@ def prepare_dataset(
     check_offsets_support(student_tokenizer, "student_tokenizer")
     data = as_dataset(data, text_column)
 
-    key = json.dumps({
+    fingerprint = json_digest({
         "version": FORMAT_VERSION,
         "data": _data_fingerprint(data, text_column),
         "teacher": tokenizer_fingerprint(teacher_tokenizer),
         "student": tokenizer_fingerprint(student_tokenizer),
         "max_length": max_length,
         "text_column": text_column,
-    }, sort_keys=True)
-    fingerprint = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+    })[:24]
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"aim-{fingerprint}"
 

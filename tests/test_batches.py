@@ -9,8 +9,8 @@ import datasets
 import pytest
 import torch
 
-import matt.data as data_module
-from matt.data import COLUMNS, STATS_FILE, AIMCollator, prepare_dataset
+import matt.batches as batches_module
+from matt.batches import COLUMNS, STATS_FILE, AIMCollator, prepare_dataset
 from matt.segmentation import IGNORE_INDEX, SegmentationStats, segment_document
 
 
@@ -58,7 +58,7 @@ def test_the_disk_cache_is_reused(tokenizers, documents, tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("segment_document was called: the cache was not reused")
 
-    monkeypatch.setattr(data_module, "segment_document", forbidden)
+    monkeypatch.setattr(batches_module, "segment_document", forbidden)
     second = prepare_dataset(list(documents), teacher, student, max_length=32, cache_dir=tmp_path)
     assert second.path == first.path
     assert rows(second.dataset) == rows(first.dataset) and second.stats == first.stats
@@ -66,7 +66,7 @@ def test_the_disk_cache_is_reused(tokenizers, documents, tmp_path, monkeypatch):
     # an in-memory datasets.Dataset built again from the same rows hits its cache as well
     as_dataset = lambda: datasets.Dataset.from_dict({"text": documents})  # noqa: E731
     cached = prepare_dataset(as_dataset(), teacher, student, max_length=32, cache_dir=tmp_path)
-    monkeypatch.setattr(data_module, "segment_document", forbidden)
+    monkeypatch.setattr(batches_module, "segment_document", forbidden)
     again = prepare_dataset(as_dataset(), teacher, student, max_length=32, cache_dir=tmp_path)
     assert again.path == cached.path and rows(again.dataset) == rows(first.dataset)
     monkeypatch.undo()
@@ -78,13 +78,13 @@ def test_changes_give_a_new_cache(tokenizer_zoo, tokenizers, documents, tmp_path
     teacher, student = tokenizers
     base = prepare_dataset(documents, teacher, student, max_length=32, cache_dir=tmp_path)
     calls = []
-    real = data_module.segment_document
+    real = batches_module.segment_document
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data_module, "segment_document", counting)
+    monkeypatch.setattr(batches_module, "segment_document", counting)
     other_tokenizer = tokenizer_zoo["llama3@small"]
     variants = {
         "max_length": dict(data=documents, teacher=teacher, student=student, max_length=33),
