@@ -40,6 +40,42 @@ def test_new_segments_marks_segments_holding_a_new_token():
     assert new_segments(ids, seg, is_new).tolist() == [[True, False, True]]
 
 
+def test_heldout_aim_is_zero_at_identity_and_splits_by_new_tokens(tmp_path, byte_level_tokenizer,
+                                                                  sentencepiece_tokenizer):
+    """Teacher == student gives exactly 0 on every part; a student whose new rows differ from the
+    teacher's loses more on pairs involving new tokens than on shared-only pairs."""
+    from matt.api import pad_id
+    from matt.batches import AIMCollator, prepare_dataset
+    from matt.initialization import build_student_model
+    from matt.modeling import adapter_for
+    from matt.overlap import token_overlap
+    from matt.pipeline.probe import heldout_aim
+    from matt.tiny import SAMPLE_TEXTS, tiny_model
+
+    teacher_tok, student_tok = byte_level_tokenizer, sentencepiece_tokenizer
+    teacher_model = tiny_model("llama", len(teacher_tok))
+    overlap = token_overlap(teacher_tok, student_tok)
+    student_model, _ = build_student_model(teacher_model, teacher_tok, student_tok, "random")
+    adapter = adapter_for(teacher_model)
+    same = prepare_dataset(SAMPLE_TEXTS[:4], teacher_tok, teacher_tok, max_length=64, cache_dir=tmp_path).dataset
+    batch = AIMCollator(pad_id(teacher_tok), pad_id(teacher_tok))([same[i] for i in range(4)])
+    teacher = adapter.from_pretrained(teacher_model, n_layers=2)
+    twin = adapter.from_pretrained(tiny_model("llama", len(teacher_tok)), n_layers=2)
+    some_new = torch.zeros(len(teacher_tok), dtype=torch.bool)
+    some_new[::3] = True
+    zero = heldout_aim(teacher, twin, [batch], some_new, torch.device("cpu"))
+    assert set(zero) == {f"heldout_aim_{l}{p}" for l in ("mse", "cosine") for p in ("", "_new", "_shared")}
+    assert all(v == 0.0 for v in zero.values()), zero
+
+    student = adapter.from_pretrained(student_model, n_layers=2, frozen_embeddings_mask=overlap.frozen_mask())
+    data = prepare_dataset(SAMPLE_TEXTS[:4], teacher_tok, student_tok, max_length=64, cache_dir=tmp_path).dataset
+    batch = AIMCollator(pad_id(teacher_tok), pad_id(student_tok))([data[i] for i in range(4)])
+    got = heldout_aim(teacher, student, [batch], ~overlap.frozen_mask(), torch.device("cpu"))
+    assert got["heldout_aim_cosine_new"] > got["heldout_aim_cosine_shared"] > 0
+    low, high = sorted([got["heldout_aim_mse_new"], got["heldout_aim_mse_shared"]])
+    assert low <= got["heldout_aim_mse"] <= high  # the whole is a weighted mean of its parts
+
+
 @pytest.fixture(scope="module")
 def quality_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")

@@ -38,6 +38,7 @@ import torch
 from matt.api import pad_id
 from matt.batches import AIMCollator, prepare_dataset
 from matt.evaluation.bpb import NewByteMasks, bits_per_byte
+from matt.modeling.embeddings import EmbeddingLMHead
 from matt.objectives import aim_loss, segment_last_positions
 from matt.pipeline.evaluate import cap_texts
 from matt.pipeline.train import dataset_cache_dir
@@ -128,20 +129,26 @@ class TrainingProbe:
         self.reference_norm = float(embeddings.frozen.float().norm(dim=-1).mean()) if embeddings.frozen.numel() else 1.0
         # the LM head trains with output_embeddings=ntp, and for untied models whenever NTP runs
         head_trains = student.output_mode == "ntp" or (not student.is_tied and student.with_ntp)
-        head = student.output_embedding_weight() if head_trains else None
-        self.initial_head = None if head is None else head.detach().float().cpu()[self.is_new].clone()
+        self.initial_head = self.head_rows().float().cpu().clone() if head_trains else None
         self.rows: list[dict[str, float]] = []
         """Every held-out measurement: `{"step": s, "train_s": t, "heldout_bpb": ..., ...}`."""
         self._next_s = 0.0
 
     # --- cheap, every logged step ---------------------------------------------------------------
+    def head_rows(self) -> torch.Tensor:
+        """The LM-head rows of the new tokens, without building the (V, D) head matrix when the
+        head is a partly frozen table (its trainable rows are the new tokens, in id order)."""
+        head = self.student.causal_lm.get_output_embeddings()
+        if isinstance(head, EmbeddingLMHead) and head.table.num_trainable == int(self.is_new.sum()):
+            return head.table.trainable.detach()
+        weight = self.student.output_embedding_weight()
+        return weight[self.is_new.to(weight.device)]
+
     def row_metrics(self) -> dict[str, float]:
         metrics = row_movement(self.student.input_embeddings.trainable, self.initial_rows, self.reference_norm)
-        head = self.student.output_embedding_weight()
-        if head is not None and self.initial_head is not None:
-            rows = head.detach()[self.is_new.to(head.device)]
+        if self.initial_head is not None:
             metrics.update({f"head_{k}": v for k, v in
-                            row_movement(rows, self.initial_head, self.reference_norm).items()})
+                            row_movement(self.head_rows(), self.initial_head, self.reference_norm).items()})
         return metrics
 
     # --- held out -----------------------------------------------------------------------------
