@@ -35,7 +35,7 @@ def run(tmp_path, ckpt, teacher_tok, student_tok, *, resume=False, log_fns=(), g
         **overrides):
     """One training run of a tiny Llama (fresh models, same seed every time)."""
     values = dict(max_steps=6, batch_size=2, lr=1e-2, shuffle=True, log_every_n_steps=1, max_length=64,
-                  dataset_cache_dir=str(tmp_path / "cache"), progress_bar=False, num_warmup_steps=1,
+                  cache_dir=str(tmp_path / "cache"), progress_bar=False, num_warmup_steps=1,
                   num_decay_steps=2, checkpoint_dir=str(ckpt), save_every_n_steps=1, resume=resume)
     values.update(overrides)
     matt = MATT(config=MATTConfig(**values), teacher_tokenizer=teacher_tok, student_tokenizer=student_tok)

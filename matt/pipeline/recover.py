@@ -52,7 +52,7 @@ from matt.pipeline.config import enum_value
 from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.preflight import preflight
 from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
-from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
+from matt.pipeline.train import make_accelerator, matt_config
 from matt.segmentation import special_token_ids
 from matt.tracking import flatten, open_tracker, save_run_reference
 
@@ -277,7 +277,7 @@ def run_recover(cfg) -> float | None:
         raise ValueError("recover_known runs in a single process (its probe evaluates during training)")
     checkpoint_dir = output_dir / "checkpoints"
     mcfg = matt_config(cfg, checkpoint_dir=checkpoint_dir)
-    n_layers, with_ntp = resolved_n_layers(cfg), resolved_with_ntp(cfg)
+    n_layers, with_ntp = plan.n_layers, plan.with_ntp
     tokenizer, documents = plan.teacher_tokenizer, plan.documents
     cache_dir = Path(cfg.paths.cache_dir)
     label = cfg.label or (f"{method_label(cfg, n_layers, with_ntp, tied=False)} rows={rows_mode} "

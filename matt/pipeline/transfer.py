@@ -157,7 +157,7 @@ def run_transfer(cfg) -> float | None:
 
             torch.cuda.reset_peak_memory_stats(accelerator.device)
         train_log = JsonlLog(output_dir / "train_log.jsonl")
-        teacher, student = build_adapters(cfg, matt, teacher_model, student_model)
+        teacher, student = build_adapters(cfg, matt, teacher_model, student_model, plan.n_layers)
         log_fns, probe, eval_model = [tracker.training_logger(), train_log], None, None
         if cfg.probe.enabled and is_main:  # held-out diagnostics, outside the training clock
             if cfg.probe.bpb:
