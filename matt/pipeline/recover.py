@@ -285,9 +285,9 @@ def run_recover(cfg) -> float | None:
     job = hydra_job(cfg)
     tags = {"matt.kind": "recover_known", "matt.experiment": cfg.name, "matt.label": label,
             "matt.model": cfg.model.name, "matt.objective": cfg.objective.name,
-            "matt.aim_impl": enum_value(cfg.objective.aim_impl), "matt.loss": enum_value(cfg.objective.loss),
+            "matt.aim_impl": str(cfg.objective.aim_impl), "matt.loss": str(cfg.objective.loss),
             "matt.n_layers": n_layers, "matt.with_ntp": str(with_ntp).lower(), "matt.init": method,
-            "matt.recover_rows": rows_mode, "matt.output_embeddings": enum_value(cfg.objective.output_embeddings),
+            "matt.recover_rows": rows_mode, "matt.output_embeddings": str(cfg.objective.output_embeddings),
             "matt.output_dir": str(output_dir.resolve()), **{f"matt.{k}": v for k, v in job.items()}}
     tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, is_main_process=True,
                            run_name=cfg.tracking.run_name or job.get("overrides") or cfg.name, tags=tags,
