@@ -39,7 +39,7 @@ class MATT:
                         text_column: str | None = None):
         """Segment `dataset` (a `datasets.Dataset` or a list of texts) for both tokenizers.
 
-        Cached on disk under `config.dataset_cache_dir`; a second call with the same data and
+        Cached on disk under `config.cache_dir`; a second call with the same data and
         tokenizers loads the cache. Returns the prepared dataset (also kept for `train`)."""
         from matt.batches import prepare_dataset
 
@@ -49,7 +49,7 @@ class MATT:
             self.student_tokenizer,
             max_length=max_length or self.config.max_length,
             num_proc=num_proc or self.config.num_proc,
-            cache_dir=self.config.dataset_cache_dir,
+            cache_dir=self.config.cache_dir,
             text_column=text_column or self.config.text_column,
         )
         self.dataset, self.segmentation_stats = prepared.dataset, prepared.stats

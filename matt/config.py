@@ -1,31 +1,22 @@
 """`MATTConfig`: every knob of an AIM transfer run, validated on construction.
 
-A plain dataclass (not a Hydra structured config) so that the Python API has no Hydra dependency;
-the Hydra `train/`, `objective/` and `data/` groups are mapped onto it by
-`matt.pipeline.train.matt_config`.
-"""
+Its fields come from three groups, each a plain dataclass that is also the schema (or the base of the
+schema) of the Hydra group of the same name: `TrainSettings` = `train`, `ObjectiveSettings` <
+`objective`, `DataSettings` < `data` (see `matt.pipeline.config`). `MATTConfig` inherits all three, so
+the Python API takes flat keywords (`MATTConfig(lr=1e-3, loss="cosine")`) while every field still
+belongs to one group, and a validation error names the Hydra key (`train.lr=-1 is invalid: ...`).
+`matt.pipeline.train.matt_config` builds it from a composed config group by group, no field copied
+by hand. No Hydra dependency here.
 
-from __future__ import annotations
+No `from __future__ import annotations`: OmegaConf reads these annotations at runtime.
+"""
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Optional
 
-AIM_IMPLS = ("aim", "aim_star", "hidden", "none")
-LOSSES = ("mse", "cosine")
-OUTPUT_EMBEDDINGS = ("tied", "keep_init", "ntp")
-NTP_SCOPES = ("all", "head")
-PRECISIONS = {
-    "auto": "auto",
-    "32": "no",
-    "fp32": "no",
-    "no": "no",
-    "bf16-mixed": "bf16",
-    "bf16": "bf16",
-    "fp16-mixed": "fp16",
-    "fp16": "fp16",
-}
-
+from matt.choices import AimImpl, Choice, Loss, NtpScope, OutputMode, Precision, accelerate_precision
 
 ONEDNN_CACHE_CAPACITY = 64
 """Entries kept by each of oneDNN's shape-keyed kernel caches (see `bound_onednn_caches`)."""
@@ -60,29 +51,29 @@ def native_bf16(cpu: bool = False) -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def resolve_mixed_precision(precision: str, *, cpu: bool = False) -> str:
+def resolve_mixed_precision(precision, *, cpu: bool = False) -> str:
     """Accelerate's `mixed_precision` value for a `precision` setting (`auto`: bf16 where native)."""
-    value = PRECISIONS[precision]
+    value = accelerate_precision(precision)
     if value != "auto":
         return value
     return "bf16" if native_bf16(cpu) else "no"
 
 
 @dataclass
-class MATTConfig:
-    """Configuration of one MATT run (training loop, objective, data, logging, checkpoints)."""
+class TrainSettings:
+    """The optimisation loop, logging and checkpoints: the Hydra `train` group (`train.<field>`)."""
 
-    # --- optimisation -------------------------------------------------------------------------
     max_steps: int = 1000
     """Optimizer steps (after gradient accumulation)."""
-    max_wall_clock_s: float | None = None
+    max_wall_clock_s: Optional[float] = None
     """Training-time budget in seconds (None = no budget): training stops at the first optimizer-step
-    boundary past it (checkpointed like a finished run; the steps done are in the result's metrics).
-    Gives a baseline the measured training time of another run (e.g. NTP at MATT's wall-clock)."""
+    boundary past it (checkpointed like a finished run; the steps done are in the result's metrics as
+    `train/final_steps`). Gives a baseline the measured training time of another run (e.g. NTP at
+    MATT's wall-clock)."""
     batch_size: int = 4
     """Examples per micro-batch (per process)."""
     gradient_accumulation_steps: int = 1
-    gradient_clip_val: float | None = 1.0
+    gradient_clip_val: Optional[float] = 1.0
     """Max global grad norm; None or 0 disables clipping."""
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -93,56 +84,72 @@ class MATTConfig:
     num_decay_steps: int = 0
     """Linear decay to 0 over the last steps (0 disables the phase)."""
     seed: int = 42
-
-    # --- objective ----------------------------------------------------------------------------
-    loss: str = "mse"
-    """`mse` (better for generation) or `cosine` (better for discrimination)."""
-    aim_impl: str = "aim"
-    """`aim` (pairwise segment influence), `aim_star` (attention output per segment), `hidden` (the
-    AIM layer's output hidden state at each segment's last token, matched with `loss`: hidden-state
-    distillation as in Token Distillation, Dobler et al. 2025) or `none` (no AIM term: the
-    next-token-prediction baseline, requires `with_ntp`)."""
-    with_ntp: bool = False
-    """Add a next-token-prediction term (student at full depth), scaled to the AIM loss's size."""
-    output_embeddings: str = "tied"
-    """Output side of tied models: `tied` (LM head = AIM-trained input embeddings), `keep_init`
-    (untie; LM head keeps the initialised student embeddings) or `ntp` (untie and train the LM
-    head with the NTP term; needs `with_ntp`)."""
-    ntp_scope: str = "all"
-    """What the NTP term trains: `all` (input embeddings through every layer, and the LM head where it
-    trains) or `head` (only the LM head, on detached final hidden states: the input embeddings learn
-    from AIM alone and no backward pass runs through the layers above the AIM layer)."""
-
-    # --- data ---------------------------------------------------------------------------------
-    max_length: int = 512
-    """Max tokens per example on either side; longer documents continue as further examples."""
-    text_column: str = "text"
-    dataset_cache_dir: str | None = None
-    """Where prepared (segmented) datasets are cached; None = `~/.cache/matt/datasets`."""
-    num_proc: int = 1
-    """Processes for dataset preparation."""
+    precision: Precision = Precision.auto
+    """`auto` (the default), `32`, `bf16-mixed` or `fp16-mixed` (through Accelerate's autocast). `auto`
+    = bf16 autocast where the hardware computes bf16 natively (bf16-capable GPUs; CPUs with AMX or
+    AVX512-BF16), float32 elsewhere (see `native_bf16`). The AIM loss itself always runs in float32."""
+    cpu: bool = False
+    """Force CPU even when an accelerator is present."""
+    log_every_n_steps: int = 10
+    save_every_n_steps: int = 100
+    """Checkpoint cadence in optimizer steps, when there is a checkpoint directory (0 = only at the
+    end). The pipeline always has one (the job's output directory); the Python API has one when
+    `checkpoint_dir` is set."""
     num_workers: int = 0
     """DataLoader workers."""
     shuffle: bool = True
-
-    # --- hardware -----------------------------------------------------------------------------
-    precision: str = "auto"
-    """`auto`, `32`, `bf16-mixed` or `fp16-mixed` (through Accelerate's autocast). `auto` = bf16
-    autocast where the hardware computes bf16 natively (bf16-capable GPUs; CPUs with AMX or
-    AVX512-BF16), float32 elsewhere (see `native_bf16`). The AIM loss itself always runs in
-    float32."""
-    cpu: bool = False
-    """Force CPU even when an accelerator is present."""
-
-    # --- logging & checkpoints ----------------------------------------------------------------
-    log_every_n_steps: int = 10
-    save_every_n_steps: int = 0
-    """Checkpoint cadence in optimizer steps (0 = only at the end, when `checkpoint_dir` is set)."""
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    """Continue from the last checkpoint in `checkpoint_dir` (optimizer, scheduler, RNG, data)."""
     progress_bar: bool = True
+    resume: bool = False
+    """Continue from the last checkpoint (optimizer, scheduler, RNG, data position): the one in
+    `checkpoint_dir` (Python API) or in the job's output directory, with its MLflow run (pipeline)."""
 
+
+@dataclass
+class ObjectiveSettings:
+    """What trains the student's embeddings: the Hydra `objective` group (`objective.<field>`)."""
+
+    aim_impl: AimImpl = AimImpl.aim
+    """See `AimImpl`; `none` requires `with_ntp`."""
+    loss: Loss = Loss.mse
+    with_ntp: bool = False
+    """Add a next-token-prediction term (student at full depth), scaled to the AIM loss's size."""
+    output_embeddings: OutputMode = OutputMode.tied
+    """Output side of tied models (ignored for untied ones), see `OutputMode`; `ntp` needs `with_ntp`."""
+    ntp_scope: NtpScope = NtpScope.all
+    """See `NtpScope`; `head` needs `with_ntp` and an AIM term (the input embeddings then learn from
+    AIM alone and no backward pass runs through the layers above the AIM layer)."""
+
+
+@dataclass
+class DataSettings:
+    """How documents become training examples: part of the Hydra `data` group (`data.<field>`)."""
+
+    max_length: int = 512
+    """Max tokens per example on either side; longer documents continue as further examples."""
+    text_column: str = "text"
+    num_proc: int = 1
+    """Processes for dataset preparation."""
+    cache_dir: Optional[str] = None
+    """Where prepared (segmented) datasets are cached; None = `~/.cache/matt/datasets` (the pipeline:
+    `${paths.cache_dir}/datasets`)."""
+
+
+GROUPS = {"train": TrainSettings, "objective": ObjectiveSettings, "data": DataSettings}
+"""The Hydra group of each settings class: a `MATTConfig` field `f` of group `g` is the key `g.f`."""
+
+
+def hydra_key(name: str) -> str:
+    """The Hydra key of a `MATTConfig` field (`lr` -> `train.lr`); fields outside the groups as they are."""
+    return next((f"{group}.{name}" for group, cls in GROUPS.items() if name in cls.__dataclass_fields__), name)
+
+
+@dataclass
+class MATTConfig(DataSettings, ObjectiveSettings, TrainSettings):  # fields: train, objective, data
+    """Configuration of one MATT run: the fields of `TrainSettings`, `ObjectiveSettings` and
+    `DataSettings` (flat keywords), plus where checkpoints go and free-form metadata."""
+
+    checkpoint_dir: Optional[str] = None
+    """Checkpoints (and `resume`) live here; None = no checkpoints."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata carried into logs (e.g. the Hydra job name)."""
 
@@ -150,26 +157,30 @@ class MATTConfig:
         self.adam_betas = tuple(self.adam_betas)  # OmegaConf hands lists
         if self.gradient_clip_val == 0:
             self.gradient_clip_val = None
+        for f in dataclasses.fields(self):  # plain strings (or a CLI's 32) become members
+            if isinstance(f.type, type) and issubclass(f.type, Choice):
+                setattr(self, f.name, f.type.parse(getattr(self, f.name), hydra_key(f.name)))
         self.validate()
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise `ValueError` naming the first bad field and its allowed values."""
+        """Raise `ValueError` naming the first bad field by its Hydra key, with its allowed values."""
 
         def bad(name: str, allowed: str) -> None:
-            raise ValueError(f"MATTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+            value = getattr(self, name)
+            value = value.value if isinstance(value, Enum) else value
+            raise ValueError(f"{hydra_key(name)}={value!r} is invalid: {allowed}")
 
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "num_proc"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "num_proc",
+                     "log_every_n_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
         for name in ("num_warmup_steps", "num_decay_steps", "num_workers", "save_every_n_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
-        if not isinstance(self.log_every_n_steps, int) or self.log_every_n_steps < 1:
-            bad("log_every_n_steps", "must be a positive integer")
         if self.num_warmup_steps + self.num_decay_steps > self.max_steps:
             bad("num_warmup_steps", f"warmup + decay ({self.num_warmup_steps}+{self.num_decay_steps}) "
-                f"must not exceed max_steps={self.max_steps}")
+                f"must not exceed train.max_steps={self.max_steps}")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if self.weight_decay < 0:
@@ -178,23 +189,13 @@ class MATTConfig:
             bad("gradient_clip_val", "must be >= 0 or None")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             bad("adam_betas", "must be two numbers in [0, 1)")
-        if self.loss not in LOSSES:
-            bad("loss", f"choose one of {LOSSES}")
-        if self.aim_impl not in AIM_IMPLS:
-            bad("aim_impl", f"choose one of {AIM_IMPLS}")
-        if self.output_embeddings not in OUTPUT_EMBEDDINGS:
-            bad("output_embeddings", f"choose one of {OUTPUT_EMBEDDINGS}")
-        if self.ntp_scope not in NTP_SCOPES:
-            bad("ntp_scope", f"choose one of {NTP_SCOPES}")
-        if self.precision not in PRECISIONS:
-            bad("precision", f"choose one of {sorted(PRECISIONS)}")
-        if self.aim_impl == "none" and not self.with_ntp:
-            bad("aim_impl", "'none' leaves no training signal; set with_ntp=True for the NTP baseline")
-        if self.output_embeddings == "ntp" and not self.with_ntp:
-            bad("output_embeddings", "'ntp' trains the LM head with the NTP term; set with_ntp=True")
-        if self.ntp_scope == "head" and (not self.with_ntp or self.aim_impl == "none"):
+        if self.aim_impl == AimImpl.none and not self.with_ntp:
+            bad("aim_impl", "'none' leaves no training signal; set objective.with_ntp=true for the NTP baseline")
+        if self.output_embeddings == OutputMode.ntp and not self.with_ntp:
+            bad("output_embeddings", "'ntp' trains the LM head with the NTP term; set objective.with_ntp=true")
+        if self.ntp_scope == NtpScope.head and (not self.with_ntp or self.aim_impl == AimImpl.none):
             bad("ntp_scope", "'head' means AIM trains the input embeddings and NTP the LM head: it needs "
-                "with_ntp=True and an AIM objective (aim_impl 'aim', 'aim_star' or 'hidden')")
+                "objective.with_ntp=true and an AIM term (aim_impl 'aim', 'aim_star' or 'hidden')")
         if self.max_wall_clock_s is not None and not self.max_wall_clock_s > 0:
             bad("max_wall_clock_s", "must be > 0 seconds, or None for no budget")
         if self.resume and not self.checkpoint_dir:
@@ -211,7 +212,8 @@ class MATTConfig:
         return self.gradient_accumulation_steps
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (choices as strings): safe for JSON and for `torch.load(weights_only=True)`."""
+        return {k: v.value if isinstance(v, Enum) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MATTConfig":

@@ -44,8 +44,10 @@ import torch
 from torch import Tensor
 from torch.amp.autocast_mode import is_autocast_available
 
-AIM_IMPLS = ("aim", "aim_star")
-LOSSES = ("mse", "cosine")
+from matt.choices import AimImpl, Loss
+
+AIM_IMPLS = (AimImpl.aim, AimImpl.aim_star)
+"""The `AimImpl`s `aim_loss` computes (`hidden` is `hidden_state_loss`; `none` has no loss)."""
 COSINE_EPS = 1e-6
 """Both vectors are extended by one constant coordinate ε before taking the cosine (see `_one_minus_cos`)."""
 
@@ -466,9 +468,8 @@ def _prepare(t_attn: Tensor, t_values: Tensor, t_seg: Tensor, s_attn: Tensor, s_
              s_seg: Tensor, impl: str, loss: str) -> tuple[_Side, _Side]:
     """Validate the inputs (clear errors instead of shape crashes) and build both sides."""
     if impl not in AIM_IMPLS:
-        raise ValueError(f"unknown AIM impl {impl!r}; choose one of {AIM_IMPLS}")
-    if loss not in LOSSES:
-        raise ValueError(f"unknown AIM loss {loss!r}; choose one of {LOSSES}")
+        raise ValueError(f"unknown AIM impl {impl!r}; choose one of {[str(i) for i in AIM_IMPLS]}")
+    Loss.parse(loss, "AIM loss")
     dtype = functools.reduce(torch.promote_types, [t_attn.dtype, t_values.dtype, s_attn.dtype,
                                                    s_values.dtype], torch.float32)
     teacher = _side("teacher", t_attn, t_values, t_seg, dtype)
@@ -525,9 +526,6 @@ def _side(name: str, attn: Tensor, values: Tensor, seg: Tensor, dtype: torch.dty
 # Hidden-state distillation at segment ends (the baseline objective of "Token Distillation",
 # Dobler et al., arXiv:2505.20133, at the AIM layer)
 # ------------------------------------------------------------------------------------------------
-HIDDEN_LOSSES = ("mse", "cosine")
-
-
 def hidden_state_loss(
     teacher_hidden: Tensor, teacher_seg: Tensor, student_hidden: Tensor, student_seg: Tensor, loss: str = "mse",
 ) -> Tensor:
@@ -537,8 +535,7 @@ def hidden_state_loss(
     `*_seg` (B, L) segment ids as for `aim_loss`. With h_i and h'_i the teacher's and the student's
     vectors at segment i's last token: `mse` = mean over (b, i, d) of (h − h')², `cosine` = mean over
     (b, i) of 1 − cos(h, h'). Computed in float32 at least (autocast off)."""
-    if loss not in HIDDEN_LOSSES:
-        raise ValueError(f"unknown hidden-state loss {loss!r}; choose one of {HIDDEN_LOSSES}")
+    Loss.parse(loss, "hidden-state loss")
     dtype = functools.reduce(torch.promote_types, [teacher_hidden.dtype, student_hidden.dtype], torch.float32)
     for name, hidden, seg in (("teacher", teacher_hidden, teacher_seg), ("student", student_hidden, student_seg)):
         if hidden.ndim != 3:

@@ -18,7 +18,7 @@ def test_readme_quick_start(tmp_path, byte_level_tokenizer, sentencepiece_tokeni
     train_texts = list(SAMPLE_TEXTS)
 
     matt = MATT(config=MATTConfig(max_steps=4, batch_size=4, lr=1e-3, loss="mse", aim_impl="aim",
-                                  output_embeddings="keep_init", dataset_cache_dir=str(tmp_path / "cache"),
+                                  output_embeddings="keep_init", cache_dir=str(tmp_path / "cache"),
                                   progress_bar=False),
                 teacher_tokenizer=teacher_tok, student_tokenizer=student_tok)
     matt.prepare_dataset(train_texts, max_length=256, num_proc=2)

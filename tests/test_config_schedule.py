@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from matt.config import MATTConfig, native_bf16
+import dataclasses
+
+from matt.choices import Loss, Precision
+from matt.config import GROUPS, MATTConfig, hydra_key, native_bf16
 from matt.schedule import wsd_factor, wsd_scheduler
 
 
@@ -14,10 +17,28 @@ def test_defaults_are_valid_and_roundtrip():
     assert MATTConfig(precision="auto", cpu=True).mixed_precision == ("bf16" if native_bf16(cpu=True) else "no")
     assert MATTConfig(precision="32").mixed_precision == "no"
     assert MATTConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.save_every_n_steps == 100  # the one default (configs/train/default.yaml does not restate it)
+
+
+def test_choices_are_members_and_plain_strings():
+    cfg = MATTConfig(loss="cosine", precision="bf16")
+    assert cfg.loss is Loss.cosine and cfg.loss == "cosine" and f"{cfg.loss}" == "cosine"
+    assert cfg.precision is Precision["bf16-mixed"] and cfg.mixed_precision == "bf16"  # an alias
+    assert MATTConfig(precision=32).precision == "32"  # what a command line's `32` arrives as
+    assert cfg.to_dict()["loss"] == "cosine" and type(cfg.to_dict()["loss"]) is str
+
+
+def test_every_field_belongs_to_one_group():
+    names = [name for settings in GROUPS.values() for name in settings.__dataclass_fields__]
+    assert len(names) == len(set(names))  # a name in two groups would silently merge in MATTConfig
+    own = {f.name for f in dataclasses.fields(MATTConfig)} - set(names)
+    assert own == {"checkpoint_dir", "extra"}
+    assert (hydra_key("lr"), hydra_key("loss"), hydra_key("max_length"), hydra_key("extra")) == (
+        "train.lr", "objective.loss", "data.max_length", "extra")
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "kwargs, field",  # the error names the field by its Hydra key
     [
         ({"loss": "l1"}, "loss"),
         ({"aim_impl": "aim_plus"}, "aim_impl"),
@@ -36,7 +57,7 @@ def test_defaults_are_valid_and_roundtrip():
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=rf"MATTConfig\.{field}="):
+    with pytest.raises(ValueError, match=rf"^{hydra_key(field)}=.* is invalid: "):
         MATTConfig(**kwargs)
 
 

@@ -126,7 +126,7 @@ def test_hidden_loss_errors_name_the_problem():
     t_hidden, t_seg, s_hidden, s_seg = random_case()
     with pytest.raises(ValueError, match="same segments"):
         hidden_state_loss(t_hidden, t_seg, s_hidden, s_seg.clamp(max=0), loss="mse")
-    with pytest.raises(ValueError, match="unknown hidden-state loss"):
+    with pytest.raises(ValueError, match=r"hidden-state loss='l1' is invalid"):
         hidden_state_loss(t_hidden, t_seg, s_hidden, s_seg, loss="l1")
     with pytest.raises(ValueError, match="student_hidden must be"):
         hidden_state_loss(t_hidden, t_seg, s_hidden[0], s_seg)
@@ -141,7 +141,7 @@ def test_hidden_loss_errors_name_the_problem():
 # ---------------------------------------------------------------------------------------------
 def make_config(tmp_path, **overrides) -> MATTConfig:
     values = dict(max_steps=4, batch_size=4, lr=1e-2, shuffle=False, log_every_n_steps=1, max_length=64,
-                  dataset_cache_dir=str(tmp_path / "cache"), progress_bar=False, aim_impl="hidden")
+                  cache_dir=str(tmp_path / "cache"), progress_bar=False, aim_impl="hidden")
     values.update(overrides)
     return MATTConfig(**values)
 

@@ -23,10 +23,8 @@ GROUP_SCHEMAS = {
     "init": schema.InitConfig, "objective": schema.ObjectiveConfig, "train": schema.TrainConfig,
     "tracking": schema.TrackingConfig, "eval": schema.EvalConfig,
 }
-# Depth of each real model (public configs); `n_layers` must be about a third of it.
-REAL_DEPTHS = {"smollm2_135m": 30, "gemma3_270m": 18, "gemma3_4b": 34, "gemma3_12b": 48, "llama3_8b": 32,
-               "mistral_7b": 32, "qwen3_0_6b": 28, "qwen3_8b": 36, "pythia_1b": 16}
-UNTIED = {"llama3_8b", "mistral_7b", "qwen3_8b", "pythia_1b", "tiny_mistral", "tiny_qwen3", "tiny_gpt_neox"}
+# Real models whose public config unties the LM head (tiny models: read from their config below).
+UNTIED = {"llama3_8b", "mistral_7b", "qwen3_8b", "pythia_1b"}
 
 
 def chain_text(exc: BaseException) -> str:
@@ -78,13 +76,17 @@ def test_every_option_composes_against_the_schema(group, option, fake_assets):
     if group == "model":
         model = resolved["model"]
         assert model["family"] in FAMILIES
-        if option in REAL_DEPTHS:
-            assert model["n_layers"] == max(1, round(REAL_DEPTHS[option] / 3))
-            assert model["pretrained"]
+        assert model["pretrained"] or model["tiny"] is not None
+        if model["tiny"] is not None:  # NTP on by default exactly where the LM head is untied
+            from matt.tiny import tiny_config
+
+            assert model["with_ntp"] == (not tiny_config(model["family"], 400).tie_word_embeddings), option
         else:
-            assert model["tiny"] is not None and 1 <= model["n_layers"] <= model["tiny"]["num_hidden_layers"]
-        assert model["with_ntp"] == (option in UNTIED)
-        assert resolved["objective"]["n_layers"] == model["n_layers"]  # the objective follows the model's depth
+            assert model["with_ntp"] == (option in UNTIED), option
+        # the AIM depth is set in one place, objective.n_layers (None: a third of the model's layers,
+        # resolved by preflight); the objective's NTP default is the model's
+        assert "n_layers" not in model and resolved["objective"]["n_layers"] is None
+        assert resolved["objective"]["with_ntp"] == model["with_ntp"]
 
 
 def test_offline_assets_resolve_lazily_through_matt_assets(fake_assets, tmp_path):
@@ -203,28 +205,37 @@ def test_matt_config_errors_name_the_hydra_key():
     from matt.pipeline.train import matt_config
 
     cfg = compose("transfer", ["experiment=smoke", "train.lr=-1"])
-    with pytest.raises(ValueError, match=r"^train\.lr: "):
+    with pytest.raises(ValueError, match=r"^train\.lr=-1\.0 is invalid: must be > 0"):
         matt_config(cfg)
     cfg = compose("transfer", ["experiment=smoke", "objective.output_embeddings=ntp"])
-    with pytest.raises(ValueError, match=r"^objective\.output_embeddings: .*with_ntp"):
+    with pytest.raises(ValueError, match=r"^objective\.output_embeddings='ntp' is invalid: .*objective\.with_ntp"):
         matt_config(cfg)
-    cfg = compose("transfer", ["experiment=smoke", "train.precision=fp8"])
-    with pytest.raises(ValueError, match=r"^train\.precision: .*choose one of"):
-        matt_config(cfg)
+    # a precision outside `matt.choices.Precision` fails while composing, naming the key and the choices
+    with pytest.raises(Exception) as excinfo:
+        compose("transfer", ["experiment=smoke", "train.precision=fp8"])
+    assert "train.precision" in chain_text(excinfo.value) and "bf16-mixed" in chain_text(excinfo.value)
 
 
 def test_group_values_map_onto_matt_config():
-    from matt.pipeline.train import matt_config, resolved_n_layers, resolved_with_ntp
+    from matt.config import GROUPS
+    from matt.pipeline.train import matt_config
 
     cfg = compose("transfer", ["experiment=smoke", "objective=aim_star", "objective.loss=cosine",
-                               "objective.n_layers=3", "train.max_steps=7", "model=tiny_qwen3"])
+                               "objective.n_layers=3", "train.max_steps=7", "model=tiny_qwen3",
+                               "train.adam_eps=1e-6", "data.num_proc=2", "train.precision=bf16"])
     config = matt_config(cfg, checkpoint_dir="/tmp/ckpt")
     assert (config.aim_impl, config.loss, config.max_steps, config.checkpoint_dir) == (
         "aim_star", "cosine", 7, "/tmp/ckpt")
-    assert resolved_n_layers(cfg) == 3
-    assert resolved_with_ntp(cfg) and config.with_ntp  # untied Qwen3 turns NTP on by default ...
+    assert (config.adam_eps, config.num_proc, config.precision, config.mixed_precision) == (1e-6, 2, "bf16-mixed", "bf16")
+    for group, settings in GROUPS.items():  # every field of every group arrives as composed
+        for name in settings.__dataclass_fields__:
+            if name not in ("cache_dir", "resume"):  # the two the pipeline decides (output dirs)
+                assert getattr(config, name) == (tuple(cfg[group][name]) if name == "adam_betas"
+                                                 else cfg[group][name]), name
+    assert cfg.objective.n_layers == 3
+    assert cfg.objective.with_ntp is True and config.with_ntp  # untied Qwen3 turns NTP on by default ...
     cfg = compose("transfer", ["experiment=smoke", "model=tiny_qwen3", "objective.with_ntp=false"])
-    assert not resolved_with_ntp(cfg)  # ... unless the objective says otherwise
+    assert cfg.objective.with_ntp is False  # ... unless the objective says otherwise
     ntp = compose("transfer", ["experiment=smoke", "objective=ntp"])
     assert matt_config(ntp).aim_impl == "none" and matt_config(ntp).with_ntp
 

@@ -121,8 +121,8 @@ def test_eval_split_that_does_not_exist(paths):
 
 
 def test_training_values_are_checked_under_their_keys(paths):
-    check(SMOKE + paths + ["train.batch_size=0"], r"^train\.batch_size: .*positive integer")
-    check(SMOKE + paths + ["objective.output_embeddings=ntp"], r"^objective\.output_embeddings: ")
+    check(SMOKE + paths + ["train.batch_size=0"], r"^train\.batch_size=0 is invalid: must be a positive integer")
+    check(SMOKE + paths + ["objective.output_embeddings=ntp"], r"^objective\.output_embeddings='ntp' is invalid")
 
 
 def test_the_app_fails_before_any_run_or_heavy_work(tmp_path, monkeypatch):

@@ -94,7 +94,8 @@ def test_the_run_lands_in_mlflow_with_params_metrics_artifacts_tags(smoke_run):
     run = runs[0]
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["objective.name"] == "aim" and params["objective.n_layers"] == "2"  # flattened resolved config
+    assert params["objective.name"] == "aim" and params["objective.n_layers"] == "null"  # flattened resolved config
+    assert params["resolved.n_layers"] == "2"  # objective.n_layers None: a third of the 6 layers, resolved by preflight
     assert params["model.family"] == "llama" and params["train.max_steps"] == "12" and params["resolved.depth"] == "6"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6, 8, 10, 12]
     for prefix in ("original", "init", "final"):

@@ -239,7 +239,7 @@ def test_training_with_the_ntp_head_under_bf16_autocast(tmp_path, device, byte_l
     from matt.initialization import build_student_model
 
     config = MATTConfig(max_steps=2, batch_size=4, lr=1e-2, shuffle=False, log_every_n_steps=1, max_length=64,
-                        dataset_cache_dir=str(tmp_path / "cache"), progress_bar=False, precision="bf16-mixed",
+                        cache_dir=str(tmp_path / "cache"), progress_bar=False, precision="bf16-mixed",
                         cpu=device == "cpu", with_ntp=True, output_embeddings="ntp", ntp_scope="head")
     matt = MATT(config=config, teacher_tokenizer=byte_level_tokenizer, student_tokenizer=sentencepiece_tokenizer)
     matt.prepare_dataset(["Attention layers move information between tokens."] * 4)

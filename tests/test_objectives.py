@@ -11,9 +11,10 @@ from devices import CUDA, DEVICES
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from matt.objectives import AIM_IMPLS, LOSSES, aim_loss, naive_aim_loss, segment_last_positions
+from matt.choices import Loss
+from matt.objectives import AIM_IMPLS, aim_loss, naive_aim_loss, segment_last_positions
 
-CASES = [(impl, loss) for impl in AIM_IMPLS for loss in LOSSES]
+CASES = [(impl, loss) for impl in AIM_IMPLS for loss in Loss]
 
 
 def make_seg(sizes_per_row: list[list[int]], bos: int, length: int) -> torch.Tensor:
@@ -160,7 +161,7 @@ def test_special_tokens_inside_segments_and_very_uneven_segments(impl, loss):
         torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", list(Loss))
 def test_head_chunking_does_not_change_the_result(monkeypatch, loss):
     import matt.objectives as objectives
 
@@ -302,7 +303,7 @@ def test_efficient_path_never_allocates_pairwise_value_tensors(monkeypatch):
     allowed = max(batch * heads * length**2, batch * heads * length * dim, batch * heads * n_segments * length)
     assert allowed < forbidden / 4
 
-    for loss in LOSSES:
+    for loss in Loss:
         with LargestTensor() as fast:
             value = aim_loss(t_attn.detach(), t_values.detach(), seg, s_attn, s_values, seg, loss=loss)
             forward_ops = fast.ops
@@ -337,7 +338,7 @@ def test_batch_without_segments_is_rejected():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(impl="aim_plus"), r"unknown AIM impl 'aim_plus'.*'aim', 'aim_star'"),
-    (dict(loss="l1"), r"unknown AIM loss 'l1'.*'mse', 'cosine'"),
+    (dict(loss="l1"), r"AIM loss='l1' is invalid: choose one of \['mse', 'cosine'\]"),
 ])
 def test_unknown_impl_or_loss(kwargs, match):
     for fn in (aim_loss, naive_aim_loss):

@@ -35,7 +35,7 @@ def run(tmp_path, ckpt, teacher_tok, student_tok, *, resume=False, log_fns=(), g
         **overrides):
     """One training run of a tiny Llama (fresh models, same seed every time)."""
     values = dict(max_steps=6, batch_size=2, lr=1e-2, shuffle=True, log_every_n_steps=1, max_length=64,
-                  dataset_cache_dir=str(tmp_path / "cache"), progress_bar=False, num_warmup_steps=1,
+                  cache_dir=str(tmp_path / "cache"), progress_bar=False, num_warmup_steps=1,
                   num_decay_steps=2, checkpoint_dir=str(ckpt), save_every_n_steps=1, resume=resume)
     values.update(overrides)
     matt = MATT(config=MATTConfig(**values), teacher_tokenizer=teacher_tok, student_tokenizer=student_tok)
@@ -163,14 +163,16 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, tokenizer
 def test_cost_accumulates_across_resumes_and_a_finished_run_resumes_as_a_no_op(tmp_path, tokenizers, straight):
     ckpt = tmp_path / "cost"
 
-    def slow_then_crash(metrics, step):
-        if step == 2:
+    backward_calls = []
+
+    def slow_second_backward(grad):  # inside a training step: counted (log-function time is not)
+        backward_calls.append(grad)
+        if len(backward_calls) == 2:
             time.sleep(0.5)
-        if step == 4:
-            raise Crash
+        return grad
 
     with pytest.raises(Crash):
-        run(tmp_path, ckpt, *tokenizers, log_fns=[slow_then_crash])
+        run(tmp_path, ckpt, *tokenizers, log_fns=[crash_at(4)], grad_hook=slow_second_backward)
     resumed, _ = run(tmp_path, ckpt, *tokenizers, resume=True)
     assert resumed.metrics["flops"] == pytest.approx(straight[0].metrics["flops"], rel=1e-12)
     assert resumed.metrics["wall_clock_s"] >= 0.5 and resumed.metrics["elapsed_s"] >= 0.5

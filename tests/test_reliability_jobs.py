@@ -59,19 +59,28 @@ def test_resume_accumulates_cost_and_a_finished_job_resumes_as_a_no_op(tmp_path,
     args = ["experiment=smoke", "eval=none", "train.max_steps=6", "train.log_every_n_steps=1",
             "train.save_every_n_steps=100", f"paths.output_root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={root / 'run'}"]
-    original_log = run_context.JsonlLog.__call__
+    import matt.trainer as trainer_module
 
-    def slow_then_crash(self, metrics, step):
-        original_log(self, metrics, step)
-        if step == 2:
+    original_log, original_aim_loss = run_context.JsonlLog.__call__, trainer_module.aim_loss
+    calls = []
+
+    def slow_second_step(*args, **kwargs):  # inside a training step: counted (log-function time is not)
+        calls.append(1)
+        if len(calls) == 2:
             time.sleep(1.0)
+        return original_aim_loss(*args, **kwargs)
+
+    def crash(self, metrics, step):
+        original_log(self, metrics, step)
         if step == 3:
             raise RuntimeError("simulated crash at step 3")
 
-    env.setattr(run_context.JsonlLog, "__call__", slow_then_crash)
+    env.setattr(trainer_module, "aim_loss", slow_second_step)
+    env.setattr(run_context.JsonlLog, "__call__", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_app(transfer, args)
     env.setattr(run_context.JsonlLog, "__call__", original_log)
+    env.setattr(trainer_module, "aim_loss", original_aim_loss)
     run_app(transfer, args + ["train.resume=true"])
 
     client = MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")

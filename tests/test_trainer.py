@@ -15,7 +15,7 @@ TEXTS = SAMPLE_TEXTS[:4]  # batch_size 4, no shuffle -> the same fixed batch eve
 
 def make_config(tmp_path, **overrides) -> MATTConfig:
     values = dict(max_steps=6, batch_size=4, lr=1e-2, shuffle=False, log_every_n_steps=1,
-                  max_length=64, dataset_cache_dir=str(tmp_path / "cache"), progress_bar=False)
+                  max_length=64, cache_dir=str(tmp_path / "cache"), progress_bar=False)
     values.update(overrides)
     return MATTConfig(**values)
 

@@ -25,17 +25,16 @@ from __future__ import annotations
 import copy as copy_module
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from matt.choices import OutputMode
 from matt.modeling.capture import AIM_ATTENTION, AIMCapture, StopForward, attach_capture
 from matt.modeling.embeddings import EmbeddingLMHead, PartlyFrozenEmbedding
 from matt.modeling.lm_head_loss import IGNORE_INDEX, lm_head_cross_entropy
 
-OutputMode = Literal["tied", "keep_init", "ntp"]
-OUTPUT_MODES = ("tied", "keep_init", "ntp")
 _WRAPPED_MARKER = "_matt_aim_wrapped_by"
 
 
@@ -360,8 +359,7 @@ class PreTrainedModelForAIM(nn.Module):
         ntp: untie; the head is a trainable copy (frozen-mask rows stay frozen), trained by the
             NTP term, so the wrapper must have `with_ntp=True`.
         """
-        if mode not in OUTPUT_MODES:
-            raise ValueError(f"output mode {mode!r} is invalid: choose one of {OUTPUT_MODES}")
+        mode = OutputMode.parse(mode, "output mode")
         if not self.is_tied:
             raise ValueError(
                 f"{self._model_name()} has untied input and output embeddings; output modes apply to tied "

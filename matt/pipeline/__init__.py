@@ -7,7 +7,7 @@ models      teacher tokenizer / config / weights (local dir, hub id or tiny rand
 documents   documents from a hub dataset, local files or the built-in sample; splits and caps
 tokenizer   the student tokenizer: pretrained | train | extend (cached)
 init        the student's initial embeddings: focus | mean | random | subword_mean | checkpoint
-train       MATTConfig from the groups, adapters, the training run
+train       MATTConfig from the train/objective/data groups, adapters, the training run
 save        the adapted HF model directory + student tokenizer
 evaluate    the `eval` group: metrics of original / init / final models, tables; `evaluate` recipe
 transfer    the `transfer` recipe tying the steps together (tracking, checkpoints, resume)

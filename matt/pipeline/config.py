@@ -17,9 +17,12 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from matt.config import DataSettings, ObjectiveSettings, TrainSettings
+
 
 # ------------------------------------------------------------------------------------------------
-# choices (enum member names are what users type: `objective.loss=cosine`)
+# choices of the pipeline (enum member names are what users type: `tokenizer.source=extend`); the
+# training choices (`objective.loss=cosine`, `train.precision=bf16-mixed`) are in `matt.choices`
 # ------------------------------------------------------------------------------------------------
 class TokenizerStyle(Enum):
     byte_level = "byte_level"
@@ -66,29 +69,6 @@ class FocusFallback(Enum):
     random = "random"
 
 
-class AimImpl(Enum):
-    aim = "aim"
-    aim_star = "aim_star"
-    hidden = "hidden"
-    none = "none"
-
-
-class Loss(Enum):
-    mse = "mse"
-    cosine = "cosine"
-
-
-class OutputEmbeddings(Enum):
-    tied = "tied"
-    keep_init = "keep_init"
-    ntp = "ntp"
-
-
-class NtpScope(Enum):
-    all = "all"
-    head = "head"
-
-
 class RecoverRows(Enum):
     input = "input"
     input_output = "input_output"
@@ -120,7 +100,7 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    """The teacher: weights (local dir or hub id), its tokenizer, and the default AIM depth."""
+    """The teacher: weights (local dir or hub id), its tokenizer, whether its runs add NTP by default."""
 
     name: str = MISSING
     family: str = MISSING
@@ -133,11 +113,9 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "float32"
     """Weights dtype when loading: float32 | bfloat16 | float16 | auto."""
-    n_layers: int = MISSING
-    """Default AIM depth (about a third of the layers); `objective.n_layers` overrides it."""
     with_ntp: bool = False
-    """Whether AIM runs on this model add the NTP term by default (untied LM heads learn their new
-    rows only through it, e.g. Qwen3-8B)."""
+    """Whether AIM runs on this model add the NTP term by default (`objective.with_ntp`'s default:
+    untied LM heads learn their new rows only through it, e.g. Qwen3-8B)."""
     trust_remote_code: bool = False
     tiny: Optional[TinyModelConfig] = None
     """Set for random tiny models (then `pretrained` is ignored)."""
@@ -163,8 +141,9 @@ class TokenizerConfig:
 
 
 @dataclass
-class DataConfig:
-    """Target-language text: a hub dataset, local files, or the built-in sample."""
+class DataConfig(DataSettings):
+    """Target-language text: a hub dataset, local files, or the built-in sample; how it becomes
+    examples (`max_length`, `text_column`, `num_proc`, `cache_dir`) is `matt.config.DataSettings`."""
 
     name: str = MISSING
     path: str = MISSING
@@ -178,7 +157,6 @@ class DataConfig:
     """Held-out split; when the source lacks it, `validation_fraction` of train is held out."""
     test_split: Optional[str] = "test"
     validation_fraction: float = 0.1
-    text_column: str = "text"
     text_sample_by: TextSampleBy = TextSampleBy.paragraph
     """How .txt files are cut into documents."""
     streaming: bool = False
@@ -188,13 +166,8 @@ class DataConfig:
     max_tokens: Optional[int] = None
     """Cap on training text, in teacher tokens (first documents until reached)."""
     max_validation_documents: Optional[int] = None
-    max_length: int = 512
-    """Max tokens per training example on either side."""
-    num_proc: int = 1
     seed: int = 0
     """Seed of the train/validation split by fraction."""
-    cache_dir: Optional[str] = None
-    """Prepared (segmented) datasets cache; None = `${paths.cache_dir}/datasets`."""
 
 
 @dataclass
@@ -215,53 +188,22 @@ class InitConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    """What trains the student's embeddings."""
+class ObjectiveConfig(ObjectiveSettings):
+    """What trains the student's embeddings: `matt.config.ObjectiveSettings` plus the pipeline's own
+    steps (the AIM depth the adapters are built at, which rows are frozen)."""
 
     name: str = MISSING
-    aim_impl: AimImpl = AimImpl.aim
-    loss: Loss = Loss.mse
-    with_ntp: Optional[bool] = None
-    """None = the model's default (`model.with_ntp`)."""
+    with_ntp: bool = "${model.with_ntp}"  # the one default that depends on the model
+    """Add a next-token-prediction term; default: the model's recommendation (`model.with_ntp`)."""
     n_layers: Optional[int] = None
-    """AIM depth (AIM layer = n_layers - 1); None = `model.n_layers`."""
+    """AIM depth (AIM layer = n_layers - 1), the one place it is set; None = about a third of the
+    model's layers, `max(1, round(num_hidden_layers / 3))` (resolved once, by preflight)."""
     freeze_shared: bool = True
     """Keep the embeddings of tokens shared with the teacher fixed."""
-    output_embeddings: OutputEmbeddings = OutputEmbeddings.tied
-    """Output side of tied models: tied | keep_init | ntp (ignored for untied models)."""
-    ntp_scope: NtpScope = NtpScope.all
-    """What the NTP term trains: all (input embeddings through every layer + LM head) | head (LM head
-    only, on detached hidden states; input embeddings from AIM alone)."""
 
 
-@dataclass
-class TrainConfig:
-    """The optimisation loop (mapped onto `MATTConfig`)."""
-
-    max_steps: int = 1000
-    max_wall_clock_s: Optional[float] = None
-    """Training-time budget: stop at the first step boundary past it (steps done are recorded as
-    `train/final_steps`); with a large `max_steps`, trains for a given time (e.g. NTP at MATT's time)."""
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    gradient_clip_val: Optional[float] = 1.0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    num_warmup_steps: int = 0
-    num_decay_steps: int = 0
-    precision: str = "auto"
-    """auto (bf16 autocast where the hardware computes bf16 natively, else float32) | 32 |
-    bf16-mixed | fp16-mixed."""
-    cpu: bool = False
-    seed: int = 42
-    log_every_n_steps: int = 10
-    save_every_n_steps: int = 100
-    num_workers: int = 0
-    shuffle: bool = True
-    progress_bar: bool = True
-    resume: bool = False
-    """Continue the checkpoint (and the MLflow run) found in this job's output directory."""
+TrainConfig = TrainSettings
+"""The `train` group's schema is `matt.config.TrainSettings` itself."""
 
 
 @dataclass

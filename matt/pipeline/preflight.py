@@ -134,12 +134,12 @@ def check_family(model_cfg, model_config=None) -> None:
 
 
 def check_n_layers(cfg, depth: int) -> int:
-    from matt.pipeline.train import resolved_n_layers
+    """`objective.n_layers` resolved for a model of `depth` layers (None: about a third) and checked."""
+    from matt.modeling.base import default_n_layers
 
-    n_layers = resolved_n_layers(cfg)
+    n_layers = default_n_layers(depth) if cfg.objective.n_layers is None else int(cfg.objective.n_layers)
     if not 1 <= n_layers <= depth:
-        key = "objective.n_layers" if cfg.objective.n_layers is not None else "model.n_layers"
-        raise ValueError(f"{key}={n_layers} is invalid for {cfg.model.name} with {depth} layers: choose an "
+        raise ValueError(f"objective.n_layers={n_layers} is invalid for {cfg.model.name} with {depth} layers: choose an "
                          f"integer in [1, {depth}] (the AIM layer is n_layers - 1)")
     return n_layers
 
@@ -196,7 +196,7 @@ def preflight(cfg) -> Plan:
     from matt.pipeline.documents import load_documents
     from matt.pipeline.models import load_model_config, load_teacher_tokenizer, text_config
     from matt.pipeline.tokenizer import load_pretrained_student
-    from matt.pipeline.train import matt_config, resolved_with_ntp
+    from matt.pipeline.train import matt_config
     from matt.segmentation import check_offsets_support
 
     check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))
@@ -227,7 +227,7 @@ def preflight(cfg) -> Plan:
     check_eval(cfg.eval, documents)
     check_probe(cfg, documents)
     plan = Plan(teacher_tokenizer=teacher_tokenizer, model_config=model_config, documents=documents,
-                n_layers=n_layers, depth=depth, hidden_size=hidden, with_ntp=resolved_with_ntp(cfg),
+                n_layers=n_layers, depth=depth, hidden_size=hidden, with_ntp=bool(cfg.objective.with_ntp),
                 student_tokenizer=student_tokenizer)
     logger.info("Preflight OK: %s", plan.summary())
     return plan

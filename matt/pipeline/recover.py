@@ -52,7 +52,7 @@ from matt.pipeline.config import enum_value
 from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.preflight import preflight
 from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
-from matt.pipeline.train import make_accelerator, matt_config, resolved_n_layers, resolved_with_ntp
+from matt.pipeline.train import make_accelerator, matt_config
 from matt.segmentation import special_token_ids
 from matt.tracking import flatten, open_tracker, save_run_reference
 
@@ -277,7 +277,7 @@ def run_recover(cfg) -> float | None:
         raise ValueError("recover_known runs in a single process (its probe evaluates during training)")
     checkpoint_dir = output_dir / "checkpoints"
     mcfg = matt_config(cfg, checkpoint_dir=checkpoint_dir)
-    n_layers, with_ntp = resolved_n_layers(cfg), resolved_with_ntp(cfg)
+    n_layers, with_ntp = plan.n_layers, plan.with_ntp
     tokenizer, documents = plan.teacher_tokenizer, plan.documents
     cache_dir = Path(cfg.paths.cache_dir)
     label = cfg.label or (f"{method_label(cfg, n_layers, with_ntp, tied=False)} rows={rows_mode} "
@@ -285,9 +285,9 @@ def run_recover(cfg) -> float | None:
     job = hydra_job(cfg)
     tags = {"matt.kind": "recover_known", "matt.experiment": cfg.name, "matt.label": label,
             "matt.model": cfg.model.name, "matt.objective": cfg.objective.name,
-            "matt.aim_impl": enum_value(cfg.objective.aim_impl), "matt.loss": enum_value(cfg.objective.loss),
+            "matt.aim_impl": str(cfg.objective.aim_impl), "matt.loss": str(cfg.objective.loss),
             "matt.n_layers": n_layers, "matt.with_ntp": str(with_ntp).lower(), "matt.init": method,
-            "matt.recover_rows": rows_mode, "matt.output_embeddings": enum_value(cfg.objective.output_embeddings),
+            "matt.recover_rows": rows_mode, "matt.output_embeddings": str(cfg.objective.output_embeddings),
             "matt.output_dir": str(output_dir.resolve()), **{f"matt.{k}": v for k, v in job.items()}}
     tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, is_main_process=True,
                            run_name=cfg.tracking.run_name or job.get("overrides") or cfg.name, tags=tags,

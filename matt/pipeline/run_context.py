@@ -12,7 +12,6 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from matt.pipeline.config import enum_value
 
 STAMP_ENV = "MATT_RUN_STAMP"
 """Set (by rank 0 under a distributed launch, or by the user) to force the run directory's stamp."""
@@ -61,14 +60,14 @@ def method_label(cfg, n_layers: int, with_ntp: bool, tied: bool) -> str:
     if cfg.label:
         return str(cfg.label)
     parts = [str(cfg.objective.name)]
-    head_only = with_ntp and enum_value(cfg.objective.ntp_scope) == "head"
-    if enum_value(cfg.objective.aim_impl) != "none":
-        parts += [enum_value(cfg.objective.loss), f"L{n_layers}"]
+    head_only = with_ntp and cfg.objective.ntp_scope == "head"
+    if cfg.objective.aim_impl != "none":
+        parts += [str(cfg.objective.loss), f"L{n_layers}"]
         if with_ntp and cfg.objective.name != "aim_ntp":
             parts.append("+ntp(head)" if head_only else "+ntp")
         elif head_only:
             parts.append("(ntp: head)")
-    output = enum_value(cfg.objective.output_embeddings)
+    output = str(cfg.objective.output_embeddings)
     if tied and output != "tied" and not (output == "ntp" and with_ntp):  # an NTP-trained head is implied
         parts.append(output)
     if not cfg.objective.freeze_shared:

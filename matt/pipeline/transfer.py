@@ -96,8 +96,8 @@ def run_transfer(cfg) -> float | None:
     job = hydra_job(cfg)
     tags = {
         "matt.kind": "transfer", "matt.experiment": cfg.name, "matt.label": label, "matt.model": cfg.model.name,
-        "matt.model_family": cfg.model.family, "matt.aim_impl": enum_value(cfg.objective.aim_impl),
-        "matt.objective": cfg.objective.name, "matt.loss": enum_value(cfg.objective.loss),
+        "matt.model_family": cfg.model.family, "matt.aim_impl": str(cfg.objective.aim_impl),
+        "matt.objective": cfg.objective.name, "matt.loss": str(cfg.objective.loss),
         "matt.n_layers": plan.n_layers, "matt.with_ntp": str(plan.with_ntp).lower(),
         "matt.init": enum_value(cfg.init.method), "matt.tokenizer": enum_value(cfg.tokenizer.source),
         "matt.world_size": accelerator.num_processes, "matt.output_dir": str(output_dir.resolve()),
@@ -157,7 +157,7 @@ def run_transfer(cfg) -> float | None:
 
             torch.cuda.reset_peak_memory_stats(accelerator.device)
         train_log = JsonlLog(output_dir / "train_log.jsonl")
-        teacher, student = build_adapters(cfg, matt, teacher_model, student_model)
+        teacher, student = build_adapters(cfg, matt, teacher_model, student_model, plan.n_layers)
         log_fns, probe, eval_model = [tracker.training_logger(), train_log], None, None
         if cfg.probe.enabled and is_main:  # held-out diagnostics, outside the training clock
             if cfg.probe.bpb:
