@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow assets demo demo-gemma3 smoke bench gpu-check clean
+.PHONY: install test test-slow assets demo demo-gemma3 quality smoke bench gpu-check clean
 
 # torch first (local CPU wheel), then the project with its dev extras.
 $(STAMP): pyproject.toml
@@ -33,6 +33,12 @@ demo: $(STAMP) assets
 
 demo-gemma3: $(STAMP) assets
 	$(PY) experiments/transfer.py experiment=demo_gemma3
+
+# The strong-teacher comparison (README "Results"): every method at the same wall-clock budget on
+# Gemma 3 270M + 8K Ukrainian tokens, one MLflow run each, then the table and budget curves (~2 h).
+quality: $(STAMP) assets
+	$(PY) experiments/transfer.py -m experiment=quality_gemma3
+	$(PY) experiments/report.py experiment_name=quality_gemma3
 
 # A tiny end-to-end transfer (offline, seconds) and the report over all smoke runs so far.
 smoke: $(STAMP)
