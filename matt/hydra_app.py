@@ -18,6 +18,7 @@ Resolvers available in configs:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 from matt.pipeline.config import register_configs
 from matt.pipeline.run_context import STAMP_ENV, new_run_stamp, run_stamp
+from matt.tracking import Terminated
 
 CONFIG_DIR_ENV = "MATT_CONFIG_DIR"
 
@@ -113,11 +115,21 @@ def _hydra_main(task: Callable[[Any], Any], config_name: str, argv: Sequence[str
         sys.argv = saved
 
 
+def _raise_terminated(signum, frame) -> None:
+    """SIGTERM (a scheduler's preemption, `kill`) stops a job as Ctrl-C does: emergency checkpoint,
+    MLflow run KILLED, instead of dying with the run left RUNNING and the last steps lost."""
+    raise Terminated(f"received signal {signum} (SIGTERM)")
+
+
 def _transfer_task(cfg) -> float | None:
     from matt.pipeline.recover import run_recover
     from matt.pipeline.transfer import run_transfer
 
-    return run_recover(cfg) if cfg.recover.enabled else run_transfer(cfg)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return run_recover(cfg) if cfg.recover.enabled else run_transfer(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _evaluate_task(cfg) -> None:

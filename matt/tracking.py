@@ -14,7 +14,7 @@ the store can be reached or written. A sqlite store is opened under a file lock,
 that find it fresh do not race through its schema migration.
 
 Crashes and resumption: `run()` used as a context manager ends the run FINISHED, or FAILED with
-the exception recorded (tag `matt.error`, artifact `error/traceback.txt`; Ctrl-C ends it KILLED).
+the exception recorded (tag `matt.error`, artifact `error/traceback.txt`; Ctrl-C or SIGTERM ends it KILLED).
 If the store itself fails while recording that, the original exception is still what propagates.
 The run id is written to `<checkpoint_dir>/mlflow_run.json` as soon as the run exists, so a
 resumed job (`train.resume=true` in the same output directory) reopens the SAME run; there, a
@@ -51,6 +51,10 @@ STORE_CHECK_TIMEOUT_S = 5.0
 STORE_LOCK_TIMEOUT_S = 300.0
 """How long a job waits for another one to finish initialising a sqlite store."""
 SQLITE_PREFIX = "sqlite:///"
+
+
+class Terminated(BaseException):
+    """The job received SIGTERM (raised by the entry points' signal handler): its run ends KILLED."""
 
 
 def default_tracking_uri(output_root: str | Path) -> str:
@@ -345,7 +349,7 @@ class MLflowTracker(Tracker):
     def fail(self, exc: BaseException) -> None:
         """Record `exc` and end the run; never raises (the store may be what failed), so the
         caller re-raises the first error, not a secondary one from the store."""
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
         logger.error("MLflow run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
         try:
             self.set_tags({"matt.error": f"{type(exc).__name__}: {exc}"})

@@ -133,3 +133,40 @@ def test_two_concurrent_jobs_on_a_fresh_store_both_finish_in_separate_directorie
     for run in runs:  # each directory holds its own run's outputs
         assert run.data.tags["matt.output_dir"] in {str(d.resolve()) for d in run_dirs}
     assert len({r.data.tags["matt.output_dir"] for r in runs}) == 2
+
+
+def test_sigterm_stops_a_job_killed_with_its_last_steps_checkpointed(tmp_path, env):
+    """A scheduler's SIGTERM (preemption, `kill`) mid-training: the run ends KILLED in MLflow (not
+    left RUNNING), the emergency checkpoint holds every finished step, and resume continues it."""
+    import os
+    import signal
+
+    from matt.pipeline import run_context
+    from matt.tracking import Terminated
+
+    root = tmp_path / "out"
+    args = ["experiment=smoke", "eval=none", "train.max_steps=6", "train.log_every_n_steps=1",
+            "train.save_every_n_steps=100", f"paths.output_root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={root / 'run'}"]
+    original_log = run_context.JsonlLog.__call__
+
+    def terminate_at_step_3(self, metrics, step):
+        original_log(self, metrics, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    env.setattr(run_context.JsonlLog, "__call__", terminate_at_step_3)
+    with pytest.raises(Terminated, match="SIGTERM"):
+        run_app(transfer, args)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the job's handler is gone afterwards
+    client = MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert run.info.status == "KILLED" and "Terminated" in run.data.tags["matt.error"]
+    saved = json.loads((root / "run" / "checkpoints" / "trainer_state.json").read_text())
+    assert saved["step"] == 3
+    env.setattr(run_context.JsonlLog, "__call__", original_log)
+    run_app(transfer, args + ["train.resume=true"])
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
