@@ -88,7 +88,7 @@ def aim_loss(
         if impl == "aim_star":
             return _vector_loss(teacher.queries() @ teacher.values, student.queries() @ student.values,
                                 _restrict(teacher.valid, pairs), loss)
-        mask = _restrict(_pair_mask(teacher.valid), pairs)  # (B, S, S)
+        mask = _restrict(pair_mask(teacher.valid), pairs)  # (B, S, S)
         total = _PairwiseAIM.apply(teacher.attn, teacher.values, student.attn, student.values,
                                    teacher.positions, student.positions, teacher.seg, student.seg, mask, loss)
         count = mask.sum() * teacher.values.shape[1]  # pairs × heads
@@ -105,7 +105,7 @@ def naive_aim_loss(
                                 student_attn, student_values, student_seg, impl, loss)
     with _no_autocast(teacher_attn.device):
         vec_t, vec_s = _naive_vectors(teacher, impl), _naive_vectors(student, impl)
-        mask = _restrict(_pair_mask(teacher.valid) if impl == "aim" else teacher.valid, pairs)
+        mask = _restrict(pair_mask(teacher.valid) if impl == "aim" else teacher.valid, pairs)
         return _vector_loss(vec_t, vec_s, mask, loss)
 
 
@@ -441,8 +441,9 @@ def _one_minus_cos(dot: Tensor, n_x: Tensor, n_y: Tensor) -> Tensor:
     return (1 - (dot + e) / torch.sqrt((n_x + e) * (n_y + e))).clamp_min(0.0)  # rounding can overshoot cos = 1
 
 
-def _pair_mask(valid: Tensor) -> Tensor:
-    """(B, S, S): query segment i and key segment k both exist and k ≤ i."""
+def pair_mask(valid: Tensor) -> Tensor:
+    """(B, S, S): query segment i and key segment k both exist and k ≤ i (the pairs AIM averages over;
+    `valid` (B, S) from `segment_last_positions`)."""
     causal = torch.ones(valid.shape[1], valid.shape[1], dtype=torch.bool, device=valid.device).tril()
     return valid.unsqueeze(2) & valid.unsqueeze(1) & causal
 

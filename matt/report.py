@@ -409,16 +409,25 @@ def loss_histories(tracking_uri: str, runs: Sequence[RunRecord],
     client = MlflowClient(tracking_uri=tracking_uri)
     curves: dict[str, list[dict]] = {}
     for run in runs:
-        by_step: dict[int, dict] = {}
-        for key in keys:
-            history = client.get_metric_history(run.run_id, key)
-            if not any(m.value for m in history):
-                continue
-            for m in history:
-                by_step.setdefault(m.step, {"step": m.step})[key.split("/", 1)[-1]] = m.value
-        label = run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"
-        curves[label] = [by_step[step] for step in sorted(by_step)]
+        curves[_curve_label(curves, run)] = metric_rows(client, run.run_id, keys, skip_all_zero=True)
     return curves
+
+
+def metric_rows(client, run_id: str, keys: Sequence[str], *, skip_all_zero: bool = False) -> list[dict]:
+    """`[{"step": s, name: value, ...}, ...]` by step from the MLflow histories of `keys` (each
+    named without its `prefix/`); with `skip_all_zero` a key logged only as 0 is left out."""
+    by_step: dict[int, dict] = {}
+    for key in keys:
+        history = client.get_metric_history(run_id, key)
+        if skip_all_zero and not any(m.value for m in history):
+            continue
+        for m in history:
+            by_step.setdefault(m.step, {"step": m.step})[key.split("/", 1)[-1]] = m.value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _curve_label(curves: Mapping[str, object], run: RunRecord) -> str:
+    return run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"
 
 
 PROBE_KEYS = ("train_s", "heldout_bpb", "heldout_bpb_new", "heldout_bpb_shared", "heldout_aim_cosine_new",
@@ -436,13 +445,9 @@ def probe_histories(tracking_uri: str, runs: Sequence[RunRecord], keys: Sequence
     client = MlflowClient(tracking_uri=tracking_uri)
     curves: dict[str, list[dict]] = {}
     for run in runs:
-        by_step: dict[int, dict] = {}
-        for key in keys:
-            for m in client.get_metric_history(run.run_id, f"diag/{key}"):
-                by_step.setdefault(m.step, {"step": m.step})[key] = m.value
-        rows = [by_step[step] for step in sorted(by_step) if "train_s" in by_step[step]]
+        rows = [row for row in metric_rows(client, run.run_id, [f"diag/{key}" for key in keys]) if "train_s" in row]
         if rows:
-            curves[run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"] = rows
+            curves[_curve_label(curves, run)] = rows
     return curves
 
 

@@ -382,10 +382,10 @@ def test_pair_subset_matches_naive_and_splits_the_mean(impl, loss, seed):
                                torch.autograd.grad(naive, [p["s_attn"], p["s_kv"]])):
         torch.testing.assert_close(g_fast, g_naive, rtol=1e-10, atol=1e-12)
     # decomposition: count the valid pairs on each side of the split
-    from matt.objectives import _pair_mask
+    from matt.objectives import pair_mask
 
     _, valid = segment_last_positions(p["t_seg"])
-    full_mask = _pair_mask(valid) if impl == "aim" else valid
+    full_mask = pair_mask(valid) if impl == "aim" else valid
     inside, outside = (full_mask & pairs).sum(), (full_mask & ~pairs).sum()
     rest = call(aim_loss, p, impl=impl, loss=loss, pairs=~pairs)
     whole = call(aim_loss, p, impl=impl, loss=loss)

@@ -39,7 +39,7 @@ from matt.api import pad_id
 from matt.batches import AIMCollator, prepare_dataset
 from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.modeling.embeddings import EmbeddingLMHead
-from matt.objectives import aim_loss, segment_last_positions
+from matt.objectives import aim_loss, pair_mask, segment_last_positions
 from matt.pipeline.evaluate import cap_texts
 from matt.pipeline.train import dataset_cache_dir
 from matt.trainer import transfer_result
@@ -86,9 +86,7 @@ def heldout_aim(teacher, student, batches: list[dict[str, torch.Tensor]], is_new
         t_out = teacher(batch["teacher_input_ids"].to(device), batch["teacher_attention_mask"].to(device))
         s_out = student(s_ids, batch["student_attention_mask"].to(device))
         new = new_segments(s_ids, s_seg, is_new)
-        _, valid = segment_last_positions(s_seg)
-        causal = torch.ones(new.shape[1], new.shape[1], dtype=torch.bool, device=device).tril()
-        real = valid.unsqueeze(2) & valid.unsqueeze(1) & causal
+        real = pair_mask(segment_last_positions(s_seg)[1])
         involves_new = new.unsqueeze(2) | new.unsqueeze(1)
         for part, pairs in (("", None), ("_new", involves_new), ("_shared", ~involves_new)):
             n = int((real if pairs is None else real & pairs).sum())
