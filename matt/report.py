@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matt.evaluation.intervals import intervals_overlap, paired_bootstrap
+from matt.evaluation.intervals import PairedDifference, intervals_overlap, paired_bootstrap, ratio_bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ HIGHER_IS_BETTER = {"choice_accuracy", "choice_accuracy_pmi", "chrf"}
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 ITEM_KEYS = {"choice_accuracy": "choice_credits", "choice_accuracy_pmi": "choice_credits_pmi"}
 """Accuracy metric -> its per-item credit list in `eval/results.json` (as in `matt.pipeline.evaluate`)."""
+DOCUMENT_KEYS = {"bpb": ("bpb_document_bits", "bpb_document_bytes")}
+"""Ratio metric -> its per-document (bits, bytes) lists in `eval/results.json`."""
+UNIT_KEYS = frozenset([*ITEM_KEYS.values(), *(key for keys in DOCUMENT_KEYS.values() for key in keys)])
+"""Every per-item / per-document list a model's results may hold (kept out of MLflow metrics)."""
 """Model-quality metrics get a `% of original` column; compression, counts and the unigram floor
 do not (they describe the tokenizer, not how much of the model's quality was kept)."""
 TIME_METRIC = "train/final_wall_clock_s"
@@ -278,7 +282,7 @@ def item_credits(client, run_id: str) -> dict[str, dict[str, list[float]]]:
         except (MlflowException, OSError):
             return {}
         models = json.loads(Path(path).read_text(encoding="utf-8")).get("models", {})
-    return {model: {key: values for key, values in metrics.items() if key in ITEM_KEYS.values()}
+    return {model: {key: values for key, values in metrics.items() if key in UNIT_KEYS}
             for model, metrics in models.items()}
 
 
@@ -319,18 +323,37 @@ def table_rows(runs: Iterable[RunRecord]) -> list[TableRow]:
     return rows + trained
 
 
+def paired_difference(metric: str, mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> PairedDifference | None:
+    """`metric` of one model minus another's on the same units with a 95 % bootstrap interval,
+    from their per-unit lists (`UNIT_KEYS`): items for accuracies (`paired_bootstrap`), documents
+    for bits per byte (`ratio_bootstrap`: Σ bits / Σ bytes). None without matching lists."""
+    if metric in ITEM_KEYS:
+        a, b = mine.get(ITEM_KEYS[metric]), theirs.get(ITEM_KEYS[metric])
+        return paired_bootstrap(a, b) if a and b and len(a) == len(b) else None
+    if metric in DOCUMENT_KEYS:
+        bits, size = DOCUMENT_KEYS[metric]
+        a, b, weights = mine.get(bits), theirs.get(bits), mine.get(size)
+        if a and b and weights and len(a) == len(b) == len(weights) and list(weights) == list(theirs.get(size) or []):
+            return ratio_bootstrap(a, weights, b)
+    return None
+
+
+def format_difference(diff: PairedDifference) -> str:
+    """"+0.0500 [+0.0100, +0.0900] *": `*` when the 95 % interval excludes 0."""
+    return f"{diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]" + (" *" if diff.significant else "")
+
+
 def difference_to_init(row: TableRow, metric: str) -> str | None:
-    """`Δ vs init` of an accuracy: "+0.0500 [+0.0100, +0.0900] *" (paired bootstrap over the same
-    items; `*` = the 95 % interval excludes 0), or with per-item credits missing, the difference
+    """`Δ vs init` of an accuracy or bits per byte: "+0.0500 [+0.0100, +0.0900] *" (paired bootstrap
+    over the same items / documents, `paired_difference`; `*` = the 95 % interval excludes 0), or
+    with per-unit lists missing, the difference
     with `*` only when the two Wilson intervals do not overlap. None for the init row itself or
     without the numbers."""
     if row.kind == "init" or metric not in row.values or metric not in row.init_values:
         return None
-    key = ITEM_KEYS.get(metric)
-    mine, theirs = row.items.get(key), row.init_items.get(key)
-    if mine is not None and theirs is not None and len(mine) == len(theirs) and mine:
-        diff = paired_bootstrap(mine, theirs)
-        return f"{diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]" + (" *" if diff.significant else "")
+    diff = paired_difference(metric, row.items, row.init_items)
+    if diff is not None:
+        return format_difference(diff)
     bounds = [tuple(values.get(f"{metric}{s}") for s in CI_SUFFIXES) for values in (row.values, row.init_values)]
     if any(None in b for b in bounds):
         return None

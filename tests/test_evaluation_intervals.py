@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from matt.evaluation.intervals import PairedDifference, intervals_overlap, paired_bootstrap, wilson_interval, z_value
+from matt.evaluation.intervals import (PairedDifference, intervals_overlap, paired_bootstrap, ratio_bootstrap,
+                                     wilson_interval, z_value)
 
 
 def test_z_value():
@@ -95,3 +96,38 @@ def test_paired_bootstrap_rejects_unpaired_input():
 def test_intervals_overlap():
     assert intervals_overlap((0.1, 0.3), (0.3, 0.5))
     assert not intervals_overlap((0.1, 0.29), (0.3, 0.5))
+
+
+def test_ratio_bootstrap_matches_a_literal_loop_over_documents():
+    """Σ bits / Σ bytes per resample of whole documents, against a loop over the same index draws."""
+    rng = np.random.default_rng(7)
+    nbytes = rng.integers(200, 5000, size=12).astype(float)
+    a = nbytes * rng.uniform(0.9, 1.3, size=12)   # bits of model a per document
+    b = nbytes * rng.uniform(1.0, 1.4, size=12)
+    got = ratio_bootstrap(a, nbytes, b, num_resamples=400, seed=2)
+    draws = np.random.default_rng(2).integers(0, 12, size=(400, 12))
+    values = sorted(sum(a[i] - b[i] for i in row) / sum(nbytes[i] for i in row) for row in draws)
+    position = 0.025 * 399
+    low = values[math.floor(position)] + (position - math.floor(position)) * (values[math.floor(position) + 1] - values[math.floor(position)])
+    position = 0.975 * 399
+    high = values[math.floor(position)] + (position - math.floor(position)) * (values[math.floor(position) + 1] - values[math.floor(position)])
+    assert got.difference == pytest.approx(a.sum() / nbytes.sum() - b.sum() / nbytes.sum())
+    assert (got.low, got.high) == pytest.approx((low, high))
+    alone = ratio_bootstrap(a, nbytes, num_resamples=400, seed=2)  # one model's bits per byte
+    assert alone.difference == pytest.approx(a.sum() / nbytes.sum())
+    assert alone.low < alone.difference < alone.high
+
+
+def test_ratio_bootstrap_pairing_and_errors():
+    nbytes = [1000.0, 3000.0, 500.0, 2000.0] * 5
+    # b needs 5 % more bits than a on every document: paired, that is a certain win however much
+    # the documents themselves differ in difficulty.
+    a = [n * (0.8 + 0.1 * k) for k, n in enumerate(nbytes)]
+    b = [x * 1.05 for x in a]
+    win = ratio_bootstrap(a, nbytes, b)
+    assert win.significant and win.high < 0
+    assert not ratio_bootstrap(a, nbytes, a).significant
+    with pytest.raises(ValueError, match="same items"):
+        ratio_bootstrap([1.0, 2.0], [1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive weight"):
+        ratio_bootstrap([1.0, 2.0], [1.0, 0.0])

@@ -302,3 +302,16 @@ def test_compression_on_hand_countable_text():
     assert len(tok(texts[0])["input_ids"]) == 4
     assert compression(tok, texts) == pytest.approx(
         {"bytes_per_token": 9 / 6, "tokens_per_word": 6 / 4, "chars_per_token": 8 / 6})
+
+
+def test_bpb_per_document_bits_are_each_documents_own_bits(byte_level_tokenizer):
+    """The per-document lists behind the bootstrap interval: each entry is what scoring that document
+    alone gives, and they add up to the total."""
+    model = tiny_model("llama", len(byte_level_tokenizer))
+    both = bits_per_byte(model, byte_level_tokenizer, DOCS, batch_size=2, max_length=24, progress=False)
+    assert len(both.document_bits) == len(both.document_bytes) == len(DOCS)
+    assert sum(both.document_bits) == pytest.approx(both.nll_nats / math.log(2), rel=1e-9)
+    for doc, bits, size in zip(DOCS, both.document_bits, both.document_bytes):
+        alone = bits_per_byte(model, byte_level_tokenizer, [doc], batch_size=1, max_length=24, progress=False)
+        assert size == alone.bytes == len(doc.encode("utf-8"))
+        assert bits == pytest.approx(alone.bpb * alone.bytes, rel=1e-5)

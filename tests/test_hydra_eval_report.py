@@ -208,3 +208,28 @@ def test_suite_with_both_tokenizers_splits_bits_per_byte(suite_setup):
     results = suite.run(model, tokenizer)
     assert results["new_byte_fraction"] == pytest.approx(fraction)
     assert results["bpb"] == pytest.approx(fraction * results["bpb_new"] + (1 - fraction) * results["bpb_shared"])
+
+
+def test_bits_per_byte_gets_a_document_interval_and_a_paired_difference():
+    """With per-document bits and bytes (as `EvalSuite.run` stores them) the printed table and the
+    report give the bits-per-byte difference to the init with a bootstrap interval over documents."""
+    from matt.evaluation.intervals import ratio_bootstrap
+    from matt.report import format_difference, paired_difference
+
+    nbytes = [1200.0, 800.0, 3000.0, 450.0, 2200.0, 1500.0] * 3
+    init_bits = [n * (1.4 + 0.05 * (k % 4)) for k, n in enumerate(nbytes)]
+    final_bits = [x * 0.9 for x in init_bits]  # 10 % fewer bits on every document
+
+    def model(bits):
+        return {"bpb": sum(bits) / sum(nbytes), "bpb_document_bits": bits, "bpb_document_bytes": nbytes}
+
+    results = {"original": model([n * 1.0 for n in nbytes]), "init": model(init_bits), "final": model(final_bits)}
+    diff = paired_difference("bpb", results["final"], results["init"])
+    assert diff == ratio_bootstrap(final_bits, nbytes, init_bits)
+    assert diff.significant and diff.difference == pytest.approx(-0.1 * sum(init_bits) / sum(nbytes))
+    lines = {line.split(" | ")[0].strip("| "): line for line in results_table(results).splitlines()}
+    assert lines["bpb"].endswith(f"| {format_difference(diff)} |") and format_difference(diff).endswith(" *")
+    assert "bpb_document_bits" not in lines and "final/bpb_document_bits" not in prefixed(results)
+    # Documents that differ between the two models (another text) are not paired.
+    other = dict(results["init"], bpb_document_bytes=nbytes[::-1])
+    assert paired_difference("bpb", results["final"], other) is None

@@ -54,6 +54,11 @@ class BPBResult:
     """Bits per byte on the bytes covered by student tokens shared with the teacher."""
     new_byte_fraction: float | None = None
     """Share of the bytes covered by new student tokens."""
+    document_bits: tuple[float, ...] = ()
+    """Bits of each document, in order (they sum to `nll_nats` / ln 2)."""
+    document_bytes: tuple[int, ...] = ()
+    """UTF-8 bytes of each document: with `document_bits` the units of a bootstrap interval
+    (`matt.evaluation.intervals.ratio_bootstrap`)."""
 
     @classmethod
     def from_totals(cls, nll_nats: float, num_bytes: int, tokens: int, documents: int) -> BPBResult:
@@ -190,12 +195,15 @@ def bits_per_byte(
             owner.append(doc)
     parts = token_nll(model, sequences, num_context, batch_size=batch_size, device=device, progress=progress,
                       desc="bpb")
-    result = BPBResult.from_totals(math.fsum(float(p.double().sum()) for p in parts), num_bytes, num_tokens, len(texts))
-    if new_bytes is None:
-        return result
     # Windows come in document order and score each token once: concatenated, they are the document's tokens.
     per_document = [np.concatenate([parts[k].double().numpy() for k in range(len(parts)) if owner[k] == doc])
                     for doc in range(len(texts))]
+    result = dataclasses.replace(
+        BPBResult.from_totals(math.fsum(float(p.double().sum()) for p in parts), num_bytes, num_tokens, len(texts)),
+        document_bits=tuple(float(nll.sum()) / math.log(2) for nll in per_document),
+        document_bytes=tuple(len(text.encode("utf-8")) for text in texts))
+    if new_bytes is None:
+        return result
     nll_new = nll_shared = 0.0
     for nll, sizes, mask in zip(per_document, token_byte_lengths(tokenizer, texts, encoded), new_bytes.masks):
         per_byte = np.repeat(nll / sizes, sizes)

@@ -3,6 +3,8 @@
 - `wilson_interval`: the Wilson score interval of a binomial proportion (one model's accuracy over
   n independent items). Unlike the normal approximation it stays inside [0, 1] and keeps its
   coverage near 0 and 1 and for small n.
+- `ratio_bootstrap`: the same for a ratio of sums over units, e.g. bits per byte = Σ bits / Σ bytes
+  over documents, alone or as the difference of two models on the same documents.
 - `paired_bootstrap`: the difference of two models' mean scores over the *same* items, with a
   percentile bootstrap interval that resamples items (each resample keeps the pairing). Because
   both models answer the same questions, item difficulty cancels and the interval is much tighter
@@ -61,23 +63,42 @@ class PairedDifference:
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95,
                      num_resamples: int = 10_000, seed: int = 0) -> PairedDifference:
-    """Percentile bootstrap of mean(a_i - b_i): `num_resamples` resamples of the n items with
-    replacement (numpy's default generator seeded with `seed`, one `integers(0, n, size=(R, n))`
-    draw), interval = the (1-confidence)/2 and (1+confidence)/2 quantiles of the resampled means."""
+    """Percentile bootstrap of mean(a_i - b_i) over the same items: `ratio_bootstrap` with every
+    item weighing 1."""
     a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"Paired scores must be two vectors over the same items, got shapes {a.shape} and {b.shape}")
+    return ratio_bootstrap(a, np.ones_like(a), b, confidence=confidence, num_resamples=num_resamples, seed=seed)
+
+
+def ratio_bootstrap(a: Sequence[float], weights: Sequence[float], b: Sequence[float] | None = None, *,
+                    confidence: float = 0.95, num_resamples: int = 10_000, seed: int = 0) -> PairedDifference:
+    """Percentile bootstrap of Σa_i/Σw_i − Σb_i/Σw_i over units i (b = 0 when not given).
+
+    For bits per byte the units are documents: a_i and b_i the bits two models need for document
+    i, w_i its bytes, so the result is the bits-per-byte difference (or, without b, one model's
+    bits per byte) with an interval that resamples whole documents — the honest unit, since
+    tokens of one document are not independent. `num_resamples` resamples of the n units with
+    replacement (numpy's default generator seeded with `seed`, one `integers(0, n, size=(R, n))`
+    draw); interval = the (1-confidence)/2 and (1+confidence)/2 quantiles of the resampled values.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    b = np.zeros_like(a) if b is None else np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.shape != weights.shape or a.ndim != 1:
+        raise ValueError(f"Paired scores and weights must be vectors over the same items (units), got shapes "
+                         f"{a.shape}, {b.shape} and {weights.shape}")
     if a.size == 0:
-        raise ValueError("A paired bootstrap needs at least one item")
+        raise ValueError("A bootstrap needs at least one unit")
     if num_resamples < 1:
         raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    if (weights <= 0).any():
+        raise ValueError("Every unit needs a positive weight (e.g. its bytes)")
     z_value(confidence)  # validates confidence
     differences = a - b
     rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, a.size, size=(num_resamples, a.size))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return PairedDifference(float(differences.mean()), float(low), float(high), int(a.size))
+    draws = rng.integers(0, a.size, size=(num_resamples, a.size))
+    resampled = differences[draws].sum(axis=1) / weights[draws].sum(axis=1)
+    low, high = np.quantile(resampled, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return PairedDifference(float(differences.sum() / weights.sum()), float(low), float(high), int(a.size))
 
 
 def intervals_overlap(first: tuple[float, float], second: tuple[float, float]) -> bool:

@@ -7,6 +7,7 @@ is then scored on exactly the same text and items, so the numbers are comparable
 tokenizers. Metrics (names without the model prefix):
 
   bpb, bpb_tokens        bits per UTF-8 byte of the held-out text (and the tokens it took)
+  bpb_ci_low, bpb_ci_high  its 95 % interval, resampling whole documents (`ratio_bootstrap`)
   bpb_new, bpb_shared    bits per byte on the bytes covered by new / shared student tokens, and
   new_byte_fraction      their share (when the suite knows the teacher and student tokenizers)
   bytes_per_token, tokens_per_word, chars_per_token    compression of the tokenizer
@@ -19,10 +20,11 @@ tokenizers. Metrics (names without the model prefix):
   lm_eval/<task>/<metric>  lm-evaluation-harness tasks (optional `eval` extra)
   eval_seconds           wall-clock of this model's evaluation
 
-Besides these numbers a model's results hold per-item lists (`ITEM_KEYS`: the multiple-choice
-credit of every item), which go to `results.json` but not to MLflow metrics; the printed table
-uses them for paired comparisons between models (`paired_bootstrap`: all models answer the same
-items, so a difference is called significant only when its paired 95 % interval excludes 0).
+Besides these numbers a model's results hold per-unit lists (`matt.report.UNIT_KEYS`: the
+multiple-choice credit of every item, the bits and bytes of every evaluated document), which go to
+`results.json` but not to MLflow metrics; the printed table uses them for paired comparisons
+between models (`matt.report.paired_difference`: all models answer the same items and read the
+same documents, so a difference is called significant only when its paired 95 % interval excludes 0).
 
 A model's results can be cached on disk (`<paths.cache_dir>/eval/`) under a key of the model's
 identity and the suite; sweeps then evaluate the original model and a shared initialisation once.
@@ -46,12 +48,13 @@ from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.evaluation.choice import build_choice_items, chance_accuracy, multiple_choice_accuracy
 from matt.evaluation.compression import compression
 from matt.evaluation.generation import build_generation_items, generation_chrf
-from matt.evaluation.intervals import paired_bootstrap
+from matt.evaluation.intervals import ratio_bootstrap
 from matt.evaluation.unigram import UnigramModel
 from matt.pipeline.documents import load_documents
 from matt.pipeline.models import DTYPES
 from matt.pipeline.run_context import job_output_dir
-from matt.report import CI_SUFFIXES, ITEM_KEYS, metric_direction, percent_of_baseline, recovery
+from matt.report import (CI_SUFFIXES, DOCUMENT_KEYS, ITEM_KEYS, UNIT_KEYS, format_difference, metric_direction,
+                         paired_difference, percent_of_baseline, recovery)
 from matt.tracking import flatten, open_tracker
 
 logger = logging.getLogger(__name__)
@@ -194,6 +197,10 @@ class EvalSuite:
             bpb = bits_per_byte(model, tokenizer, self.texts, max_length=cfg.max_length, batch_size=cfg.batch_size,
                                 device=device, progress=cfg.progress, new_bytes=self.new_bytes)
             results["bpb"], results["bpb_tokens"] = bpb.bpb, float(bpb.tokens)
+            interval = ratio_bootstrap(bpb.document_bits, bpb.document_bytes)
+            results["bpb_ci_low"], results["bpb_ci_high"] = interval.low, interval.high
+            bits_key, bytes_key = DOCUMENT_KEYS["bpb"]
+            results[bits_key], results[bytes_key] = list(bpb.document_bits), list(bpb.document_bytes)
             if self.new_bytes is not None:
                 results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
         if cfg.compression:
@@ -261,19 +268,20 @@ def results_table(results: dict[str, dict[str, Any]], baseline: str = "original"
     interval. For the last model also `% of <baseline>` (direction-aware: for bits per byte,
     100 * baseline / value), `recovery %` = 100 (x − reference) / (baseline − reference) for every
     metric with a direction (0 = the initialisation, 100 = the original model; `matt.report.recovery`)
-    and, for accuracies, the paired difference to `reference` on the same items with its 95 %
-    bootstrap interval, marked `*` when the interval excludes 0 (`paired_bootstrap`)."""
+    and, for accuracies and bits per byte, the paired difference to `reference` on the same items /
+    documents with its 95 % bootstrap interval, marked `*` when the interval excludes 0
+    (`matt.report.paired_difference`)."""
     models = list(results)
-    hidden = set(ITEM_KEYS.values())
+    hidden = UNIT_KEYS
     names: list[str] = []
     for metrics in results.values():
         names.extend(n for n in metrics if n not in names and n not in hidden and not n.endswith(CI_SUFFIXES))
     last = models[-1] if models else None
     show_percent = baseline in results and last is not None and last != baseline
     show_recovery = show_percent and reference in results and last != reference
-    paired = {name: key for name, key in ITEM_KEYS.items()
-              if last != reference and key in results.get(last, {}) and key in results.get(reference, {})
-              and len(results[last][key]) == len(results[reference][key])}
+    paired = {} if last == reference or reference not in results else {
+        name: diff for name in [*ITEM_KEYS, *DOCUMENT_KEYS]
+        if (diff := paired_difference(name, results[last], results[reference])) is not None}
     header = ["metric", *models]
     header += [f"{last} % of {baseline}"] if show_percent else []
     header += [f"{last} recovery % ({reference} → {baseline})"] if show_recovery else []
@@ -289,11 +297,7 @@ def results_table(results: dict[str, dict[str, Any]], baseline: str = "original"
                      if metric_direction(name) is not None else None)
             row.append("–" if value is None else f"{100 * value:.1f}")
         if paired:
-            if name in paired:
-                diff = paired_bootstrap(results[last][paired[name]], results[reference][paired[name]])
-                row.append(f"{diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]" + (" *" if diff.significant else ""))
-            else:
-                row.append("–")
+            row.append(format_difference(paired[name]) if name in paired else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
