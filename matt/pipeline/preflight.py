@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from matt.pipeline.config import enum_value
+from matt.pipeline.config import enum_value, matt_config
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,6 @@ def preflight(cfg) -> Plan:
     from matt.pipeline.documents import load_documents
     from matt.pipeline.models import load_model_config, load_teacher_tokenizer, text_config
     from matt.pipeline.tokenizer import load_pretrained_student
-    from matt.pipeline.train import matt_config
     from matt.segmentation import check_offsets_support
 
     check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))
