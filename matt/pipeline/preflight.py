@@ -182,13 +182,8 @@ def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) ->
     if not (path.is_file() or (path / EMBEDDINGS_FILE).is_file()):
         raise ValueError(f"init.checkpoint={init_cfg.checkpoint!r}: no {EMBEDDINGS_FILE} there (give the file or "
                          "the directory of a previous run's embeddings)")
-    result = TransferResult.load(path)
     where = f"init.checkpoint={init_cfg.checkpoint!r}"
-    if student_tokenizer is not None:
-        check_checkpoint(result, student_tokenizer, hidden_size, where)
-    elif result.input_embeddings.shape[1] != hidden_size:
-        raise ValueError(f"{where}: embeddings of width {result.input_embeddings.shape[1]}, but the model's hidden "
-                         f"size is {hidden_size} (teacher/student architecture mismatch)")
+    check_checkpoint(TransferResult.load(path), student_tokenizer, hidden_size, where)
 
 
 def preflight(cfg) -> Plan:
