@@ -1,23 +1,31 @@
 """Console scripts declared in pyproject: `matt-transfer`, `matt-evaluate`, `matt-report`.
 
-They take Hydra command lines, exactly like `python experiments/<name>.py ...`."""
+Each runs its recipe, `experiments/<name>.py` of this source checkout, as a script (`runpy`, as
+`python experiments/<name>.py ...` would), so they take the same Hydra command lines."""
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _run(name: str) -> None:
+    path = RECIPES / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"No recipe {path}: the console scripts run experiments/{name}.py of a source "
+                                "checkout of the project (pip install -e .)")
+    runpy.run_path(str(path), run_name="__main__")
+
 
 def transfer() -> None:
-    from matt.hydra_app import transfer as main
-
-    main()
+    _run("transfer")
 
 
 def evaluate() -> None:
-    from matt.hydra_app import evaluate as main
-
-    main()
+    _run("evaluate")
 
 
 def report() -> None:
-    from matt.hydra_app import report as main
-
-    main()
+    _run("report")

@@ -1,31 +1,27 @@
-"""Hydra entry points: `transfer`, `evaluate` and `report`.
-
-`experiments/*.py` and the console scripts `matt-transfer` / `matt-evaluate` / `matt-report` all
-land here. This module only wires Hydra (config directory, resolvers, the structured-config
-schemas, one run-directory stamp shared by all processes of a distributed launch); the work
-itself is in `matt.pipeline` (one module per step) and `matt.report`. The recipes are imported inside
-the tasks (they pull in torch/transformers), so `--help` and config errors stay fast.
+"""Hydra plumbing of the recipes (`experiments/transfer.py`, `evaluate.py`, `report.py`): the config
+directory, MATT's resolvers and schemas, `hydra_main` (a task -> a Hydra app callable with an argv),
+one run-directory stamp for all processes of a distributed launch, SIGTERM as a clean stop.
 
 Resolvers available in configs:
-- `${matt_asset:NAME}` - local path of an offline asset (`matt.assets.resolve`, imported lazily,
-  so configs that do not use it never need the asset machinery).
+- `${matt_asset:NAME}` - local path of an offline asset (`matt.assets.resolve`, imported lazily).
 - `${matt_stamp:}` - the run directory's name: a timestamp plus a short random suffix
   (`2025-01-31_12-00-00_3f9a1c`), so two jobs started in the same second never share a directory;
-  identical in every process of an `accelerate launch` (rank 0 picks it, the others receive it),
-  so all ranks share one directory.
+  identical in every process of an `accelerate launch` (`share_run_stamp_across_processes`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from matt.pipeline.config import register_configs
-from matt.pipeline.run_context import STAMP_ENV, new_run_stamp, run_stamp
+from matt.pipeline.run_context import STAMP_ENV, distributed_on_cpu, new_run_stamp, run_stamp
 from matt.tracking import Terminated
 
 CONFIG_DIR_ENV = "MATT_CONFIG_DIR"
@@ -88,8 +84,6 @@ def share_run_stamp_across_processes() -> None:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    from matt.pipeline.train import distributed_on_cpu
-
     state = PartialState(cpu=distributed_on_cpu())
     stamp = [new_run_stamp() if state.is_main_process else None]
     broadcast_object_list(stamp, from_process=0)
@@ -99,65 +93,42 @@ def share_run_stamp_across_processes() -> None:
 # ------------------------------------------------------------------------------------------------
 # Hydra mains
 # ------------------------------------------------------------------------------------------------
-def _hydra_main(task: Callable[[Any], Any], config_name: str, argv: Sequence[str] | None) -> None:
-    import hydra
+def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:
+    """Decorator: `task(cfg)` -> `main(argv=None)`, the Hydra app of `configs/<config_name>.yaml`
+    running `task` (argv None: `sys.argv`, as on the command line; else these arguments, in-process)."""
+    def decorate(task: Callable[[Any], Any]) -> Callable[..., Any]:
+        @functools.wraps(task)
+        def main(argv: Sequence[str] | None = None) -> None:
+            import hydra
 
-    directory = setup()
-    main = hydra.main(version_base="1.3", config_path=str(directory), config_name=config_name)(task)
-    if argv is None:
-        main()
-        return
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else config_name, *argv]
-    try:
-        main()
-    finally:
-        sys.argv = saved
+            app = hydra.main(version_base="1.3", config_path=str(setup()), config_name=config_name)(task)
+            if argv is None:
+                return app()
+            saved = sys.argv
+            sys.argv = [saved[0] if saved else config_name, *argv]
+            try:
+                return app()
+            finally:
+                sys.argv = saved
+
+        return main
+
+    return decorate
 
 
 def _raise_terminated(signum, frame) -> None:
-    """SIGTERM (a scheduler's preemption, `kill`) stops a job as Ctrl-C does: emergency checkpoint,
-    MLflow run KILLED, instead of dying with the run left RUNNING and the last steps lost."""
     raise Terminated(f"received signal {signum} (SIGTERM)")
 
 
-def _transfer_task(cfg) -> float | None:
-    from matt.pipeline.recover import run_recover
-    from matt.pipeline.transfer import run_transfer
-
+@contextlib.contextmanager
+def sigterm_stops_the_job() -> Iterator[None]:
+    """Inside, SIGTERM (a scheduler's preemption, `kill`) stops a job as Ctrl-C does: emergency
+    checkpoint, MLflow run KILLED, instead of dying with the run left RUNNING and the last steps lost."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return run_recover(cfg) if cfg.recover.enabled else run_transfer(cfg)
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _evaluate_task(cfg) -> None:
-    from matt.pipeline.evaluate import run_evaluate
-
-    run_evaluate(cfg)
-
-
-def _report_task(cfg) -> None:
-    from matt.report import run_report
-
-    run_report(cfg)
-
-
-def transfer(argv: Sequence[str] | None = None) -> None:
-    """`matt-transfer` / `experiments/transfer.py`: tokenizer -> data -> init -> train -> save -> eval."""
-    share_run_stamp_across_processes()
-    _hydra_main(_transfer_task, "transfer", argv)
-
-
-def evaluate(argv: Sequence[str] | None = None) -> None:
-    """`matt-evaluate` / `experiments/evaluate.py`: the `eval` group on a saved model directory."""
-    _hydra_main(_evaluate_task, "evaluate", argv)
-
-
-def report(argv: Sequence[str] | None = None) -> None:
-    """`matt-report` / `experiments/report.py`: MLflow runs of an experiment -> tables + plots."""
-    _hydra_main(_report_task, "report", argv)
 
 
 def compose(config_name: str = "transfer", overrides: Sequence[str] = ()):

@@ -547,12 +547,3 @@ def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path
     print(f"\n# {experiment_name} ({len(runs)} runs)\n\n{markdown}\n\nWritten to {output_dir}", flush=True)
     return paths
 
-
-def run_report(cfg) -> dict[str, Path]:
-    """The `report` recipe (Hydra config `configs/report.yaml`)."""
-    from matt.tracking import default_tracking_uri
-
-    uri = cfg.tracking.uri or default_tracking_uri(cfg.paths.output_root)
-    output_dir = cfg.output_dir or Path(cfg.paths.output_root) / "reports" / cfg.experiment_name
-    return build_report(uri, cfg.experiment_name, output_dir, metrics=list(cfg.metrics),
-                        include_failed=cfg.include_failed)

@@ -339,11 +339,3 @@ def extend_tokenizer(
     logger.info("Extended the teacher vocabulary from %d to %d tokens (%d new merges)",
                 len(teacher_tokenizer), len(extended), len(merges))
     return extended
-
-
-def save_tokenizer(tokenizer, path: str | Path) -> Path:
-    """Save for `AutoTokenizer.from_pretrained(path)`; returns the directory."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(path))
-    return path

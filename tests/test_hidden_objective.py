@@ -225,7 +225,7 @@ def test_hydra_objective_hidden_and_wall_clock_keys_compose():
     from hydra import compose, initialize_config_dir
 
     from matt.hydra_app import setup
-    from matt.pipeline.train import matt_config
+    from matt.pipeline.config import matt_config
 
     directory = setup()
     with initialize_config_dir(config_dir=str(directory), version_base=None):

@@ -202,7 +202,7 @@ def test_slurm_launcher_config_validates_against_the_submitit_schema():
 
 
 def test_matt_config_errors_name_the_hydra_key():
-    from matt.pipeline.train import matt_config
+    from matt.pipeline.config import matt_config
 
     cfg = compose("transfer", ["experiment=smoke", "train.lr=-1"])
     with pytest.raises(ValueError, match=r"^train\.lr=-1\.0 is invalid: must be > 0"):
@@ -218,7 +218,7 @@ def test_matt_config_errors_name_the_hydra_key():
 
 def test_group_values_map_onto_matt_config():
     from matt.config import GROUPS
-    from matt.pipeline.train import matt_config
+    from matt.pipeline.config import matt_config
 
     cfg = compose("transfer", ["experiment=smoke", "objective=aim_star", "objective.loss=cosine",
                                "objective.n_layers=3", "train.max_steps=7", "model=tiny_qwen3",

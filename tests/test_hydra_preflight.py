@@ -10,10 +10,12 @@ import time
 import pytest
 import torch
 
-from hydra_helpers import run_app
-from matt.hydra_app import compose, transfer
+from hydra_helpers import recipe, run_app
+from matt.hydra_app import compose
 from matt.pipeline.preflight import preflight
 from matt.tiny import SAMPLE_TEXTS, tiny_model, train_tokenizer
+
+transfer = recipe("transfer").main
 
 SMOKE = ["experiment=smoke"]
 

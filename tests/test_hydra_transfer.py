@@ -18,8 +18,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from hydra_helpers import run_app
-from matt.hydra_app import evaluate, report, transfer
+from hydra_helpers import recipe, run_app
+
+evaluate = recipe("evaluate").main
+report = recipe("report").main
+transfer = recipe("transfer").main
 
 FAST = ["experiment=smoke", "eval=quick"]
 

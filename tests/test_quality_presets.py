@@ -10,9 +10,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from hydra_helpers import run_app
-from matt.hydra_app import report, transfer
+from hydra_helpers import recipe, run_app
 from matt.pipeline.probe import HELDOUT_KEYS, new_segments, row_movement
+
+report = recipe("report").main
+transfer = recipe("transfer").main
 
 METHODS = ["aim_head", "ntp", "aim_tied", "aim_keep_init", "hidden_head", "aim_star_head", "aim_mse_tied",
            "subword_mean_head"]

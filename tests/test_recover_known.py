@@ -16,11 +16,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from hydra_helpers import run_app
-from matt.hydra_app import transfer
+from hydra_helpers import recipe, run_app
 from matt.initialization import embeddings_tied
 from matt.pipeline.recover import delete_rows, frequent_token_ids
 from matt.tiny import SAMPLE_TEXTS, tiny_model
+
+transfer = recipe("transfer").main
 
 
 def test_frequent_token_ids_are_the_literal_frequency_ranks(byte_level_tokenizer):

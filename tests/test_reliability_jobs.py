@@ -11,10 +11,11 @@ import types
 import pytest
 from mlflow import MlflowClient
 
-from hydra_helpers import run_app
+from hydra_helpers import recipe, run_app
 from matt import hydra_app
-from matt.hydra_app import transfer
 from matt.pipeline import run_context
+
+transfer = recipe("transfer").main
 
 
 def test_jobs_started_in_the_same_second_get_separate_directories(monkeypatch):

@@ -97,12 +97,6 @@ def attach_capture(layer: nn.Module, capture: AIMCapture) -> None:
         setattr(module, CAPTURE_ATTRIBUTE, capture)
 
 
-def detach_capture(layer: nn.Module) -> None:
-    for module in layer.modules():
-        if hasattr(module, CAPTURE_ATTRIBUTE):
-            delattr(module, CAPTURE_ATTRIBUTE)
-
-
 def additive_mask(
     attention_mask: torch.Tensor | None,
     q_len: int,

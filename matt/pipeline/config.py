@@ -13,11 +13,12 @@ No `from __future__ import annotations` here: OmegaConf reads the annotations at
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from matt.config import DataSettings, ObjectiveSettings, TrainSettings
+from matt.config import GROUPS, DataSettings, MATTConfig, ObjectiveSettings, TrainSettings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,3 +424,16 @@ def register_configs() -> None:
 def enum_value(value: Any) -> Any:
     """The plain value of an enum member (configs hold members), anything else unchanged."""
     return value.value if isinstance(value, Enum) else value
+
+
+def dataset_cache_dir(cfg) -> str:
+    return str(cfg.data.cache_dir or Path(cfg.paths.cache_dir) / "datasets")
+
+
+def matt_config(cfg, *, checkpoint_dir=None) -> MATTConfig:
+    """The `MATTConfig` of a composed transfer config: the train/objective/data groups' fields as they
+    are (their schemas are `MATTConfig`'s settings classes), so its errors name the Hydra key."""
+    values = {name: cfg[group][name] for group, settings in GROUPS.items() for name in settings.__dataclass_fields__}
+    return MATTConfig(**values | dict(
+        cache_dir=dataset_cache_dir(cfg), checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
+        resume=bool(cfg.train.resume and checkpoint_dir is not None), extra={"name": cfg.name}))

@@ -1,4 +1,4 @@
-"""The `eval` group: one fixed evaluation suite applied to several models, and the `evaluate` recipe.
+"""The `eval` group: one fixed evaluation suite applied to several models, and the results table.
 
 An `EvalSuite` is built once per job from the held-out split (capped by documents and bytes, since
 CPU evaluation of a 135M model is slow): the texts, the multiple-choice and the generation items.
@@ -50,12 +50,8 @@ from matt.evaluation.compression import compression
 from matt.evaluation.generation import build_generation_items, generation_chrf
 from matt.evaluation.intervals import ratio_bootstrap
 from matt.evaluation.unigram import UnigramModel
-from matt.pipeline.documents import load_documents
-from matt.pipeline.models import DTYPES
-from matt.pipeline.run_context import job_output_dir
 from matt.report import (CI_SUFFIXES, DOCUMENT_KEYS, ITEM_KEYS, UNIT_KEYS, format_difference, metric_direction,
                          paired_difference, percent_of_baseline, recovery)
-from matt.tracking import flatten, open_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -326,32 +322,3 @@ def write_results(results: dict[str, dict[str, Any]], directory: str | Path,
     table_path = directory / "results.md"
     table_path.write_text(results_table(results) + "\n")
     return json_path, table_path
-
-
-# ------------------------------------------------------------------------------------------------
-# the `evaluate` recipe
-# ------------------------------------------------------------------------------------------------
-def run_evaluate(cfg) -> dict[str, float]:
-    """Evaluate `cfg.model_dir` (+ tokenizer) with the `eval` group on the `data` group's split."""
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    output_dir = job_output_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model_dir)
-    documents = load_documents(cfg.data, tokenizer)
-    suite = EvalSuite.build(cfg.eval, documents)
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r} is invalid: choose one of {sorted(DTYPES)}")
-    tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, run_name=f"evaluate {cfg.prefix}",
-                           tags={"matt.kind": "evaluate", "matt.model_dir": cfg.model_dir})
-    with tracker.run():
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
-        tracker.log_metrics(suite.describe())
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=DTYPES[cfg.dtype]).eval()
-        results = {cfg.prefix: suite.run(model, tokenizer, name=cfg.prefix)}
-        tracker.log_metrics(prefixed(results))
-        json_path, table_path = write_results(results, output_dir / "eval", {"skipped": suite.skipped})
-        tracker.log_artifact(json_path, "eval")
-        tracker.log_artifact(table_path, "eval")
-        print(results_table(results), flush=True)
-    return prefixed(results)

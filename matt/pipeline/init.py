@@ -46,12 +46,12 @@ def with_embeddings(teacher_model, embeddings, student_tokenizer, *, copy_model:
 
 
 def check_checkpoint(result, student_tokenizer, hidden_size: int, where: str) -> None:
-    """Learned embeddings must fit the student vocabulary and the teacher's hidden size."""
+    """Learned embeddings must fit the teacher's hidden size and the student vocabulary (when known)."""
     rows, dim = result.input_embeddings.shape
     if dim != hidden_size:
         raise ValueError(f"{where}: embeddings of width {dim}, but the model's hidden size is {hidden_size} "
                          "(teacher/student architecture mismatch: they were learned for another model)")
-    if rows != len(student_tokenizer):
+    if student_tokenizer is not None and rows != len(student_tokenizer):
         raise ValueError(f"{where}: {rows} embedding rows, but the student tokenizer has {len(student_tokenizer)} "
                          "tokens (they were learned for another tokenizer)")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from matt.pipeline.config import enum_value
+from matt.pipeline.config import enum_value, matt_config
 
 logger = logging.getLogger(__name__)
 
@@ -182,13 +182,8 @@ def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) ->
     if not (path.is_file() or (path / EMBEDDINGS_FILE).is_file()):
         raise ValueError(f"init.checkpoint={init_cfg.checkpoint!r}: no {EMBEDDINGS_FILE} there (give the file or "
                          "the directory of a previous run's embeddings)")
-    result = TransferResult.load(path)
     where = f"init.checkpoint={init_cfg.checkpoint!r}"
-    if student_tokenizer is not None:
-        check_checkpoint(result, student_tokenizer, hidden_size, where)
-    elif result.input_embeddings.shape[1] != hidden_size:
-        raise ValueError(f"{where}: embeddings of width {result.input_embeddings.shape[1]}, but the model's hidden "
-                         f"size is {hidden_size} (teacher/student architecture mismatch)")
+    check_checkpoint(TransferResult.load(path), student_tokenizer, hidden_size, where)
 
 
 def preflight(cfg) -> Plan:
@@ -196,7 +191,6 @@ def preflight(cfg) -> Plan:
     from matt.pipeline.documents import load_documents
     from matt.pipeline.models import load_model_config, load_teacher_tokenizer, text_config
     from matt.pipeline.tokenizer import load_pretrained_student
-    from matt.pipeline.train import matt_config
     from matt.segmentation import check_offsets_support
 
     check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))

@@ -41,7 +41,7 @@ from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.modeling.embeddings import EmbeddingLMHead
 from matt.objectives import aim_loss, pair_mask, segment_last_positions
 from matt.pipeline.evaluate import cap_texts
-from matt.pipeline.train import dataset_cache_dir
+from matt.pipeline.config import dataset_cache_dir
 from matt.trainer import transfer_result
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from matt.api import MATT
@@ -48,13 +47,12 @@ from matt.digests import cache_key, texts_digest
 from matt.evaluation.bpb import bits_per_byte
 from matt.initialization import embeddings_tied
 from matt.modeling import adapter_for
-from matt.pipeline.config import enum_value
+from matt.pipeline.config import enum_value, matt_config
 from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.preflight import preflight
-from matt.pipeline.run_context import JsonlLog, hydra_job, job_output_dir, method_label
-from matt.pipeline.train import make_accelerator, matt_config
+from matt.pipeline.run_context import (JsonlLog, job_output_dir, log_job_config, make_accelerator, method_label,
+                                      open_job_tracker)
 from matt.segmentation import special_token_ids
-from matt.tracking import flatten, open_tracker, save_run_reference
 
 logger = logging.getLogger(__name__)
 
@@ -282,22 +280,12 @@ def run_recover(cfg) -> float | None:
     cache_dir = Path(cfg.paths.cache_dir)
     label = cfg.label or (f"{method_label(cfg, n_layers, with_ntp, tied=False)} rows={rows_mode} "
                           f"lr={cfg.train.lr:g}")
-    job = hydra_job(cfg)
-    tags = {"matt.kind": "recover_known", "matt.experiment": cfg.name, "matt.label": label,
-            "matt.model": cfg.model.name, "matt.objective": cfg.objective.name,
-            "matt.aim_impl": str(cfg.objective.aim_impl), "matt.loss": str(cfg.objective.loss),
-            "matt.n_layers": n_layers, "matt.with_ntp": str(with_ntp).lower(), "matt.init": method,
-            "matt.recover_rows": rows_mode, "matt.output_embeddings": str(cfg.objective.output_embeddings),
-            "matt.output_dir": str(output_dir.resolve()), **{f"matt.{k}": v for k, v in job.items()}}
-    tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, is_main_process=True,
-                           run_name=cfg.tracking.run_name or job.get("overrides") or cfg.name, tags=tags,
-                           resume_from=checkpoint_dir if cfg.train.resume else None)
-    save_run_reference(tracker, checkpoint_dir)
+    tracker = open_job_tracker(cfg, kind="recover_known", label=label, plan=plan, output_dir=output_dir,
+                               checkpoint_dir=checkpoint_dir, recover_rows=rows_mode,
+                               output_embeddings=str(cfg.objective.output_embeddings))
 
     with tracker.run():
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        tracker.log_params({**flatten(resolved), "resolved.n_layers": n_layers, "resolved.with_ntp": with_ntp})
+        log_job_config(tracker, cfg, output_dir, n_layers=n_layers, with_ntp=with_ntp)
 
         # 1. the rows to delete: frequency ranks on the train split (never the evaluated split)
         train_texts = [t for t in documents.train["text"] if t]

@@ -1,7 +1,5 @@
-"""Where and as what a job runs: its run-directory stamp, output directory, Hydra job info, label, train log.
-
-Shared by the recipes (`transfer`, `recover`, `evaluate`) and by `matt.hydra_app` (the `${matt_stamp:}`
-resolver); it imports nothing from the recipes, so every one of them can import it."""
+"""Where and as what a job runs: run-directory stamp, output directory, Accelerator, Hydra job info,
+label, MLflow run, train log. Shared by the recipes (`experiments/*.py`, `recover`) and `matt.hydra_app`."""
 
 from __future__ import annotations
 
@@ -9,8 +7,12 @@ import datetime as _dt
 import json
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
+
+from matt.pipeline.config import enum_value
+from matt.tracking import flatten, open_tracker, save_run_reference
 
 
 STAMP_ENV = "MATT_RUN_STAMP"
@@ -37,6 +39,30 @@ def job_output_dir(cfg) -> Path:
         directory = Path(cfg.paths.output_root) / "runs" / cfg.name / run_stamp()
     directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+def distributed_on_cpu() -> bool:
+    """Several processes (accelerate launch / torchrun) without CUDA: Accelerate sets up CPU data
+    parallelism (gloo) only when told `cpu=True`, and its own `--cpu` flag falls back to one process."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def make_accelerator(cfg):
+    """The job's Accelerator. Buffers (the frozen embedding rows among them) are not re-broadcast
+    every step under DDP: they never change, and broadcasting them would dominate CPU steps."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from matt.config import resolve_mixed_precision
+
+    # torch 2.13 renamed the DDP flag; accelerate still passes the old name, which keeps the
+    # semantics we want (no sync at init either: every rank loaded identical frozen rows).
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    cpu = bool(cfg.train.cpu) or distributed_on_cpu()
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.precision, cpu=cpu), cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
 def hydra_job(cfg) -> dict[str, Any]:
@@ -73,6 +99,36 @@ def method_label(cfg, n_layers: int, with_ntp: bool, tied: bool) -> str:
     if not cfg.objective.freeze_shared:
         parts.append("unfrozen")
     return " ".join(parts)
+
+
+def open_job_tracker(cfg, *, kind: str, label: str, plan, output_dir: Path, checkpoint_dir: Path,
+                     is_main: bool = True, **tags):
+    """The job's tracker (MLflow run: `matt.*` tags, run name = the Hydra overrides; reopened when
+    `train.resume`), its reference saved in `checkpoint_dir`; extra `tags` go in as `matt.<name>`."""
+    job = hydra_job(cfg)
+    tags = {"kind": kind, "experiment": cfg.name, "label": label, "model": cfg.model.name,
+            "objective": cfg.objective.name, "aim_impl": str(cfg.objective.aim_impl), "loss": str(cfg.objective.loss),
+            "n_layers": plan.n_layers, "with_ntp": str(plan.with_ntp).lower(), "init": enum_value(cfg.init.method),
+            "output_dir": str(output_dir.resolve()), **tags, **job}
+    tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, is_main_process=is_main,
+                           run_name=cfg.tracking.run_name or job.get("overrides") or cfg.name,
+                           tags={f"matt.{k}": v for k, v in tags.items()},
+                           resume_from=checkpoint_dir if cfg.train.resume else None)
+    if is_main:
+        save_run_reference(tracker, checkpoint_dir)
+    return tracker
+
+
+def log_job_config(tracker, cfg, output_dir: Path, **resolved) -> None:
+    """`<output_dir>/config.yaml` (also an artifact) and the flattened config + `resolved.*` as params."""
+    from omegaconf import OmegaConf
+
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    params = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    tracker.log_params({**params, **{f"resolved.{k}": v for k, v in resolved.items()}})
+    tracker.log_artifact(output_dir / "config.yaml", "config")
+    if tracker.resumed:
+        tracker.set_tags({"matt.resumed": "true"})
 
 
 class JsonlLog:
