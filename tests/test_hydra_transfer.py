@@ -125,6 +125,33 @@ def test_evaluate_on_the_saved_model_reproduces_the_final_numbers(smoke_run, env
     assert eval_runs[-1].data.tags["matt.kind"] == "evaluate"
 
 
+def test_evaluate_a_transfer_job_directory_reproduces_its_numbers(smoke_run, env, tmp_path):
+    """run_dir=<job>: the original, init and final models rebuilt from the job's saved embeddings (no
+    saved model needed) give the job's own numbers; bf16 evaluation stays close to them."""
+    job = smoke_run / "run"
+    args = ["data=tiny_sample", "eval=quick", f"run_dir={job}", "eval.init=true", "eval.final=true",
+            f"paths.output_root={smoke_run}"]
+    run_app(evaluate, [*args, f"hydra.run.dir={tmp_path / 'eval'}"])
+    original = json.loads((job / "eval" / "results.json").read_text())["models"]
+    again = json.loads((tmp_path / "eval" / "eval" / "results.json").read_text())["models"]
+    assert set(again) == {"original", "init", "final"}
+    for model in again:
+        for metric in ("bpb", "bpb_new", "choice_accuracy", "chrf"):
+            assert again[model][metric] == pytest.approx(original[model][metric], rel=1e-5), (model, metric)
+        assert len(again[model]["bpb_document_bits"]) == len(again[model]["bpb_document_bytes"]) > 0
+        assert again[model]["bpb_ci_low"] <= again[model]["bpb"] <= again[model]["bpb_ci_high"]
+    run_app(evaluate, [*args, "eval.precision=bf16", "eval.original=false", "eval.init=false",
+                       f"hydra.run.dir={tmp_path / 'bf16'}"])
+    bf16 = json.loads((tmp_path / "bf16" / "eval" / "results.json").read_text())["models"]
+    assert set(bf16) == {"final"}
+    assert bf16["final"]["bpb"] == pytest.approx(original["final"]["bpb"], rel=2e-2)
+    assert bf16["final"]["bpb"] != original["final"]["bpb"]  # autocast really ran in bf16
+    with pytest.raises(ValueError, match="exactly one of model_dir"):
+        run_app(evaluate, ["data=tiny_sample", "eval=quick", f"hydra.run.dir={tmp_path / 'none'}"])
+    with pytest.raises(FileNotFoundError, match="not a transfer job"):
+        run_app(evaluate, ["data=tiny_sample", "eval=quick", f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'x'}"])
+
+
 def test_a_run_computes_the_token_overlap_once(tmp_path, env, monkeypatch):
     """Student init, the frozen-row mask and the evaluation's new/shared bytes share one overlap."""
     import sys

@@ -34,6 +34,7 @@ multiple choice) are skipped with a logged reason, listed in `EvalSuite.skipped`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 from matt import digests
+from matt.config import resolve_mixed_precision
 from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.evaluation.choice import build_choice_items, chance_accuracy, multiple_choice_accuracy
 from matt.evaluation.compression import compression
@@ -87,6 +89,14 @@ def eval_device(eval_cfg) -> torch.device:
     if eval_cfg.device:
         return torch.device(eval_cfg.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def eval_autocast(precision, device: torch.device):
+    """The autocast context of `eval.precision` on `device` (none for float32)."""
+    mode = resolve_mixed_precision(precision, cpu=device.type != "cuda")
+    if mode == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
 @dataclass
@@ -189,36 +199,37 @@ class EvalSuite:
         started = time.perf_counter()
         results: dict[str, float] = {}
         logger.info("Evaluating %s on %d documents (%s)", name, len(self.texts), device)
-        if cfg.bpb:
-            bpb = bits_per_byte(model, tokenizer, self.texts, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                                device=device, progress=cfg.progress, new_bytes=self.new_bytes)
-            results["bpb"], results["bpb_tokens"] = bpb.bpb, float(bpb.tokens)
-            interval = ratio_bootstrap(bpb.document_bits, bpb.document_bytes)
-            results["bpb_ci_low"], results["bpb_ci_high"] = interval.low, interval.high
-            bits_key, bytes_key = DOCUMENT_KEYS["bpb"]
-            results[bits_key], results[bytes_key] = list(bpb.document_bits), list(bpb.document_bytes)
-            if self.new_bytes is not None:
-                results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
-        if cfg.compression:
-            results.update({k: float(v) for k, v in compression(tokenizer, self.texts).items()})
-        if cfg.unigram:
-            results["unigram_bpb"] = UnigramModel.fit(tokenizer, self.train_texts).bits_per_byte(self.texts).bpb
-        if self.choice_items:
-            choice = multiple_choice_accuracy(
-                model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.choice.batch_size,
-                device=device, progress=cfg.progress, pmi=cfg.choice.pmi)
-            for suffix in ("", "_pmi") if cfg.choice.pmi else ("",):
-                metric = f"choice_accuracy{suffix}"
-                results[metric] = float(choice[f"accuracy{suffix}"])
-                for bound in CI_SUFFIXES:
-                    results[f"{metric}{bound}"] = float(choice[f"accuracy{suffix}{bound}"])
-                results[ITEM_KEYS[metric]] = [float(c) for c in choice[f"credits{suffix}"]]
-        if self.generation_items:
-            results["chrf"] = float(generation_chrf(
-                model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
-                batch_size=cfg.generation.batch_size, device=device, progress=cfg.progress)["chrf"])
-        if cfg.lm_eval.enabled:
-            results.update(run_lm_eval(cfg.lm_eval, model, tokenizer, device))
+        with eval_autocast(cfg.precision, device):
+            if cfg.bpb:
+                bpb = bits_per_byte(model, tokenizer, self.texts, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                                    device=device, progress=cfg.progress, new_bytes=self.new_bytes)
+                results["bpb"], results["bpb_tokens"] = bpb.bpb, float(bpb.tokens)
+                interval = ratio_bootstrap(bpb.document_bits, bpb.document_bytes)
+                results["bpb_ci_low"], results["bpb_ci_high"] = interval.low, interval.high
+                bits_key, bytes_key = DOCUMENT_KEYS["bpb"]
+                results[bits_key], results[bytes_key] = list(bpb.document_bits), list(bpb.document_bytes)
+                if self.new_bytes is not None:
+                    results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
+            if cfg.compression:
+                results.update({k: float(v) for k, v in compression(tokenizer, self.texts).items()})
+            if cfg.unigram:
+                results["unigram_bpb"] = UnigramModel.fit(tokenizer, self.train_texts).bits_per_byte(self.texts).bpb
+            if self.choice_items:
+                choice = multiple_choice_accuracy(
+                    model, tokenizer, self.choice_items, max_length=cfg.max_length, batch_size=cfg.choice.batch_size,
+                    device=device, progress=cfg.progress, pmi=cfg.choice.pmi)
+                for suffix in ("", "_pmi") if cfg.choice.pmi else ("",):
+                    metric = f"choice_accuracy{suffix}"
+                    results[metric] = float(choice[f"accuracy{suffix}"])
+                    for bound in CI_SUFFIXES:
+                        results[f"{metric}{bound}"] = float(choice[f"accuracy{suffix}{bound}"])
+                    results[ITEM_KEYS[metric]] = [float(c) for c in choice[f"credits{suffix}"]]
+            if self.generation_items:
+                results["chrf"] = float(generation_chrf(
+                    model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
+                    batch_size=cfg.generation.batch_size, device=device, progress=cfg.progress)["chrf"])
+            if cfg.lm_eval.enabled:
+                results.update(run_lm_eval(cfg.lm_eval, model, tokenizer, device))
         results["eval_seconds"] = time.perf_counter() - started
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
