@@ -118,6 +118,10 @@ class ObjectiveSettings:
     ntp_scope: NtpScope = NtpScope.all
     """See `NtpScope`; `head` needs `with_ntp` and an AIM term (the input embeddings then learn from
     AIM alone and no backward pass runs through the layers above the AIM layer)."""
+    ntp_max_tokens: Optional[int] = None
+    """Score the NTP term on at most this many randomly drawn target positions per micro-batch
+    (None = all): an unbiased estimate of the mean loss whose LM-head cost stops growing with the
+    batch (on a 262K vocabulary the head's one product per scored token with every row dominates)."""
 
 
 @dataclass
@@ -193,6 +197,8 @@ class MATTConfig(DataSettings, ObjectiveSettings, TrainSettings):  # fields: tra
             bad("aim_impl", "'none' leaves no training signal; set objective.with_ntp=true for the NTP baseline")
         if self.output_embeddings == OutputMode.ntp and not self.with_ntp:
             bad("output_embeddings", "'ntp' trains the LM head with the NTP term; set objective.with_ntp=true")
+        if self.ntp_max_tokens is not None and self.ntp_max_tokens < 1:
+            bad("ntp_max_tokens", f"must be >= 1 or None (all positions), got {self.ntp_max_tokens}")
         if self.ntp_scope == NtpScope.head and (not self.with_ntp or self.aim_impl == AimImpl.none):
             bad("ntp_scope", "'head' means AIM trains the input embeddings and NTP the LM head: it needs "
                 "objective.with_ntp=true and an AIM term (aim_impl 'aim', 'aim_star' or 'hidden')")

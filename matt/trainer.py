@@ -45,12 +45,20 @@ hides the rows' scale from the AIM loss, so a divergence would otherwise finish 
 
 
 def next_token_loss(student, hidden_states: torch.Tensor, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
+                    attention_mask: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over real (non-pad) target positions, from the LM head's input
     `hidden_states`: the student's head computes it in chunks (`PreTrainedModelForAIM.lm_head_loss`),
-    never holding (tokens × vocabulary) logits, and only its trainable rows get gradients."""
-    labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:]
-    return student.lm_head_loss(hidden_states[:, :-1], labels, ignore_index=-100)
+    never holding (tokens × vocabulary) logits, and only its trainable rows get gradients. Padding
+    positions never reach the head. With `max_tokens`, at most that many of the real positions,
+    drawn uniformly without replacement (torch's global generator), are scored: an unbiased
+    estimate of the same mean whose cost in the head - one product with every vocabulary row per
+    scored token - no longer grows with the batch."""
+    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    keep = attention_mask[:, 1:].reshape(-1).nonzero().squeeze(1)
+    if max_tokens is not None and keep.numel() > max_tokens:
+        keep = keep[torch.randperm(keep.numel(), device=keep.device)[:max_tokens]]
+    return student.lm_head_loss(hidden[keep], targets[keep], ignore_index=-100)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -380,7 +388,8 @@ def train(
                                             s_seg, impl=config.aim_impl, loss=config.loss)
                                    if use_aim else torch.zeros((), device=accelerator.device))
                         if use_ntp:
-                            ntp = next_token_loss(student_module, s_out.hidden_states, s_ids, s_mask)
+                            ntp = next_token_loss(student_module, s_out.hidden_states, s_ids, s_mask,
+                                                  max_tokens=config.ntp_max_tokens)
                             # dynamic scaling keeps both terms the same size; the scale carries no gradient
                             scale = (aim / ntp).detach() if use_aim else torch.ones((), device=ntp.device)
                             loss = aim + scale * ntp

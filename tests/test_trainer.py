@@ -248,3 +248,42 @@ def test_time_in_log_functions_is_not_training_time(tmp_path, byte_level_tokeniz
     step_s = slow.metrics["wall_clock_s"] / slow.metrics["steps"]
     # with the probe counted, the 2 s budget would end the run after 5 steps
     assert slow.metrics["steps"] == 10 or step_s > 0.2, slow.metrics
+
+
+def test_next_token_loss_skips_padding_and_samples_an_unbiased_subset():
+    """The NTP term equals F.cross_entropy over the real next-token positions; with `max_tokens` it is
+    the same cross-entropy on a uniform subset of them (the mean over draws converges to the full loss)."""
+    import torch.nn.functional as F
+
+    from matt.trainer import next_token_loss
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", 64)
+    student = adapter_for(model).from_pretrained(model, with_ntp=True)
+    ids = torch.randint(2, 64, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # padding: never scored
+    mask[2, 5:] = 0
+    with torch.no_grad():
+        hidden = student(ids, mask, return_hidden_states=True).hidden_states
+        logits = model.lm_head(hidden[:, :-1])
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        per_token = F.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100, reduction="none")
+        real = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+        full = per_token[real].mean()
+        torch.testing.assert_close(next_token_loss(student, hidden, ids, mask), full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(next_token_loss(student, hidden, ids, mask, max_tokens=100), full,
+                                   rtol=1e-5, atol=1e-6)  # more than there are: all of them
+        torch.manual_seed(3)
+        sampled = next_token_loss(student, hidden, ids, mask, max_tokens=5)
+        torch.manual_seed(3)
+        chosen = real[torch.randperm(real.numel())[:5]]
+        torch.testing.assert_close(sampled, per_token[chosen].mean(), rtol=1e-5, atol=1e-6)
+        draws = torch.stack([next_token_loss(student, hidden, ids, mask, max_tokens=5) for _ in range(400)])
+    assert float(draws.std()) > 0  # really a sample
+    assert float(draws.mean()) == pytest.approx(float(full), abs=4 * float(draws.std()) / 400 ** 0.5)
+
+
+def test_ntp_max_tokens_is_validated():
+    with pytest.raises(ValueError, match="objective.ntp_max_tokens=0"):
+        MATTConfig(with_ntp=True, ntp_max_tokens=0)
