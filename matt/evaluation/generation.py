@@ -136,10 +136,13 @@ def greedy_continuations(
         # An empty list (not None, which would fall back to the model's own ids) = never stop early.
         eos_token_id=eos_id if eos_id is not None else [],
     )
-    outputs: list[str] = []
+    # Prompts of similar length decode together (less left padding); outputs go back in input order.
+    order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]))
+    outputs: list[str] = [""] * len(encoded)
     with evaluation_mode(model):
-        for start in tqdm(range(0, len(encoded), batch_size), desc="generate", disable=not progress, leave=False):
-            batch = encoded[start : start + batch_size]
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
+            rows = order[start : start + batch_size]
+            batch = [encoded[k] for k in rows]
             width = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -149,11 +152,11 @@ def greedy_continuations(
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
             )
-            for row, ids in enumerate(batch):
+            for row, (k, ids) in enumerate(zip(rows, batch)):
                 new_ids = generated[row, width:].tolist()
                 if eos_id is not None and eos_id in new_ids:
                     new_ids = new_ids[: new_ids.index(eos_id)]
-                outputs.append(_new_text(tokenizer, ids[1:], new_ids))
+                outputs[k] = _new_text(tokenizer, ids[1:], new_ids)
     return outputs
 
 
