@@ -14,22 +14,29 @@ mean of (teacher − student)² over every (b,h,i,k≤i,d) — (b,h,i,d) for aim
 mean of 1 − cos over the pairs (b,h,i,k≤i) — (b,h,i) for aim_star.
 
 Why no (B,H,S,S,D) tensor is needed. Both losses only use three inner products per pair:
-n = <s,s>, n' = <s',s'> and c = <s,s'> (mse sums n + n' − 2c; cosine is c / sqrt(n n')). With
-q = A[t_i, :] the gathered query row of the teacher and q' the student's,
+n = <s,s>, n' = <s',s'> and c = <s,s'> (mse sums n + n' − 2c; cosine is c / sqrt(n n')). Gather
+each side's tokens by segment into slots: slot (k, a) of side x holds tok_x[b,k,a], the a-th token
+of segment k (a < w_x, the side's longest segment in the batch; later slots are empty). With
 
-    c[i,k] = Σ_{j: seg_j=k} Σ_{j': seg'_j'=k} q_j q'_j' <V_j, V'_j'>
-           = Σ_{j': seg'_j'=k} (q · C)[j'] · q'_j'   with  C[j,j'] = <V_j, V'_j'> · [seg_j = seg'_j']
+    q_x[b,h,i,k,a]    = A_x[b,h,t_i, tok_x[b,k,a]]                       (query weights by slot)
+    U_x[b,h,k,a]      = V_x[b,h,tok_x[b,k,a]], 0 in empty slots           (B,H,S,w_x,D)
+    G_xy[b,h,k,a',a]  = <U_y[b,h,k,a'], U_x[b,h,k,a]>                     (B,H,S,w_y,w_x): tiny
 
-because the same-segment mask in C already restricts j to segment k once j' is in it; n and n'
-are the same expression with (V,V) and (V',V'). Segments are runs of consecutive tokens, so C is
-block diagonal with blocks of at most w tokens (the longest segment): `_PairwiseAIM` computes
-(q · C) in that banded form, O(S·L·w) per head instead of the O(S·L²) of a dense masked matrix,
-walks over a few heads at a time in its forward and its hand-written backward, and keeps nothing
-between them but the inputs. Full AIM therefore needs about as much memory as AIM* (`make bench`).
+s[i,k] = Σ_a q[i,k,a] U[k,a], so c[i,k] = Σ_{a,a'} q[i,k,a] <U[k,a], U'[k,a']> q'[i,k,a']
+= Σ_a' (G_ts[k] q[i,k])[a'] · q'[i,k,a'], and n, n' are the same with (G_tt, q, q) and (G_ss, q', q').
+Empty slots have U = 0, so whatever q holds there drops out. Per (b, h, k) that is one small
+matrix product (w_y×w_x)·(w_x×I) for all query rows I at once, then an elementwise product and a
+sum over a: `_PairwiseAIM` does this with batched matmuls over (b, h, k), a few operators per
+chunk of query rows. Rows i < r only pair with keys k ≤ i, so a chunk of rows below r covers
+keys 0..r−1 only; chunks are sized so that their (B,H,K,w,I) query tensors stay within
+`CHUNK_ELEMENTS`, and the hand-written backward recomputes them chunk by chunk from the inputs,
+the only thing kept between forward and backward. Cost: O(B·H·S²·w) memory traffic and
+O(B·H·S²·w²) arithmetic, against O(B·H·S²·D) for the literal s.
 
-Exactness. n, n' and c go through the same function, so identical teacher and student give
-bit-identical n = n' = c and a loss of exactly 0; with mse the backward is arranged so that every
-gradient is then exactly 0 as well (see `_PairwiseAIM`). The flip side of the Gram form is cancellation:
+Exactness. n, n' and c go through the same operations on operands of the same shapes, so
+identical teacher and student give bit-identical n = n' = c and a loss of exactly 0; with mse
+the backward is arranged so that every gradient is then exactly 0 as well (see `_PairwiseAIM`).
+The flip side of the Gram form is cancellation:
 n + n' − 2c loses relative precision once the student is within ~1e-3 of the teacher (fp32), so
 the computation always runs in float32 at least (autocast disabled), float64 if an input is.
 """
@@ -266,8 +273,7 @@ class _Slots:
     def queries(self, attn: Tensor, positions: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
         """q (B, H, K, w, I) = A[b, h, positions[b, i], token of slot (k, a)] for the first K
         segments (whatever sits in empty slots: U is zero there)."""
-        b, h, _, length = attn.shape
-        rows = attn.gather(2, positions[:, None, :, None].expand(b, h, -1, length))  # (B, H, I, L)
+        rows = _take(attn, positions)  # (B, H, I, L)
         q = _take(rows.to(dtype).transpose(2, 3).contiguous(), self.index[:, :keys * self.width])
         return q.unflatten(2, (keys, self.width))
 
