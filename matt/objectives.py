@@ -215,7 +215,7 @@ class _PairwiseAIM(torch.autograd.Function):
 
 
 CHUNK_ELEMENTS = 2**20
-"""Full AIM walks over the query segments in chunks of rows whose (B, H, K, w, rows) query tensors
+"""Full AIM walks over the query segments in chunks of rows whose (B, H, K, rows, w) query tensors
 hold at most about this many elements (4 MB in float32; at least one row per chunk), so memory stays
 bounded by a few such tensors whatever the sequence length."""
 
