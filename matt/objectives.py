@@ -140,13 +140,13 @@ class _Side:
 class _PairwiseAIM(torch.autograd.Function):
     """Σ over valid pairs (b,h,i,k) of the per-pair loss, with an explicit backward.
 
-    Layout (see the module docstring): q_x (B,H,K,I,w_x) for a chunk of I query rows and the K key
-    segments they can see (token-minor like the attention rows it is gathered from), the Gram
-    blocks G_xy = U_x U_yᵀ (B,H,S,w_x,w_y), y_xy = q_x G_xy on y's slots, and n_t = Σ_a y_tt·q_t,
-    n_s = Σ_a y_ss·q_s, c = Σ_a y_ts·q_s. With a_* the partials of the per-pair loss f(n_t, n_s, c),
-        ∂/∂q_s = 2·a_s·y_ss + a_c·y_ts                       (per query row and slot)
-        ∂/∂U_s = P_ss U_s + P_st U_t,  P_ss = Σ_i q_sᵀ (2·a_s·q_s),  P_st = Σ_i q_sᵀ (a_c·q_t)
-    (symmetrically for the teacher, with y_st = q_s G_st and G_st = U_s U_tᵀ computed on its own
+    Layout (see the module docstring): q_x (B,H,K,w_x,I) for a chunk of I query rows and the K key
+    segments they can see, G_xy = U_y U_xᵀ (B,H,S,w_y,w_x), y_xy = G_xy q_x on y's slots, and
+    n_t = Σ_a y_tt·q_t, n_s = Σ_a y_ss·q_s, c = Σ_a y_ts·q_s. With a_* the partials of the per-pair
+    loss f(n_t, n_s, c),
+        ∂/∂q_s = 2·a_s·y_ss + a_c·y_ts                       (per slot and query row)
+        ∂/∂U_s = P_ss U_s + P_st U_t,  P_ss = Σ_i q_s (2·a_s·q_s)ᵀ,  P_st = Σ_i q_s (a_c·q_t)ᵀ
+    (symmetrically for the teacher, with y_st = G_st q_s and G_st = U_t U_sᵀ computed on its own
     rather than transposed). For mse a_c = −2·a_s exactly, and both terms of every sum go through
     the same operations on operands of the same shapes, so bit-identical teacher and student give
     gradients of exactly zero, not rounding noise that Adam would blow up into steps of size lr.
@@ -193,29 +193,29 @@ class _PairwiseAIM(torch.autograd.Function):
             q_t = t_slots.queries(t_attn, t_pos[:, rows], keys, tv.dtype)
             q_s = s_slots.queries(s_attn, s_pos[:, rows], keys, tv.dtype)
             terms = _PairTerms.compute(grams, keys, q_t, q_s)
-            a_t, a_s, a_c = (a.unsqueeze(-1) * grad_total
+            a_t, a_s, a_c = (a.unsqueeze(-2) * grad_total
                              for a in _pair_partials(terms, _chunk_mask(mask, rows, keys), ctx.loss))
             for name, slots, pos, _, _ in sides:
                 # own side's q and y, the other side's q, y of the cross term on the own side, ∂f/∂n_own
                 q, q_other, y_own, y_cross, a_own = (
                     (q_s, q_t, terms.y_ss, terms.y_ts, a_s) if name == "s"
-                    else (q_t, q_s, terms.y_tt, q_s @ grams.st[:, :, :keys], a_t))
-                grad_q = 2 * a_own * y_own + a_c * y_cross  # (B, H, K, I, w)
-                grad_rows = slots.rows(grad_q)  # (B, H, I, L)
-                index = pos[:, None, rows, None].expand(grad_rows.shape)
-                grad_attn[name].scatter_add_(2, index, grad_rows)
-                p_own[name][:, :, :keys] += q.mT @ (2 * a_own * q)
-                p_other[name][:, :, :keys] += q.mT @ (a_c * q_other)
+                    else (q_t, q_s, terms.y_tt, grams.st[:, :, :keys] @ q_s, a_t))
+                grad_q = 2 * a_own * y_own + a_c * y_cross  # (B, H, K, w, I)
+                grad_rows = slots.to_tokens(grad_q.flatten(2, 3), keys)  # (B, H, L, I)
+                index = pos[:, None, rows, None].expand(*grad_rows.shape[:2], -1, grad_rows.shape[2])
+                grad_attn[name].scatter_add_(2, index, grad_rows.transpose(2, 3))
+                p_own[name][:, :, :keys] += q @ (2 * a_own * q).mT
+                p_other[name][:, :, :keys] += q @ (a_c * q_other).mT
         grads = {}
         for name, slots, _, u_own, u_other in sides:
             grad_u = p_own[name] @ u_own + p_other[name] @ u_other  # (B, H, S, w, D)
-            grads[f"{name}v"] = slots.tokens(grad_u)
+            grads[f"{name}v"] = slots.to_tokens(grad_u.flatten(2, 3), n_segments)
             grads[f"{name}_attn"] = grad_attn[name].to((t_attn if name == "t" else s_attn).dtype)
         return (*(grads.get(name) for name in ("t_attn", "tv", "s_attn", "sv")), *([None] * 6))
 
 
 CHUNK_ELEMENTS = 2**20
-"""Full AIM walks over the query segments in chunks of rows whose (B, H, K, rows, w) query tensors
+"""Full AIM walks over the query segments in chunks of rows whose (B, H, K, w, rows) query tensors
 hold at most about this many elements (4 MB in float32; at least one row per chunk), so memory stays
 bounded by a few such tensors whatever the sequence length."""
 
@@ -240,10 +240,10 @@ class _Slots:
     """One side's tokens gathered by segment: slot (k, a) holds the a-th token of segment k
     (a < w, the longest segment of this side in the batch); slots past a segment's end are empty."""
 
-    index: Tensor  # (B, S, w) long: token position of each slot, 0 for empty slots
-    valid: Tensor  # (B, S, w) bool: the slot holds a token
+    index: Tensor  # (B, S·w) long: token position of each slot, 0 for empty slots
+    valid: Tensor  # (B, S·w) bool: the slot holds a token
+    of_token: Tensor  # (B, L) long: slot k·w + a of each token, 0 for tokens without a segment
     seg: Tensor  # (B, L) segment of each token, -1 for none
-    rank: Tensor  # (B, L) the token's slot a in its segment, 0 for tokens without a segment
     width: int
 
     @classmethod
@@ -263,38 +263,25 @@ class _Slots:
         valid = torch.zeros(batch, n_segments * width + 1, dtype=torch.bool, device=seg.device)
         index.scatter_(1, slot, positions)
         valid.scatter_(1, slot, member)
-        return cls(index[:, :-1].view(batch, n_segments, width), valid[:, :-1].view(batch, n_segments, width),
-                   torch.where(member, seg, -1), torch.where(member, rank, 0), width)
+        return cls(index[:, :-1], valid[:, :-1], torch.where(member, slot, 0), torch.where(member, seg, -1), width)
 
     def values(self, values: Tensor) -> Tensor:
         """U (B, H, S, w, D): the value vectors by slot, zero in empty slots."""
-        u = _take(values, self.index.flatten(1)) * self.valid.flatten(1)[:, None, :, None]
+        u = _take(values, self.index) * self.valid[:, None, :, None]
         return u.unflatten(2, (-1, self.width))
 
-    def tokens(self, per_slot: Tensor) -> Tensor:
-        """(B, H, S, w, F) per slot -> (B, H, L, F) per token (0 for tokens without a segment)."""
-        slot = (self.seg.clamp_min(0) * self.width + self.rank)
-        return _take(per_slot.flatten(2, 3), slot) * (self.seg >= 0)[:, None, :, None]
-
     def queries(self, attn: Tensor, positions: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
-        """q (B, H, K, I, w) = A[b, h, positions[b, i], token of slot (k, a)] for the first K
+        """q (B, H, K, w, I) = A[b, h, positions[b, i], token of slot (k, a)] for the first K
         segments (whatever sits in empty slots: U is zero there)."""
-        rows = _take(attn, positions).to(dtype)  # (B, H, I, L)
-        b, h, n_rows, length = rows.shape
-        # flat index of (row i, token of slot (k, a)) in rows[b, h], shared by the heads
-        index = torch.arange(n_rows, device=rows.device).view(1, 1, -1, 1) * length + self.index[:, :keys, None, :]
-        q = rows.view(b, h, -1).gather(2, index.view(b, 1, -1).expand(b, h, -1))
-        return q.view(b, h, keys, n_rows, self.width)
+        rows = _take(attn, positions)  # (B, H, I, L)
+        q = _take(rows.to(dtype).transpose(2, 3).contiguous(), self.index[:, :keys * self.width])
+        return q.unflatten(2, (keys, self.width))
 
-    def rows(self, per_slot: Tensor) -> Tensor:
-        """(B, H, K, I, w) per (key slot, query row) -> (B, H, I, L) per (query row, token), the
-        layout of the attention rows (0 for tokens without a segment or in a segment ≥ K)."""
-        b, h, keys, n_rows, width = per_slot.shape
-        keep = (self.seg >= 0) & (self.seg < keys)  # (B, L)
-        rows = torch.arange(n_rows, device=per_slot.device).view(1, -1, 1)
-        index = (self.seg.clamp(0, keys - 1).unsqueeze(1) * n_rows + rows) * width + self.rank.unsqueeze(1)
-        out = per_slot.reshape(b, h, -1).gather(2, index.view(b, 1, -1).expand(b, h, -1))
-        return out.view(b, h, n_rows, -1) * keep[:, None, None, :]
+    def to_tokens(self, per_slot: Tensor, keys: int) -> Tensor:
+        """(B, H, K·w, F) values per slot of the first K segments -> (B, H, L, F) per token
+        (0 for tokens without a segment or in a later segment)."""
+        keep = (self.seg >= 0) & (self.seg < keys)
+        return _take(per_slot, torch.where(keep, self.of_token, 0)) * keep[:, None, :, None]
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
@@ -308,7 +295,7 @@ def _take(x: Tensor, index: Tensor) -> Tensor:
 
 @dataclass
 class _Grams:
-    """Same-segment Gram blocks G_xy = U_x U_yᵀ (B, H, S, w_x, w_y): q_x G_xy lives on y's slots."""
+    """Same-segment Gram blocks G_xy = U_y U_xᵀ (B, H, S, w_y, w_x): they map q_x to y's slots."""
 
     tt: Tensor
     ss: Tensor
@@ -317,12 +304,12 @@ class _Grams:
 
 
 def _grams(u_t: Tensor, u_s: Tensor, *, with_st: bool) -> _Grams:
-    return _Grams(tt=u_t @ u_t.mT, ss=u_s @ u_s.mT, ts=u_t @ u_s.mT, st=u_s @ u_t.mT if with_st else None)
+    return _Grams(tt=u_t @ u_t.mT, ss=u_s @ u_s.mT, ts=u_s @ u_t.mT, st=u_t @ u_s.mT if with_st else None)
 
 
 @dataclass
 class _PairTerms:
-    """n_t, n_s, c per pair, (B, H, K, I), and the products y (B, H, K, I, w) they came from."""
+    """n_t, n_s, c per pair, (B, H, K, I), and the products y (B, H, K, w, I) they came from."""
 
     n_t: Tensor
     n_s: Tensor
@@ -333,8 +320,8 @@ class _PairTerms:
 
     @classmethod
     def compute(cls, grams: _Grams, keys: int, q_t: Tensor, q_s: Tensor) -> "_PairTerms":
-        y_tt, y_ss, y_ts = q_t @ grams.tt[:, :, :keys], q_s @ grams.ss[:, :, :keys], q_t @ grams.ts[:, :, :keys]
-        return cls(n_t=(y_tt * q_t).sum(-1), n_s=(y_ss * q_s).sum(-1), c=(y_ts * q_s).sum(-1),
+        y_tt, y_ss, y_ts = grams.tt[:, :, :keys] @ q_t, grams.ss[:, :, :keys] @ q_s, grams.ts[:, :, :keys] @ q_t
+        return cls(n_t=(y_tt * q_t).sum(-2), n_s=(y_ss * q_s).sum(-2), c=(y_ts * q_s).sum(-2),
                    y_tt=y_tt, y_ss=y_ss, y_ts=y_ts)
 
 
