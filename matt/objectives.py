@@ -160,8 +160,7 @@ class _PairwiseAIM(torch.autograd.Function):
         ctx.loss = loss
         n_segments = t_pos.shape[1]
         t_slots, s_slots = _Slots.of(t_seg, n_segments), _Slots.of(s_seg, n_segments)
-        u_t, u_s = t_slots.values(tv), s_slots.values(sv)
-        grams = _grams(u_t, u_s, with_st=False)
+        grams = _grams(t_slots.values(tv), s_slots.values(sv), with_st=False)  # U is not kept
         total = tv.new_zeros(())
         for rows, keys in _row_chunks(tv.shape[:2], n_segments, max(t_slots.width, s_slots.width)):
             q_t = t_slots.queries(t_attn, t_pos[:, rows], keys, tv.dtype)
@@ -177,18 +176,17 @@ class _PairwiseAIM(torch.autograd.Function):
         need_s = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         n_segments = t_pos.shape[1]
         t_slots, s_slots = _Slots.of(t_seg, n_segments), _Slots.of(s_seg, n_segments)
-        u_t, u_s = t_slots.values(tv), s_slots.values(sv)
-        grams = _grams(u_t, u_s, with_st=need_t)
-        # (name, own slots, query positions, own U, other side's U)
-        sides = [side for side, needed in ((("s", s_slots, s_pos, u_s, u_t), need_s),
-                                           (("t", t_slots, t_pos, u_t, u_s), need_t)) if needed]
+        grams = _grams(t_slots.values(tv), s_slots.values(sv), with_st=need_t)
+        # (name, own slots, query positions, own and other side's width)
+        sides = [side for side, needed in ((("s", s_slots, s_pos, s_slots.width, t_slots.width), need_s),
+                                           (("t", t_slots, t_pos, t_slots.width, s_slots.width), need_t)) if needed]
         # Only the query rows of the attention get a gradient; it is added straight into these
         # (B, H, L, L) buffers. P_own, P_other: (B, H, S, w_own, w_own / w_other), summed over chunks.
         grad_attn = {name: torch.zeros(x.shape, dtype=tv.dtype, device=x.device)
                      for name, x in (("t", t_attn), ("s", s_attn)) if name in [side[0] for side in sides]}
-        p_own = {name: u_own.new_zeros(*u_own.shape[:-1], u_own.shape[-2]) for name, _, _, u_own, _ in sides}
-        p_other = {name: u_own.new_zeros(*u_own.shape[:-1], u_other.shape[-2])
-                   for name, _, _, u_own, u_other in sides}
+        p_own = {name: tv.new_zeros(*tv.shape[:2], n_segments, w_own, w_own) for name, _, _, w_own, _ in sides}
+        p_other = {name: tv.new_zeros(*tv.shape[:2], n_segments, w_own, w_other)
+                   for name, _, _, w_own, w_other in sides}
         for rows, keys in _row_chunks(tv.shape[:2], n_segments, max(t_slots.width, s_slots.width)):
             q_t = t_slots.queries(t_attn, t_pos[:, rows], keys, tv.dtype)
             q_s = s_slots.queries(s_attn, s_pos[:, rows], keys, tv.dtype)
@@ -206,9 +204,9 @@ class _PairwiseAIM(torch.autograd.Function):
                 grad_attn[name].scatter_add_(2, index, grad_rows.transpose(2, 3))
                 p_own[name][:, :, :keys] += q @ (2 * a_own * q).mT
                 p_other[name][:, :, :keys] += q @ (a_c * q_other).mT
-        grads = {}
-        for name, slots, _, u_own, u_other in sides:
-            grad_u = p_own[name] @ u_own + p_other[name] @ u_other  # (B, H, S, w, D)
+        grads, u = {}, {"t": t_slots.values(tv), "s": s_slots.values(sv)}  # U (B, H, S, w, D) again
+        for name, slots, _, _, _ in sides:
+            grad_u = p_own[name] @ u[name] + p_other[name] @ u["s" if name == "t" else "t"]
             grads[f"{name}v"] = slots.to_tokens(grad_u.flatten(2, 3), n_segments)
             grads[f"{name}_attn"] = grad_attn[name].to((t_attn if name == "t" else s_attn).dtype)
         return (*(grads.get(name) for name in ("t_attn", "tv", "s_attn", "sv")), *([None] * 6))
