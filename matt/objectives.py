@@ -206,7 +206,7 @@ class _PairwiseAIM(torch.autograd.Function):
                 p_other[name][:, :, :keys] += q @ (a_c * q_other).mT
         grads, u = {}, {"t": t_slots.values(tv), "s": s_slots.values(sv)}  # U (B, H, S, w, D) again
         for name, slots, _, _, _ in sides:
-            grad_u = p_own[name] @ u[name] + p_other[name] @ u["s" if name == "t" else "t"]
+            grad_u = (p_own[name] @ u[name]).add_(p_other[name] @ u["s" if name == "t" else "t"])
             grads[f"{name}v"] = slots.to_tokens(grad_u.flatten(2, 3), n_segments)
             grads[f"{name}_attn"] = grad_attn[name].to((t_attn if name == "t" else s_attn).dtype)
         return (*(grads.get(name) for name in ("t_attn", "tv", "s_attn", "sv")), *([None] * 6))
@@ -267,7 +267,7 @@ class _Slots:
 
     def values(self, values: Tensor) -> Tensor:
         """U (B, H, S, w, D): the value vectors by slot, zero in empty slots."""
-        u = _take(values, self.index) * self.valid[:, None, :, None]
+        u = _take(values, self.index).mul_(self.valid[:, None, :, None])
         return u.unflatten(2, (-1, self.width))
 
     def queries(self, attn: Tensor, positions: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
