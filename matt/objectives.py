@@ -14,22 +14,29 @@ mean of (teacher − student)² over every (b,h,i,k≤i,d) — (b,h,i,d) for aim
 mean of 1 − cos over the pairs (b,h,i,k≤i) — (b,h,i) for aim_star.
 
 Why no (B,H,S,S,D) tensor is needed. Both losses only use three inner products per pair:
-n = <s,s>, n' = <s',s'> and c = <s,s'> (mse sums n + n' − 2c; cosine is c / sqrt(n n')). With
-q = A[t_i, :] the gathered query row of the teacher and q' the student's,
+n = <s,s>, n' = <s',s'> and c = <s,s'> (mse sums n + n' − 2c; cosine is c / sqrt(n n')). Gather
+each side's tokens by segment into slots: slot (k, a) of side x holds tok_x[b,k,a], the a-th token
+of segment k (a < w_x, the side's longest segment in the batch; later slots are empty). With
 
-    c[i,k] = Σ_{j: seg_j=k} Σ_{j': seg'_j'=k} q_j q'_j' <V_j, V'_j'>
-           = Σ_{j': seg'_j'=k} (q · C)[j'] · q'_j'   with  C[j,j'] = <V_j, V'_j'> · [seg_j = seg'_j']
+    q_x[b,h,i,k,a]    = A_x[b,h,t_i, tok_x[b,k,a]]                       (query weights by slot)
+    U_x[b,h,k,a]      = V_x[b,h,tok_x[b,k,a]], 0 in empty slots           (B,H,S,w_x,D)
+    G_xy[b,h,k,a',a]  = <U_y[b,h,k,a'], U_x[b,h,k,a]>                     (B,H,S,w_y,w_x): tiny
 
-because the same-segment mask in C already restricts j to segment k once j' is in it; n and n'
-are the same expression with (V,V) and (V',V'). Segments are runs of consecutive tokens, so C is
-block diagonal with blocks of at most w tokens (the longest segment): `_PairwiseAIM` computes
-(q · C) in that banded form, O(S·L·w) per head instead of the O(S·L²) of a dense masked matrix,
-walks over a few heads at a time in its forward and its hand-written backward, and keeps nothing
-between them but the inputs. Full AIM therefore needs about as much memory as AIM* (`make bench`).
+s[i,k] = Σ_a q[i,k,a] U[k,a], so c[i,k] = Σ_{a,a'} q[i,k,a] <U[k,a], U'[k,a']> q'[i,k,a']
+= Σ_a' (G_ts[k] q[i,k])[a'] · q'[i,k,a'], and n, n' are the same with (G_tt, q, q) and (G_ss, q', q').
+Empty slots have U = 0, so whatever q holds there drops out. Per (b, h, k) that is one small
+matrix product (w_y×w_x)·(w_x×I) for all query rows I at once, then an elementwise product and a
+sum over a: `_PairwiseAIM` does this with batched matmuls over (b, h, k), a few operators per
+chunk of query rows. Rows i < r only pair with keys k ≤ i, so a chunk of rows below r covers
+keys 0..r−1 only; chunks are sized so that their (B,H,K,w,I) query tensors stay within
+`CHUNK_ELEMENTS`, and the hand-written backward recomputes them chunk by chunk from the inputs,
+the only thing kept between forward and backward. Cost: O(B·H·S²·w) memory traffic and
+O(B·H·S²·w²) arithmetic, against O(B·H·S²·D) for the literal s.
 
-Exactness. n, n' and c go through the same function, so identical teacher and student give
-bit-identical n = n' = c and a loss of exactly 0; with mse the backward is arranged so that every
-gradient is then exactly 0 as well (see `_PairwiseAIM`). The flip side of the Gram form is cancellation:
+Exactness. n, n' and c go through the same operations on operands of the same shapes, so
+identical teacher and student give bit-identical n = n' = c and a loss of exactly 0; with mse
+the backward is arranged so that every gradient is then exactly 0 as well (see `_PairwiseAIM`).
+The flip side of the Gram form is cancellation:
 n + n' − 2c loses relative precision once the student is within ~1e-3 of the teacher (fp32), so
 the computation always runs in float32 at least (autocast disabled), float64 if an input is.
 """
@@ -133,34 +140,33 @@ class _Side:
 class _PairwiseAIM(torch.autograd.Function):
     """Σ over valid pairs (b,h,i,k) of the per-pair loss, with an explicit backward.
 
-    Segments are runs of consecutive tokens, so the same-segment Gram matrices are block diagonal
-    with blocks of at most w tokens (the longest segment). Everything is computed in that banded
-    form: for token j of one side, only the ≤ w tokens of its segment on the other side are
-    visited, which costs O(S·L·w) instead of the O(S·L²) of dense masked matrices. The loop runs
-    over chunks of (b, h) heads and nothing but the inputs is kept between forward and backward
-    (the backward recomputes), so the temporaries (a few (h, S, L) tensors) stay a fraction of
-    the attention tensors themselves.
-
-    Per pair the loss is f(n_t, n_s, c) with n_t = <s,s>, n_s = <s',s'>, c = <s,s'>. With a_* the
-    partials of f per pair and x_xy[i, j] = Σ_{j''∈seg(j)} q_x[i,j''] <V_x[j''], V_y[j]>,
-        ∂/∂q'_j'  = 2·a_s·x_ss[j'] + a_c·x_ts[j']
-        ∂/∂V'_j'  = Σ_i [2·a_s q'_j' Σ_{j''∈k} q'_j'' V'_j'' + a_c q'_j' Σ_{j∈k} q_j V_j]
-    (symmetrically for the teacher). For mse a_c = −2·a_s exactly, and both terms of every sum run
-    through the same code on the same layout, so bit-identical teacher and student give gradients
-    of exactly zero, not rounding noise that Adam would blow up into steps of size lr.
+    Layout (see the module docstring): q_x (B,H,K,w_x,I) for a chunk of I query rows and the K key
+    segments they can see, G_xy = U_y U_xᵀ (B,H,S,w_y,w_x), y_xy = G_xy q_x on y's slots, and
+    n_t = Σ_a y_tt·q_t, n_s = Σ_a y_ss·q_s, c = Σ_a y_ts·q_s. With a_* the partials of the per-pair
+    loss f(n_t, n_s, c),
+        ∂/∂q_s = 2·a_s·y_ss + a_c·y_ts                       (per slot and query row)
+        ∂/∂U_s = P_ss U_s + P_st U_t,  P_ss = Σ_i q_s (2·a_s·q_s)ᵀ,  P_st = Σ_i q_s (a_c·q_t)ᵀ
+    (symmetrically for the teacher, with y_st = G_st q_s and G_st = U_t U_sᵀ computed on its own
+    rather than transposed). For mse a_c = −2·a_s exactly, and both terms of every sum go through
+    the same operations on operands of the same shapes, so bit-identical teacher and student give
+    gradients of exactly zero, not rounding noise that Adam would blow up into steps of size lr.
+    Nothing but the inputs is kept between forward and backward: the backward recomputes q and y
+    chunk by chunk, and accumulates the tiny P matrices over chunks before the one product with U.
     """
 
     @staticmethod
     def forward(ctx, t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask, loss):  # noqa: D401
         ctx.save_for_backward(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask)
         ctx.loss = loss
+        n_segments = t_pos.shape[1]
+        t_slots, s_slots = _Slots.of(t_seg, n_segments), _Slots.of(s_seg, n_segments)
+        grams = _grams(t_slots.values(tv), s_slots.values(sv), with_st=False)  # U is not kept
         total = tv.new_zeros(())
-        for layout, heads, rows in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
-            b = layout.batch
-            tq = _query_rows(t_attn, b, heads, t_pos[b, rows], tv.dtype)
-            sq = _query_rows(s_attn, b, heads, s_pos[b, rows], tv.dtype)
-            terms = _PairTerms.compute(layout, tq, tv[b, heads], sq, sv[b, heads])
-            total = total + _pair_losses(terms, mask[b, rows], loss).sum()
+        for rows, keys in _row_chunks(tv.shape[:2], n_segments, max(t_slots.width, s_slots.width)):
+            q_t = t_slots.queries(t_attn, t_pos[:, rows], keys, tv.dtype)
+            q_s = s_slots.queries(s_attn, s_pos[:, rows], keys, tv.dtype)
+            terms = _PairTerms.compute(grams, keys, q_t, q_s)
+            total = total + _pair_losses(terms, _chunk_mask(mask, rows, keys), loss).sum()
         return total
 
     @staticmethod
@@ -168,221 +174,155 @@ class _PairwiseAIM(torch.autograd.Function):
         t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask = ctx.saved_tensors
         need_t = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_s = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        # Only the query rows of the attention get a gradient; it is written straight into these
-        # (B, H, L, L) buffers, so no (B, H, S, L) query tensor or its gradient is ever stored.
-        grads = {name: torch.zeros(x.shape, dtype=tv.dtype, device=x.device) if needed else None
-                 for name, x, needed in (("t_attn", t_attn, need_t), ("tv", tv, need_t),
-                                         ("s_attn", s_attn, need_s), ("sv", sv, need_s))}
-        for layout, heads, rows in _chunks(t_pos, s_pos, t_seg, s_seg, tv.shape[1]):
-            b = layout.batch
-            tq = _query_rows(t_attn, b, heads, t_pos[b, rows], tv.dtype)
-            sq = _query_rows(s_attn, b, heads, s_pos[b, rows], tv.dtype)
-            t_values, s_values = tv[b, heads], sv[b, heads]
-            terms = _PairTerms.compute(layout, tq, t_values, sq, s_values, with_x_st=need_t)
-            a_t, a_s, a_c = (a * grad_total for a in _pair_partials(terms, mask[b, rows], ctx.loss))
-            sides = []
-            if need_s:  # (own side, other side, band own-own, band other-own, partials, x own/own, x other/own)
-                sides.append(("s", s_pos, sq, s_values, tq, t_values, layout.ss, layout.ts, layout.s_seg,
-                              a_s, terms.x_ss, terms.x_ts))
-            if need_t:
-                sides.append(("t", t_pos, tq, t_values, sq, s_values, layout.tt, layout.st, layout.t_seg,
-                              a_t, terms.x_tt, terms.x_st))
-            for name, pos, q, values, q_other, values_other, own_band, other_band, seg, a_own, x_own, x_other in sides:
-                coef = _per_token(2 * a_own, seg)  # weight of (i, token j) through <s_own, s_own>
-                cross = _per_token(a_c, seg)  # ... and through the cross term c
-                grads[f"{name}_attn"][b, heads].index_add_(1, pos[b, rows],
-                                                            (coef * x_own + cross * x_other).transpose(1, 2))
-                own = _band_combine(_band_pair_weights(coef * q, q, own_band), values, own_band)
-                other = _band_combine(_band_pair_weights(cross * q, q_other, other_band), values_other, other_band)
-                grads["tv" if name == "t" else "sv"][b, heads] += own + other
-        for name, x in (("t_attn", t_attn), ("s_attn", s_attn)):
-            if grads[name] is not None:
-                grads[name] = grads[name].to(x.dtype)
-        return grads["t_attn"], grads["tv"], grads["s_attn"], grads["sv"], *([None] * 6)
+        n_segments = t_pos.shape[1]
+        t_slots, s_slots = _Slots.of(t_seg, n_segments), _Slots.of(s_seg, n_segments)
+        grams = _grams(t_slots.values(tv), s_slots.values(sv), with_st=need_t)
+        # (name, own slots, query positions, own and other side's width)
+        sides = [side for side, needed in ((("s", s_slots, s_pos, s_slots.width, t_slots.width), need_s),
+                                           (("t", t_slots, t_pos, t_slots.width, s_slots.width), need_t)) if needed]
+        # Only the query rows of the attention get a gradient; it is added straight into these
+        # (B, H, L, L) buffers. P_own, P_other: (B, H, S, w_own, w_own / w_other), summed over chunks.
+        grad_attn = {name: torch.zeros(x.shape, dtype=tv.dtype, device=x.device)
+                     for name, x in (("t", t_attn), ("s", s_attn)) if name in [side[0] for side in sides]}
+        p_own = {name: tv.new_zeros(*tv.shape[:2], n_segments, w_own, w_own) for name, _, _, w_own, _ in sides}
+        p_other = {name: tv.new_zeros(*tv.shape[:2], n_segments, w_own, w_other)
+                   for name, _, _, w_own, w_other in sides}
+        for rows, keys in _row_chunks(tv.shape[:2], n_segments, max(t_slots.width, s_slots.width)):
+            q_t = t_slots.queries(t_attn, t_pos[:, rows], keys, tv.dtype)
+            q_s = s_slots.queries(s_attn, s_pos[:, rows], keys, tv.dtype)
+            terms = _PairTerms.compute(grams, keys, q_t, q_s)
+            a_t, a_s, a_c = (a.unsqueeze(-2) * grad_total
+                             for a in _pair_partials(terms, _chunk_mask(mask, rows, keys), ctx.loss))
+            for name, slots, pos, _, _ in sides:
+                # own side's q and y, the other side's q, y of the cross term on the own side, ∂f/∂n_own
+                q, q_other, y_own, y_cross, a_own = (
+                    (q_s, q_t, terms.y_ss, terms.y_ts, a_s) if name == "s"
+                    else (q_t, q_s, terms.y_tt, grams.st[:, :, :keys] @ q_s, a_t))
+                grad_q = 2 * a_own * y_own + a_c * y_cross  # (B, H, K, w, I)
+                grad_rows = slots.to_tokens(grad_q.flatten(2, 3), keys)  # (B, H, L, I)
+                index = pos[:, None, rows, None].expand(*grad_rows.shape[:2], -1, grad_rows.shape[2])
+                grad_attn[name].scatter_add_(2, index, grad_rows.transpose(2, 3))
+                p_own[name][:, :, :keys] += q @ (2 * a_own * q).mT
+                p_other[name][:, :, :keys] += q @ (a_c * q_other).mT
+        grads, u = {}, {"t": t_slots.values(tv), "s": s_slots.values(sv)}  # U (B, H, S, w, D) again
+        for name, slots, _, _, _ in sides:
+            grad_u = (p_own[name] @ u[name]).add_(p_other[name] @ u["s" if name == "t" else "t"])
+            grads[f"{name}v"] = slots.to_tokens(grad_u.flatten(2, 3), n_segments)
+            grads[f"{name}_attn"] = grad_attn[name].to((t_attn if name == "t" else s_attn).dtype)
+        return (*(grads.get(name) for name in ("t_attn", "tv", "s_attn", "sv")), *([None] * 6))
 
 
-MAX_CHUNKS = 16
-"""Full AIM processes its B·H·S (head, query segment) rows in about this many chunks: the
-temporaries of one chunk (a few (h, L, rows) tensors) then stay a small fraction of the attention
-tensors, and the loop stays short enough for a GPU (each chunk dispatches ~300 operators, forward
-and backward; measured at L=512, batch 1, SmolLM2's heads: 32 chunks 13 MB extra / 8.8K operators,
-16 chunks 15 MB / 4.5K)."""
+CHUNK_ELEMENTS = 2**19
+"""Full AIM walks over the query segments in chunks of rows whose (B, H, K, w, rows) query tensors
+hold at most about this many elements (2 MB in float32; at least one row per chunk), so memory stays
+bounded by a few such tensors whatever the sequence length. Measured at L=512 (batch 1, one CPU
+thread): 2^19 took 64/50 ms (SmolLM2/Gemma 3 head shapes), 2^18 68/50 ms, 2^20 92/75 ms; the
+working set of a chunk then stays in cache."""
+
+
+def _row_chunks(batch_heads: torch.Size, n_segments: int, width: int):
+    """(slice of query rows, number of key segments they can see): rows r0..r1-1 only pair with
+    keys k ≤ i < r1, so a chunk's tensors cover keys 0..r1-1 only (the causal triangle, roughly)."""
+    per_row = batch_heads[0] * batch_heads[1] * n_segments * width
+    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    for r in range(0, n_segments, step):
+        end = min(r + step, n_segments)
+        yield slice(r, end), end
+
+
+def _chunk_mask(mask: Tensor, rows: slice, keys: int) -> Tensor:
+    """(B, S_i, S_k) pair mask -> (B, 1, K, I) for the chunk's (key, query row) layout."""
+    return mask[:, rows, :keys].transpose(1, 2).unsqueeze(1)
 
 
 @dataclass
-class _Band:
-    """For each token j of side y: the (≤ w) positions of side x in the segment of j."""
+class _Slots:
+    """One side's tokens gathered by segment: slot (k, a) holds the a-th token of segment k
+    (a < w, the longest segment of this side in the batch); slots past a segment's end are empty."""
 
-    index: Tensor  # (L_y, w) long, clamped to valid positions
-    valid: Tensor  # (L_y, w) float 1/0: that position exists and belongs to j's segment
-
-
-@dataclass
-class _Segments:
-    """Segment ids of one sequence's tokens, in the two forms the per-token products index with."""
-
-    index: Tensor  # (L,) segment of each token, 0 for tokens without one
-    member: Tensor  # (L, 1) bool: the token belongs to a segment
+    index: Tensor  # (B, S·w) long: token position of each slot, 0 for empty slots
+    valid: Tensor  # (B, S·w) bool: the slot holds a token
+    of_token: Tensor  # (B, L) long: slot k·w + a of each token, 0 for tokens without a segment
+    seg: Tensor  # (B, L) segment of each token, -1 for none
+    width: int
 
     @classmethod
-    def of(cls, seg: Tensor) -> "_Segments":
-        return cls(seg.clamp_min(0), (seg >= 0).unsqueeze(-1))
+    def of(cls, seg: Tensor, n_segments: int) -> "_Slots":
+        batch, length = seg.shape
+        member = seg >= 0
+        key = torch.where(member, seg, n_segments)  # tokens without a segment sort last
+        order = key.argsort(dim=1, stable=True)
+        counts = torch.zeros(batch, n_segments + 1, dtype=torch.long, device=seg.device)
+        counts.scatter_add_(1, key, torch.ones_like(key))
+        width = max(int(counts[:, :n_segments].max()), 1) if n_segments else 1
+        start = counts.cumsum(1) - counts
+        positions = torch.arange(length, device=seg.device).expand(batch, -1)
+        rank = torch.empty_like(order).scatter_(1, order, positions - start.gather(1, key.gather(1, order)))
+        slot = torch.where(member, key * width + rank, n_segments * width)  # one spare slot for the rest
+        index = torch.zeros(batch, n_segments * width + 1, dtype=torch.long, device=seg.device)
+        valid = torch.zeros(batch, n_segments * width + 1, dtype=torch.bool, device=seg.device)
+        index.scatter_(1, slot, positions)
+        valid.scatter_(1, slot, member)
+        return cls(index[:, :-1], valid[:, :-1], torch.where(member, slot, 0), torch.where(member, seg, -1), width)
+
+    def values(self, values: Tensor) -> Tensor:
+        """U (B, H, S, w, D): the value vectors by slot, zero in empty slots."""
+        u = _take(values, self.index).mul_(self.valid[:, None, :, None])
+        return u.unflatten(2, (-1, self.width))
+
+    def queries(self, attn: Tensor, positions: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
+        """q (B, H, K, w, I) = A[b, h, positions[b, i], token of slot (k, a)] for the first K
+        segments (whatever sits in empty slots: U is zero there)."""
+        rows = _take(attn, positions)  # (B, H, I, L)
+        q = _take(rows.to(dtype).transpose(2, 3).contiguous(), self.index[:, :keys * self.width])
+        return q.unflatten(2, (keys, self.width))
+
+    def to_tokens(self, per_slot: Tensor, keys: int) -> Tensor:
+        """(B, H, K·w, F) values per slot of the first K segments -> (B, H, L, F) per token
+        (0 for tokens without a segment or in a later segment)."""
+        keep = (self.seg >= 0) & (self.seg < keys)
+        return _take(per_slot, torch.where(keep, self.of_token, 0)) * keep[:, None, :, None]
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, H, N, F), index (B, M) -> (B, H, M, F): out[b, h, m] = x[b, h, index[b, m]]
+    (one row copy per entry: the index is per sequence, shared by its heads)."""
+    b, h, n, f = x.shape
+    offsets = torch.arange(b * h, device=x.device).view(b, h, 1) * n
+    flat = (index.unsqueeze(1) + offsets).reshape(-1)
+    return x.reshape(b * h * n, f).index_select(0, flat).view(b, h, -1, f)
 
 
 @dataclass
-class _Layout:
-    """The segment structure of one sequence on both sides (shared by all its heads)."""
+class _Grams:
+    """Same-segment Gram blocks G_xy = U_y U_xᵀ (B, H, S, w_y, w_x): they map q_x to y's slots."""
 
-    batch: int
-    t_seg: _Segments
-    s_seg: _Segments
-    tt: _Band  # teacher rows for teacher tokens
-    ss: _Band  # student rows for student tokens
-    ts: _Band  # teacher rows for student tokens
-    st: _Band  # student rows for teacher tokens
-    n_segments: int
+    tt: Tensor
+    ss: Tensor
+    ts: Tensor
+    st: Tensor | None
 
 
-def _chunks(t_pos: Tensor, s_pos: Tensor, t_seg: Tensor, s_seg: Tensor, heads: int):
-    """(layout of sequence b, slice of heads, slice of query segments): about `MAX_CHUNKS` in all.
-
-    Query rows are independent (every per-pair term belongs to one query segment i; the value
-    gradients are sums over i), so a chunk can hold a few heads or part of one head's rows."""
-    batch, n_segments = t_pos.shape
-    per_chunk = max(1, -(-batch * heads * n_segments // MAX_CHUNKS),  # (head, row) pairs
-                    MIN_CHUNK_ELEMENTS // max(t_seg.shape[1], s_seg.shape[1], 1))
-    head_step = max(1, min(heads, per_chunk // max(n_segments, 1)))
-    row_step = max(1, min(n_segments, per_chunk))
-    for b in range(batch):
-        t_first, t_span = _segment_spans(t_seg[b], t_pos[b], n_segments)
-        s_first, s_span = _segment_spans(s_seg[b], s_pos[b], n_segments)
-        layout = _Layout(
-            batch=b, t_seg=_Segments.of(t_seg[b]), s_seg=_Segments.of(s_seg[b]), n_segments=n_segments,
-            tt=_band(t_seg[b], t_first, t_span, t_seg[b]), ss=_band(s_seg[b], s_first, s_span, s_seg[b]),
-            ts=_band(t_seg[b], t_first, t_span, s_seg[b]), st=_band(s_seg[b], s_first, s_span, t_seg[b]),
-        )
-        for h in range(0, heads, head_step):
-            for r in range(0, n_segments, row_step):
-                yield layout, slice(h, min(h + head_step, heads)), slice(r, min(r + row_step, n_segments))
-
-
-def _segment_spans(seg: Tensor, last: Tensor, n_segments: int) -> tuple[Tensor, Tensor]:
-    """First position and span (last − first + 1; 0 for absent segments) of every segment."""
-    length = seg.shape[0]
-    positions = torch.arange(length, device=seg.device)
-    member = seg >= 0
-    first = torch.full((n_segments,), length, dtype=torch.long, device=seg.device)
-    first = first.scatter_reduce(0, seg[member], positions[member], reduce="amin")
-    present = first < length
-    span = torch.where(present, last - first + 1, 0)
-    return first.clamp(max=max(length - 1, 0)), span
-
-
-def _band(seg_x: Tensor, first_x: Tensor, span_x: Tensor, seg_y: Tensor) -> _Band:
-    width = max(int(span_x.max()), 1) if span_x.numel() else 1
-    k = seg_y.clamp_min(0)
-    offsets = torch.arange(width, device=seg_y.device)
-    index = (first_x[k].unsqueeze(1) + offsets).clamp(max=seg_x.shape[0] - 1)  # (L_y, w)
-    valid = (seg_y >= 0).unsqueeze(1) & (offsets < span_x[k].unsqueeze(1)) & (seg_x[index] == seg_y.unsqueeze(1))
-    return _Band(index, valid)
-
-
-def _query_rows(attn: Tensor, b: int, heads: slice, positions: Tensor, dtype: torch.dtype) -> Tensor:
-    """The attention rows of the segments' last tokens for these heads, token-major: (h, L, S).
-
-    Token-major so that gathering the tokens of a segment (the inner loop of every banded
-    product) copies contiguous rows."""
-    return attn[b, heads].index_select(1, positions).to(dtype).transpose(1, 2).contiguous()
-
-
-MIN_CHUNK_ELEMENTS = 2**16
-"""... but a chunk holds at least this many (row, token) entries: short sequences take one chunk."""
-
-BAND_GROUP_ELEMENTS = 2**19
-"""The banded products gather the band's tokens for several offsets r at once: as many as keep one
-gathered (h, L, offsets, D or S) tensor within this many elements (2 MB in float32), so a typical
-band is a few gathers and reductions instead of three small operations per offset."""
-
-
-def _offset_groups(band: _Band, per_offset: int):
-    """Slices of band offsets r whose gathered tensors stay within `BAND_GROUP_ELEMENTS`."""
-    width = band.index.shape[1]
-    step = max(1, min(width, BAND_GROUP_ELEMENTS // max(per_offset, 1)))
-    return [slice(r, min(r + step, width)) for r in range(0, width, step)]
-
-
-def _gather_band(x: Tensor, band: _Band, offsets: slice) -> Tensor:
-    """(h, L_y, r, ...) rows x[h, index[j, r]] for the offsets r in `offsets`."""
-    index = band.index[:, offsets]
-    return x.index_select(1, index.reshape(-1)).view(x.shape[0], *index.shape, *x.shape[2:])
-
-
-def _band_gram(v_x: Tensor, v_y: Tensor, band: _Band) -> Tensor:
-    """(h, L_y, w): <V_x[index[j, r]], V_y[j]> where valid, else 0."""
-    groups = _offset_groups(band, v_y.shape[0] * v_y.shape[1] * v_y.shape[2])
-    grams = [(_gather_band(v_x, band, r) * v_y.unsqueeze(2)).sum(-1) for r in groups]
-    return (grams[0] if len(grams) == 1 else torch.cat(grams, dim=-1)) * band.valid
-
-
-def _band_apply(q_x: Tensor, gram: Tensor, band: _Band) -> Tensor:
-    """x[h, j, i] = Σ_r q_x[h, index[j, r], i] · gram[h, j, r]  (h, L_y, S), token-major."""
-    out = None
-    for r in _offset_groups(band, q_x.shape[0] * band.index.shape[0] * q_x.shape[2]):
-        part = (_gather_band(q_x, band, r) * gram[..., r, None]).sum(2)
-        out = part if out is None else out + part
-    return out
-
-
-def _band_pair_weights(weighted_q: Tensor, q_x: Tensor, band: _Band) -> Tensor:
-    """P[h, j, r] = Σ_i weighted_q[h, j, i] · q_x[h, index[j, r], i] where valid, else 0."""
-    groups = _offset_groups(band, weighted_q.shape[0] * weighted_q.shape[1] * weighted_q.shape[2])
-    weights = [(_gather_band(q_x, band, r) * weighted_q.unsqueeze(2)).sum(-1) for r in groups]
-    return (weights[0] if len(weights) == 1 else torch.cat(weights, dim=-1)) * band.valid
-
-
-def _band_combine(weights: Tensor, v_x: Tensor, band: _Band) -> Tensor:
-    """out[h, j] = Σ_r weights[h, j, r] · V_x[h, index[j, r]]  (h, L_y, D)."""
-    out = None
-    for r in _offset_groups(band, v_x.shape[0] * band.index.shape[0] * v_x.shape[2]):
-        part = (weights[..., r, None] * _gather_band(v_x, band, r)).sum(2)
-        out = part if out is None else out + part
-    return out
-
-
-def _per_token(per_pair: Tensor, seg: _Segments) -> Tensor:
-    """(h, S_i, S_k) values per (query i, segment k) -> (h, L, S_i): the value of token j's segment
-    (0 for a token without one), token-major."""
-    return per_pair.transpose(1, 2).index_select(1, seg.index) * seg.member
-
-
-def _segment_sum(per_token: Tensor, seg: _Segments, n_segments: int) -> Tensor:
-    """(h, L, S_i) token-major -> (h, S_i, S_k): sum over the tokens of each segment k (tokens
-    without a segment add 0)."""
-    out = per_token.new_zeros(per_token.shape[0], n_segments, per_token.shape[2])
-    return out.index_add_(1, seg.index, per_token * seg.member).transpose(1, 2)
+def _grams(u_t: Tensor, u_s: Tensor, *, with_st: bool) -> _Grams:
+    return _Grams(tt=u_t @ u_t.mT, ss=u_s @ u_s.mT, ts=u_s @ u_t.mT, st=u_t @ u_s.mT if with_st else None)
 
 
 @dataclass
 class _PairTerms:
-    """n_t, n_s, c per pair (h, S, S) and the banded products the backward needs."""
+    """n_t, n_s, c per pair, (B, H, K, I), and the products y (B, H, K, w, I) they came from."""
 
     n_t: Tensor
     n_s: Tensor
     c: Tensor
-    x_tt: Tensor
-    x_ss: Tensor
-    x_ts: Tensor
-    x_st: Tensor | None
+    y_tt: Tensor
+    y_ss: Tensor
+    y_ts: Tensor
 
     @classmethod
-    def compute(cls, layout: _Layout, tq, tv, sq, sv, *, with_x_st: bool = False) -> "_PairTerms":
-        x_tt = _band_apply(tq, _band_gram(tv, tv, layout.tt), layout.tt)
-        x_ss = _band_apply(sq, _band_gram(sv, sv, layout.ss), layout.ss)
-        x_ts = _band_apply(tq, _band_gram(tv, sv, layout.ts), layout.ts)
-        x_st = _band_apply(sq, _band_gram(sv, tv, layout.st), layout.st) if with_x_st else None
-        n = layout.n_segments
-        return cls(n_t=_segment_sum(x_tt * tq, layout.t_seg, n), n_s=_segment_sum(x_ss * sq, layout.s_seg, n),
-                   c=_segment_sum(x_ts * sq, layout.s_seg, n), x_tt=x_tt, x_ss=x_ss, x_ts=x_ts, x_st=x_st)
+    def compute(cls, grams: _Grams, keys: int, q_t: Tensor, q_s: Tensor) -> "_PairTerms":
+        y_tt, y_ss, y_ts = grams.tt[:, :, :keys] @ q_t, grams.ss[:, :, :keys] @ q_s, grams.ts[:, :, :keys] @ q_t
+        return cls(n_t=(y_tt * q_t).sum(-2), n_s=(y_ss * q_s).sum(-2), c=(y_ts * q_s).sum(-2),
+                   y_tt=y_tt, y_ss=y_ss, y_ts=y_ts)
 
 
 def _pair_losses(terms: _PairTerms, mask: Tensor, loss: str) -> Tensor:

@@ -53,6 +53,11 @@ def random_problem(seed: int, dtype=torch.float32, heads: int = 4, kv_heads: int
                 s_attn=s_attn, s_kv=s_kv, s_values=s_values, s_seg=s_seg)
 
 
+def longest_segment(seg: torch.Tensor) -> int:
+    """Tokens in the longest segment of any row (B, L)."""
+    return max(int(torch.bincount(row[row >= 0]).max()) for row in seg if (row >= 0).any())
+
+
 def call(fn, p, **kw):
     return fn(p["t_attn"], p["t_values"], p["t_seg"], p["s_attn"], p["s_values"], p["s_seg"], **kw)
 
@@ -162,22 +167,58 @@ def test_special_tokens_inside_segments_and_very_uneven_segments(impl, loss):
 
 
 @pytest.mark.parametrize("loss", list(Loss))
-def test_head_chunking_does_not_change_the_result(monkeypatch, loss):
+def test_row_chunking_does_not_change_the_result(monkeypatch, loss):
+    """Query rows are processed in chunks of at most `CHUNK_ELEMENTS` query-tensor entries (at least
+    one row): one row per chunk, a few rows, and everything at once give the same value and gradients."""
     import matt.objectives as objectives
 
     p = random_problem(7, torch.float64)
-    results = []
-    monkeypatch.setattr(objectives, "MIN_CHUNK_ELEMENTS", 0)  # these sequences are short: let them split
-    # all heads of a sequence at once, a few heads, parts of one head's rows; band offsets one at a
-    # time or all gathered together
-    for chunks, band_group in ((1, 2**19), (5, 2**19), (1000, 2**19), (5, 1), (1000, 1)):
-        monkeypatch.setattr(objectives, "MAX_CHUNKS", chunks)
-        monkeypatch.setattr(objectives, "BAND_GROUP_ELEMENTS", band_group)
-        value = call(aim_loss, p, impl="aim", loss=loss)
-        results.append((value, *torch.autograd.grad(value, [p["s_attn"], p["s_kv"]])))
+    t_attn = p["t_attn"].clone().requires_grad_()  # the teacher's backward is chunked too
+    results, chunks = [], []
+    real_row_chunks = objectives._row_chunks
+
+    def recording(*args):
+        spans = list(real_row_chunks(*args))
+        chunks.append(len(spans))
+        return iter(spans)
+
+    monkeypatch.setattr(objectives, "_row_chunks", recording)
+    n_segments = int(p["t_seg"].max()) + 1
+    batch, heads = p["t_values"].shape[:2]
+    per_row = batch * heads * n_segments * max(longest_segment(p["t_seg"]), longest_segment(p["s_seg"]))
+    for budget in (1, 2 * per_row, 2**30):
+        monkeypatch.setattr(objectives, "CHUNK_ELEMENTS", budget)
+        value = aim_loss(t_attn, p["t_values"], p["t_seg"], p["s_attn"], p["s_values"], p["s_seg"], loss=loss)
+        results.append((value, *torch.autograd.grad(value, [t_attn, p["s_attn"], p["s_kv"]])))
+    assert chunks[0] == chunks[1] == n_segments and chunks[2] == chunks[3] == -(-n_segments // 2), chunks
+    assert chunks[4] == chunks[5] == 1 and n_segments > 2
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", list(Loss))
+def test_many_row_chunks_match_naive(monkeypatch, loss):
+    """A longer problem split into several row chunks, against the literal definition: value and the
+    gradients of both sides (chunks only see the key segments up to their last row)."""
+    import matt.objectives as objectives
+
+    monkeypatch.setattr(objectives, "CHUNK_ELEMENTS", 2**9)
+    rng, gen = random.Random(3), torch.Generator().manual_seed(3)
+    n_segments = [14, 9]
+    t_seg = make_seg([[rng.randint(1, 5) for _ in range(n)] for n in n_segments], bos=1, length=60)
+    s_seg = make_seg([[rng.randint(1, 3) for _ in range(n)] for n in n_segments], bos=0, length=40)
+    t_attn, _, t_values = make_side(t_seg, 4, 2, 6, torch.float64, gen)
+    s_attn, s_kv, s_values = make_side(s_seg, 4, 2, 6, torch.float64, gen)
+    t_attn, t_values = t_attn.detach().requires_grad_(), t_values.detach().requires_grad_()
+    rows_per_chunk = max(1, 2**9 // (2 * 4 * 14 * max(longest_segment(t_seg), longest_segment(s_seg))))
+    assert -(-14 // rows_per_chunk) >= 3  # several chunks
+    results = []
+    for fn in (aim_loss, naive_aim_loss):
+        value = fn(t_attn, t_values, t_seg, s_attn, s_values, s_seg, loss=loss)
+        results.append((value, *torch.autograd.grad(value, [t_attn, t_values, s_attn, s_kv])))
+    for fast, naive in zip(*results):
+        torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("impl,loss", CASES)
@@ -286,13 +327,9 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_efficient_path_never_allocates_pairwise_value_tensors(monkeypatch):
-    """L² · D and B·H·S²·D dwarf everything O(B·H·L²), O(B·H·L·D) or O(B·H·S·L) here. The banded
-    products may gather several band offsets at once, up to `BAND_GROUP_ELEMENTS` entries (a fixed
-    budget, 2 MB): shrunk here to one offset's worth, so that the bound is the asymptotic one."""
-    import matt.objectives as objectives
-
-    monkeypatch.setattr(objectives, "BAND_GROUP_ELEMENTS", 1)
+def test_efficient_path_never_allocates_pairwise_value_tensors():
+    """L² · D and B·H·S²·D dwarf everything O(B·H·L²), O(B·H·L·D) or O(B·H·S·L) here. (The per-slot
+    tensors, B·H·S·w·S query entries and B·H·S·w·D values with w = 2 tokens per segment, fit too.)"""
     batch, heads, dim, n_segments = 1, 2, 64, 12
     seg = make_seg([[2] * n_segments], bos=1, length=2 * n_segments + 1)  # L = 25
     length = seg.shape[1]
