@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"bpb", "bpb_new", "bpb_shared"}
 HIGHER_IS_BETTER = {"choice_accuracy", "choice_accuracy_pmi", "chrf"}
+"""Model-quality metrics get a `% of original` column; compression, counts and the unigram floor
+do not (they describe the tokenizer, not how much of the model's quality was kept)."""
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 ITEM_KEYS = {"choice_accuracy": "choice_credits", "choice_accuracy_pmi": "choice_credits_pmi"}
 """Accuracy metric -> its per-item credit list in `eval/results.json` (as in `matt.pipeline.evaluate`)."""
@@ -42,8 +44,6 @@ DOCUMENT_KEYS = {"bpb": ("bpb_document_bits", "bpb_document_bytes")}
 """Ratio metric -> its per-document (bits, bytes) lists in `eval/results.json`."""
 UNIT_KEYS = frozenset([*ITEM_KEYS.values(), *(key for keys in DOCUMENT_KEYS.values() for key in keys)])
 """Every per-item / per-document list a model's results may hold (kept out of MLflow metrics)."""
-"""Model-quality metrics get a `% of original` column; compression, counts and the unigram floor
-do not (they describe the tokenizer, not how much of the model's quality was kept)."""
 TIME_METRIC = "train/final_wall_clock_s"
 MEMORY_METRIC = "train/final_peak_memory_mb"
 
@@ -346,9 +346,8 @@ def format_difference(diff: PairedDifference) -> str:
 def difference_to_init(row: TableRow, metric: str) -> str | None:
     """`Δ vs init` of an accuracy or bits per byte: "+0.0500 [+0.0100, +0.0900] *" (paired bootstrap
     over the same items / documents, `paired_difference`; `*` = the 95 % interval excludes 0), or
-    with per-unit lists missing, the difference
-    with `*` only when the two Wilson intervals do not overlap. None for the init row itself or
-    without the numbers."""
+    with per-unit lists missing, the difference with `*` only when the two Wilson intervals do not
+    overlap. None for the init row itself or without the numbers."""
     if row.kind == "init" or metric not in row.values or metric not in row.init_values:
         return None
     diff = paired_difference(metric, row.items, row.init_items)
