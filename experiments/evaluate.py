@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from matt.hydra_app import hydra_main
 from matt.pipeline.documents import load_documents
 from matt.pipeline.evaluate import EvalSuite, prefixed, results_table, write_results
-from matt.pipeline.init import INIT_DIR, release_memory, with_embeddings
+from matt.pipeline.init import INIT_DIR, adapted_model, release_memory
 from matt.pipeline.models import DTYPES, load_teacher_model, load_teacher_tokenizer
 from matt.pipeline.run_context import job_output_dir
 from matt.result import TransferResult
@@ -47,8 +47,8 @@ def main(cfg) -> dict[str, float]:
         student_tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
 
         def adapted(directory: str):
-            return lambda: with_embeddings(load_teacher_model(model_cfg, teacher_tokenizer),
-                                           TransferResult.load(run_dir / directory), student_tokenizer, copy_model=False)
+            return lambda: adapted_model(model_cfg, teacher_tokenizer, TransferResult.load(run_dir / directory),
+                                         student_tokenizer)
 
         chosen = {"original": (lambda: load_teacher_model(model_cfg, teacher_tokenizer), teacher_tokenizer),
                   "init": (adapted(INIT_DIR), student_tokenizer), "final": (adapted("embeddings"), student_tokenizer)}

@@ -40,7 +40,7 @@ from matt.hydra_app import hydra_main, share_run_stamp_across_processes, sigterm
 from matt.modeling import adapter_for
 from matt.pipeline.config import enum_value, matt_config
 from matt.pipeline.evaluate import EvalSuite, eval_device, prefixed, results_table, write_results
-from matt.pipeline.init import INIT_DIR, init_key, init_metrics, initialize_student, release_memory, with_embeddings
+from matt.pipeline.init import INIT_DIR, adapted_model, init_key, init_metrics, initialize_student, release_memory
 from matt.pipeline.models import load_teacher_model, model_identity, text_config
 from matt.pipeline.preflight import check_init_checkpoint, preflight
 from matt.pipeline.probe import build_probe, write_probe_rows
@@ -154,8 +154,8 @@ def transfer(cfg) -> float | None:
         log_fns, probe, probe_model = [tracker.training_logger(), train_log], None, None
         if cfg.probe.enabled and is_main:
             if cfg.probe.bpb:
-                probe_model = full_model(cfg, teacher_tokenizer, TransferResult.load(output_dir / INIT_DIR),
-                                         student_tokenizer).to(eval_device(cfg.eval))
+                probe_model = adapted_model(cfg.model, teacher_tokenizer, TransferResult.load(output_dir / INIT_DIR),
+                                            student_tokenizer).to(eval_device(cfg.eval))
             probe = build_probe(cfg, documents=documents, teacher=teacher, student=student, overlap=overlap,
                                 teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer,
                                 eval_model=probe_model, log_fn=tracker.log_metrics, device=accelerator.device)
@@ -178,7 +178,7 @@ def transfer(cfg) -> float | None:
                             step=cfg.train.max_steps)
 
         # 7. the adapted model: the learned embeddings in a fresh full-depth teacher, saved with the tokenizer
-        final_model = full_model(cfg, teacher_tokenizer, result, student_tokenizer)
+        final_model = adapted_model(cfg.model, teacher_tokenizer, result, student_tokenizer)
         if cfg.save_model:
             final_model.save_pretrained(str(output_dir / "model"))
             student_tokenizer.save_pretrained(str(output_dir / "model"))
@@ -205,7 +205,7 @@ def transfer(cfg) -> float | None:
                 release_memory()
             if cfg.eval.init:
                 init_file = output_dir / INIT_DIR / "embeddings.safetensors"
-                model = full_model(cfg, teacher_tokenizer, TransferResult.load(init_file), student_tokenizer)
+                model = adapted_model(cfg.model, teacher_tokenizer, TransferResult.load(init_file), student_tokenizer)
                 results["init"] = suite.run(
                     model, student_tokenizer, name="init", cache_dir=cache_dir,
                     cache_key={"model": identity, "embeddings": file_digest(init_file),
@@ -231,13 +231,6 @@ def transfer(cfg) -> float | None:
     bpb = results.get("final", {}).get("bpb")
     finished_file.write_text(json.dumps({"max_steps": cfg.train.max_steps, "bpb": bpb, "run_id": tracker.run_id}))
     return bpb
-
-
-def full_model(cfg, teacher_tokenizer, embeddings: TransferResult, student_tokenizer):
-    """A fresh full-depth teacher carrying `embeddings` and the student's special-token ids: what
-    `AutoModelForCausalLM.from_pretrained` of the saved `model/` gives back."""
-    return with_embeddings(load_teacher_model(cfg.model, teacher_tokenizer), embeddings, student_tokenizer,
-                           copy_model=False)
 
 
 def _numbers(metrics: dict) -> dict[str, float]:

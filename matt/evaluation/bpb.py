@@ -196,8 +196,10 @@ def bits_per_byte(
     parts = token_nll(model, sequences, num_context, batch_size=batch_size, device=device, progress=progress,
                       desc="bpb")
     # Windows come in document order and score each token once: concatenated, they are the document's tokens.
-    per_document = [np.concatenate([parts[k].double().numpy() for k in range(len(parts)) if owner[k] == doc])
-                    for doc in range(len(texts))]
+    grouped: list[list[np.ndarray]] = [[] for _ in texts]
+    for part, doc in zip(parts, owner):
+        grouped[doc].append(part.double().numpy())
+    per_document = [np.concatenate(pieces) for pieces in grouped]
     result = dataclasses.replace(
         BPBResult.from_totals(math.fsum(float(p.double().sum()) for p in parts), num_bytes, num_tokens, len(texts)),
         document_bits=tuple(float(nll.sum()) / math.log(2) for nll in per_document),

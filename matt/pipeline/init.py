@@ -19,6 +19,7 @@ import torch
 from matt.digests import cache_key, tokenizer_fingerprint
 from matt.initialization import build_student_model, set_special_token_ids
 from matt.pipeline.config import enum_value
+from matt.pipeline.models import load_teacher_model
 from matt.result import TransferResult
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ def with_embeddings(teacher_model, embeddings, student_tokenizer, *, copy_model:
     embeddings.apply_to(model)
     set_special_token_ids(model, student_tokenizer)
     return model
+
+
+def adapted_model(model_cfg, teacher_tokenizer, embeddings: TransferResult, student_tokenizer):
+    """A freshly loaded full-depth teacher carrying `embeddings` and the student's special-token ids:
+    what `AutoModelForCausalLM.from_pretrained` of a saved adapted model gives back."""
+    return with_embeddings(load_teacher_model(model_cfg, teacher_tokenizer), embeddings, student_tokenizer,
+                           copy_model=False)
 
 
 def check_checkpoint(result, student_tokenizer, hidden_size: int, where: str) -> None:
