@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -71,42 +73,20 @@ class InitResult:
 # deepfocus glue
 # --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet_deepfocus(cache_dir: Path | None = None) -> Iterator[None]:
-    """Run deepfocus silently (and with its caches under `cache_dir`, when given).
-
-    deepfocus prints through its own logger and per-call tqdm bars, and caches tokenized text and
-    fastText models under a module-level directory in ~/.cache; all three are redirected for the
-    duration of the call only."""
-    import deepfocus.fasttext_embs as fasttext_embs
+def _quiet_deepfocus() -> Iterator[None]:
+    """Run deepfocus silently: it prints through its own logger and per-call tqdm bars; both are
+    redirected for the duration of the call only."""
     import deepfocus.focus as focus
     from deepfocus.logger import logger as focus_logger
     from tqdm.auto import tqdm
 
-    saved = (focus_logger.mode, fasttext_embs.CACHE_DIR, focus.tqdm)
+    saved = (focus_logger.mode, focus.tqdm)
     focus_logger.config(mode="silent")
-    if cache_dir is not None:
-        fasttext_embs.CACHE_DIR = cache_dir
     focus.tqdm = functools.partial(tqdm, disable=True)
     try:
         yield
     finally:
-        focus_logger.mode, fasttext_embs.CACHE_DIR, focus.tqdm = saved
-
-
-def _texts_file(texts: Iterable[str], directory: Path) -> Path:
-    """Write texts one per line to a file named by their content hash.
-
-    deepfocus keys its caches by file path, so a content-addressed name keeps them valid."""
-    lines = [" ".join(text.split()) for text in texts]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError("FOCUS needs non-empty target-language `texts` to train fastText on")
-    content = "\n".join(lines) + "\n"
-    path = directory / f"texts-{text_digest(content)[:20]}.txt"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
-    return path
+        focus_logger.mode, focus.tqdm = saved
 
 
 def train_token_fasttext(
@@ -119,29 +99,50 @@ def train_token_fasttext(
     threads: int = 1,
     cache_dir: str | Path | None = None,
 ):
-    """fastText (CBOW) vectors of `tokenizer`'s tokens, trained on `texts` tokenized by it (deepfocus).
+    """fastText (CBOW) vectors of `tokenizer`'s tokens, trained on `texts` tokenized by it.
 
-    `min_count=1` (deepfocus defaults to 10) so that new tokens of a corpus of a few MB get vectors
-    instead of random rows. One thread keeps training bit-reproducible (fastText's Hogwild updates
-    are not with more). With `cache_dir`, the model is cached there; otherwise nothing persists."""
-    from deepfocus.fasttext_embs import load_target_token_embedding
+    The training call is deepfocus's (each document on one line, whitespace collapsed, split into
+    the tokenizer's tokens; CBOW, 10 negatives), with `min_count=1` (deepfocus defaults to 10) so
+    that new tokens of a corpus of a few MB get vectors instead of random rows. One thread keeps
+    training bit-reproducible (fastText's Hogwild updates are not with more).
 
-    with contextlib.ExitStack() as stack:
-        if cache_dir is None:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="matt-fasttext-")))
-        else:
-            root = Path(cache_dir)
-        text_path = _texts_file(texts, root)
-        stack.enter_context(_quiet_deepfocus(root / "deepfocus"))
-        logger.info("Training fastText (dim=%d, epochs=%d, min_count=%d) on %s", dim, epochs, min_count, text_path)
-        return load_target_token_embedding(
-            target_tokenizer=tokenizer,
-            target_training_data_path=str(text_path),
-            epochs=epochs,
-            dim=dim,
-            min_count=min_count,
-            processes=threads,
-        )
+    fastText's default 2M character n-gram buckets stay: the model holds (words + 2M) x `dim` floats
+    (763 MiB at dim 100), so small runs lower `dim`. Fewer buckets made fastText 0.9.3 fail at random
+    ("Encountered NaN", or different vectors from the same seed) on small corpora. With one thread,
+    fastText draws random initial values for the first tenth of those rows only (the words and the
+    first n-gram buckets); the rest start at zero.
+
+    With `cache_dir`, the model is cached there under the digest of the tokenized text and the
+    settings, written atomically: concurrent jobs sharing a cache never read a partial file."""
+    import fasttext
+
+    lines = [" ".join(text.split()) for text in texts]
+    tokenized = "".join(" ".join(tokenizer.tokenize(line)) + "\n" for line in lines if line)
+    if not tokenized:
+        raise ValueError("FOCUS needs non-empty target-language `texts` to train fastText on")
+    settings = {"dim": dim, "epochs": epochs, "min_count": min_count}
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / f"fasttext-{text_digest(json.dumps(settings) + tokenized)[:24]}.bin"
+        if cached.exists():
+            logger.info("Loading the cached fastText model %s", cached)
+            return fasttext.load_model(str(cached))
+    logger.info("Training fastText (dim=%d, epochs=%d, min_count=%d) on %d documents", dim, epochs, min_count,
+                len(lines))
+    with tempfile.TemporaryDirectory(prefix="matt-fasttext-") as scratch:
+        corpus = Path(scratch) / "tokens.txt"
+        corpus.write_text(tokenized, encoding="utf-8")
+        try:
+            model = fasttext.train_unsupervised(str(corpus), model="cbow", dim=dim, epoch=epochs, neg=10,
+                                                minCount=min_count, thread=threads, verbose=0)
+        except RuntimeError as err:  # fastText's only word on a diverged run (seen on tiny corpora)
+            raise RuntimeError(f"fastText training failed ({err}) with {settings} on {len(lines)} documents") from err
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
+        model.save_model(str(partial))
+        os.replace(partial, cached)
+    return model
 
 
 def _token_class(token: str, idx: int, descriptor: str):

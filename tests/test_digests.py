@@ -32,13 +32,11 @@ def test_known_digests_are_unchanged(tmp_path):
     assert digests.file_digest(path) == "7d471e4af16db5a30ce10aebbc29f5178b2edbad6c7dc2e8ff8ee6e4848a726f"
 
 
-def test_cache_keys_built_on_the_digests_are_unchanged(tmp_path):
+def test_cache_keys_built_on_the_digests_are_unchanged():
     from matt.batches import _data_fingerprint
-    from matt.initialization import _texts_file
 
     assert _data_fingerprint({"text": ["a", None, "ü"]}, "text") == (
         "rows:2e3e61b6fb7b9c3c4fc7267d13acad3103fe545c38fe4b09a9f40d9ed4d00bbe")
-    assert _texts_file(["a  b", "", "c"], tmp_path).name == "texts-721a7916ccfa56849995.txt"
 
 
 def test_texts_digest_separates_documents_and_rejects_non_text():

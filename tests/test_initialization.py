@@ -49,6 +49,32 @@ def fasttext_model(tokenizers, style_corpus, tmp_path_factory):
                                 cache_dir=tmp_path_factory.mktemp("fasttext"))
 
 
+def test_fasttext_learns_the_student_tokens_and_caches_one_complete_file(tokenizers, style_corpus, tmp_path,
+                                                                       monkeypatch):
+    """fastText sees the texts as the student's tokens; the model is cached under the tokenized text and
+    its settings, and a second call loads it instead of training."""
+    import fasttext
+
+    _, student = tokenizers
+    model = train_token_fasttext(style_corpus, student, dim=4, epochs=3, cache_dir=tmp_path)
+    tokens = {token for text in style_corpus for token in student.tokenize(" ".join(text.split()))}
+    assert set(model.words) - {"</s>"} == tokens  # min_count=1: every token seen gets a vector
+    assert model.get_input_matrix().shape == (len(model.words) + 2_000_000, 4)  # words + n-gram buckets
+    (cached,) = tmp_path.iterdir()
+    assert cached.suffix == ".bin"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although the model is cached")
+
+    monkeypatch.setattr(fasttext, "train_unsupervised", no_training)
+    again = train_token_fasttext(style_corpus, student, dim=4, epochs=3, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.get_input_matrix(), model.get_input_matrix())
+    with pytest.raises(AssertionError, match="trained again"):
+        train_token_fasttext(style_corpus, student, dim=4, epochs=2, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="non-empty"):
+        train_token_fasttext(["  ", ""], student, cache_dir=tmp_path)
+
+
 def student_special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
