@@ -15,23 +15,27 @@ mean of 1 − cos over the pairs (b,h,i,k≤i) — (b,h,i) for aim_star.
 
 Why no (B,H,S,S,D) tensor is needed. Both losses only use three inner products per pair:
 n = <s,s>, n' = <s',s'> and c = <s,s'> (mse sums n + n' − 2c; cosine is c / sqrt(n n')). Gather
-each side's tokens by segment into slots: slot (k, a) of side x holds tok_x[b,k,a], the a-th token
-of segment k (a < w_x, the side's longest segment in the batch; later slots are empty). With
+each side's tokens by segment into slots: slot a of key segment k (row b) holds tok_x[b,k,a], the
+a-th token of the segment (a < w, the key's width; later slots are empty). With
 
     q_x[b,h,i,k,a]    = A_x[b,h,t_i, tok_x[b,k,a]]                       (query weights by slot)
-    U_x[b,h,k,a]      = V_x[b,h,tok_x[b,k,a]], 0 in empty slots           (B,H,S,w_x,D)
-    G_xy[b,h,k,a',a]  = <U_y[b,h,k,a'], U_x[b,h,k,a]>                     (B,H,S,w_y,w_x): tiny
+    U_x[b,h,k,a]      = V_x[b,h,tok_x[b,k,a]], 0 in empty slots           (… , w, D)
+    G_xy[b,h,k,a',a]  = <U_y[b,h,k,a'], U_x[b,h,k,a]>                     (… , w, w): tiny
 
 s[i,k] = Σ_a q[i,k,a] U[k,a], so c[i,k] = Σ_{a,a'} q[i,k,a] <U[k,a], U'[k,a']> q'[i,k,a']
 = Σ_a' (G_ts[k] q[i,k])[a'] · q'[i,k,a'], and n, n' are the same with (G_tt, q, q) and (G_ss, q', q').
-Empty slots have U = 0, so whatever q holds there drops out. Per (b, h, k) that is one small
-matrix product (w_y×w_x)·(w_x×I) for all query rows I at once, then an elementwise product and a
-sum over a: `_PairwiseAIM` does this with batched matmuls over (b, h, k), a few operators per
-chunk of query rows. Rows i < r only pair with keys k ≤ i, so a chunk of rows below r covers
-keys 0..r−1 only; chunks are sized so that their (B,H,K,w,I) query tensors stay within
-`CHUNK_ELEMENTS`, and the hand-written backward recomputes them chunk by chunk from the inputs,
-the only thing kept between forward and backward. Cost: O(B·H·S²·w) memory traffic and
-O(B·H·S²·w²) arithmetic, against O(B·H·S²·D) for the literal s.
+Empty slots have U = 0, so whatever q holds there drops out. Per key segment that is one small
+matrix product (w×w)·(w×R) for all its query rows i ≥ k at once, then an elementwise
+product and a sum over a. The widths are per key, not the batch's longest segment: keys are
+grouped by width class, the power of two at or above the segment's token count on its longer side
+(one width for both sides keeps the number of classes, and so of chunks, small). `_PairwiseAIM`
+does the products batched over the heads and the (b, k) keys of a class, a few operators per
+chunk, on token-major layouts (one row per token and head) from which a chunk's slots are whole
+rows. Within a class, keys are chunked from the last segment backwards; a chunk whose first key
+is k0 needs query rows k0..S−1 only (the causal triangle), and chunks are sized so that their
+(H,n,w,R) query tensors stay within `CHUNK_ELEMENTS`. The hand-written backward recomputes them
+chunk by chunk from the layouts. Cost: O(B·H·S²·w̄) memory traffic and O(B·H·S²·w̄²) arithmetic
+for the mean width class w̄, against O(B·H·S²·D) for the literal s.
 
 Exactness. n, n' and c go through the same operations on operands of the same shapes, so
 identical teacher and student give bit-identical n = n' = c and a loss of exactly 0; with mse
@@ -140,189 +144,216 @@ class _Side:
 class _PairwiseAIM(torch.autograd.Function):
     """Σ over valid pairs (b,h,i,k) of the per-pair loss, with an explicit backward.
 
-    Layout (see the module docstring): q_x (B,H,K,w_x,I) for a chunk of I query rows and the K key
-    segments they can see, G_xy = U_y U_xᵀ (B,H,S,w_y,w_x), y_xy = G_xy q_x on y's slots, and
-    n_t = Σ_a y_tt·q_t, n_s = Σ_a y_ss·q_s, c = Σ_a y_ts·q_s. With a_* the partials of the per-pair
-    loss f(n_t, n_s, c),
+    Layout (see the module docstring): for a chunk of n key segments of one width class, q_x
+    (H,n,w,R) holds the query weights of rows i = k0..S−1 on the keys' slots, G_xy = U_y U_xᵀ
+    (H,n,w,w), y_xy = G_xy q_x on y's slots, and n_t = Σ_a y_tt·q_t, n_s = Σ_a y_ss·q_s,
+    c = Σ_a y_ts·q_s. With a_* the partials of the per-pair loss f(n_t, n_s, c),
         ∂/∂q_s = 2·a_s·y_ss + a_c·y_ts                       (per slot and query row)
         ∂/∂U_s = P_ss U_s + P_st U_t,  P_ss = Σ_i q_s (2·a_s·q_s)ᵀ,  P_st = Σ_i q_s (a_c·q_t)ᵀ
     (symmetrically for the teacher, with y_st = G_st q_s and G_st = U_t U_sᵀ computed on its own
     rather than transposed). For mse a_c = −2·a_s exactly, and both terms of every sum go through
     the same operations on operands of the same shapes, so bit-identical teacher and student give
     gradients of exactly zero, not rounding noise that Adam would blow up into steps of size lr.
-    Nothing but the inputs is kept between forward and backward: the backward recomputes q and y
-    chunk by chunk, and accumulates the tiny P matrices over chunks before the one product with U.
+    Between forward and backward only the token-major layouts and the chunk plan are kept: the
+    backward recomputes q, U and y chunk by chunk; each key segment lies in one chunk, so its P
+    matrices are complete there.
     """
 
     @staticmethod
     def forward(ctx, t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask, loss):  # noqa: D401
-        ctx.save_for_backward(t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask)
-        ctx.loss = loss
-        n_segments = t_pos.shape[1]
-        t_slots, s_slots = _Slots.of(t_seg, n_segments), _Slots.of(s_seg, n_segments)
-        grams = _grams(t_slots.values(tv), s_slots.values(sv), with_st=False)  # U is not kept
+        ctx.save_for_backward(t_attn, s_attn)
+        t, s = _TokenMajor.of(t_attn, tv, t_pos), _TokenMajor.of(s_attn, sv, s_pos)
+        chunks = _key_chunks(t_seg, s_seg, mask, tv.shape[1])
+        # the token-major layouts (half the attention's size per side: what AIM*'s own gather keeps
+        # for backward) and the chunk plan are kept; the chunks' terms are recomputed
+        ctx.loss, ctx.layouts, ctx.chunks = loss, (t, s), chunks
         total = tv.new_zeros(())
-        for rows, keys in _row_chunks(tv.shape[:2], n_segments, max(t_slots.width, s_slots.width)):
-            q_t = t_slots.queries(t_attn, t_pos[:, rows], keys, tv.dtype)
-            q_s = s_slots.queries(s_attn, s_pos[:, rows], keys, tv.dtype)
-            terms = _PairTerms.compute(grams, keys, q_t, q_s)
-            total = total + _pair_losses(terms, _chunk_mask(mask, rows, keys), loss).sum()
+        for chunk in chunks:
+            terms = _PairTerms.compute(chunk, t, s, with_st=False)
+            total = total + _pair_losses(terms, chunk.mask, loss).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        t_attn, tv, s_attn, sv, t_pos, s_pos, t_seg, s_seg, mask = ctx.saved_tensors
+        t_attn, s_attn = ctx.saved_tensors
         need_t = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_s = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        n_segments = t_pos.shape[1]
-        t_slots, s_slots = _Slots.of(t_seg, n_segments), _Slots.of(s_seg, n_segments)
-        grams = _grams(t_slots.values(tv), s_slots.values(sv), with_st=need_t)
-        # (name, own slots, query positions, own and other side's width)
-        sides = [side for side, needed in ((("s", s_slots, s_pos, s_slots.width, t_slots.width), need_s),
-                                           (("t", t_slots, t_pos, t_slots.width, s_slots.width), need_t)) if needed]
-        # Only the query rows of the attention get a gradient; it is added straight into these
-        # (B, H, L, L) buffers. P_own, P_other: (B, H, S, w_own, w_own / w_other), summed over chunks.
-        grad_attn = {name: torch.zeros(x.shape, dtype=tv.dtype, device=x.device)
-                     for name, x in (("t", t_attn), ("s", s_attn)) if name in [side[0] for side in sides]}
-        p_own = {name: tv.new_zeros(*tv.shape[:2], n_segments, w_own, w_own) for name, _, _, w_own, _ in sides}
-        p_other = {name: tv.new_zeros(*tv.shape[:2], n_segments, w_own, w_other)
-                   for name, _, _, w_own, w_other in sides}
-        for rows, keys in _row_chunks(tv.shape[:2], n_segments, max(t_slots.width, s_slots.width)):
-            q_t = t_slots.queries(t_attn, t_pos[:, rows], keys, tv.dtype)
-            q_s = s_slots.queries(s_attn, s_pos[:, rows], keys, tv.dtype)
-            terms = _PairTerms.compute(grams, keys, q_t, q_s)
-            a_t, a_s, a_c = (a.unsqueeze(-2) * grad_total
-                             for a in _pair_partials(terms, _chunk_mask(mask, rows, keys), ctx.loss))
-            for name, slots, pos, _, _ in sides:
-                # own side's q and y, the other side's q, y of the cross term on the own side, ∂f/∂n_own
-                q, q_other, y_own, y_cross, a_own = (
-                    (q_s, q_t, terms.y_ss, terms.y_ts, a_s) if name == "s"
-                    else (q_t, q_s, terms.y_tt, grams.st[:, :, :keys] @ q_s, a_t))
-                grad_q = 2 * a_own * y_own + a_c * y_cross  # (B, H, K, w, I)
-                grad_rows = slots.to_tokens(grad_q.flatten(2, 3), keys)  # (B, H, L, I)
-                index = pos[:, None, rows, None].expand(*grad_rows.shape[:2], -1, grad_rows.shape[2])
-                grad_attn[name].scatter_add_(2, index, grad_rows.transpose(2, 3))
-                p_own[name][:, :, :keys] += q @ (2 * a_own * q).mT
-                p_other[name][:, :, :keys] += q @ (a_c * q_other).mT
-        grads, u = {}, {"t": t_slots.values(tv), "s": s_slots.values(sv)}  # U (B, H, S, w, D) again
-        for name, slots, _, _, _ in sides:
-            grad_u = (p_own[name] @ u[name]).add_(p_other[name] @ u["s" if name == "t" else "t"])
-            grads[f"{name}v"] = slots.to_tokens(grad_u.flatten(2, 3), n_segments)
-            grads[f"{name}_attn"] = grad_attn[name].to((t_attn if name == "t" else s_attn).dtype)
+        t, s = ctx.layouts
+        sides = {name: side for name, side, needed in (("t", t, need_t), ("s", s, need_s)) if needed}
+        # gradients in the token-major layouts: d/dq (H, tokens, S) and d/dU (H, tokens, D)
+        grad_q = {name: torch.zeros_like(side.queries) for name, side in sides.items()}
+        grad_u = {name: torch.zeros_like(side.values) for name, side in sides.items()}
+        for chunk in ctx.chunks:
+            terms = _PairTerms.compute(chunk, t, s, with_st=need_t)
+            a_t, a_s, a_c = (a.unsqueeze(-2) * grad_total for a in _pair_partials(terms, chunk.mask, ctx.loss))
+            for name in sides:
+                # own side's slots, q, U and y, the other side's q and U, y of the cross term, ∂f/∂n_own
+                rows, q, u, y_own, q_other, u_other, y_cross, a_own = (
+                    (chunk.s_rows, terms.q_s, terms.u_s, terms.y_ss, terms.q_t, terms.u_t, terms.y_ts, a_s)
+                    if name == "s" else
+                    (chunk.t_rows, terms.q_t, terms.u_t, terms.y_tt, terms.q_s, terms.u_s,
+                     terms.g_st @ terms.q_s, a_t))
+                dq = 2 * a_own * y_own + a_c * y_cross  # (H, n, w, R)
+                grad_q[name][..., chunk.first_row:].flatten(0, 1).index_add_(0, rows, dq.flatten(0, 2))
+                du = (q @ (2 * a_own * q).mT @ u).add_(q @ (a_c * q_other).mT @ u_other)  # (H, n, w, D)
+                grad_u[name].flatten(0, 1).index_add_(0, rows, du.flatten(0, 2))
+        grads = {}
+        for name, side in sides.items():
+            grads[f"{name}_attn"] = side.attention_grad(grad_q[name], t_attn if name == "t" else s_attn)
+            grads[f"{name}v"] = side.values_grad(grad_u[name])
         return (*(grads.get(name) for name in ("t_attn", "tv", "s_attn", "sv")), *([None] * 6))
 
 
 CHUNK_ELEMENTS = 2**19
-"""Full AIM walks over the query segments in chunks of rows whose (B, H, K, w, rows) query tensors
-hold at most about this many elements (2 MB in float32; at least one row per chunk), so memory stays
-bounded by a few such tensors whatever the sequence length. Measured at L=512 (batch 1, one CPU
-thread): 2^19 took 64/50 ms (SmolLM2/Gemma 3 head shapes), 2^18 68/50 ms, 2^20 92/75 ms; the
-working set of a chunk then stays in cache."""
-
-
-def _row_chunks(batch_heads: torch.Size, n_segments: int, width: int):
-    """(slice of query rows, number of key segments they can see): rows r0..r1-1 only pair with
-    keys k ≤ i < r1, so a chunk's tensors cover keys 0..r1-1 only (the causal triangle, roughly)."""
-    per_row = batch_heads[0] * batch_heads[1] * n_segments * width
-    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-    for r in range(0, n_segments, step):
-        end = min(r + step, n_segments)
-        yield slice(r, end), end
-
-
-def _chunk_mask(mask: Tensor, rows: slice, keys: int) -> Tensor:
-    """(B, S_i, S_k) pair mask -> (B, 1, K, I) for the chunk's (key, query row) layout."""
-    return mask[:, rows, :keys].transpose(1, 2).unsqueeze(1)
+"""Full AIM walks over the key segments in chunks whose (H, n, w, R) query tensors hold at most
+about this many elements (2 MB in float32; at least one key per chunk), so memory stays bounded by
+a few such tensors whatever the sequence length; the working set of a chunk then stays in cache."""
 
 
 @dataclass
-class _Slots:
-    """One side's tokens gathered by segment: slot (k, a) holds the a-th token of segment k
-    (a < w, the longest segment of this side in the batch); slots past a segment's end are empty."""
+class _TokenMajor:
+    """One side's attention rows at the segment ends and its values, one row per token and head
+    (head-major, so that a chunk's gathered slots are contiguous batches for the matmuls), plus a zero
+    row that empty slots point at (they gather zeros and their gradients land nowhere)."""
 
-    index: Tensor  # (B, S·w) long: token position of each slot, 0 for empty slots
-    valid: Tensor  # (B, S·w) bool: the slot holds a token
-    of_token: Tensor  # (B, L) long: slot k·w + a of each token, 0 for tokens without a segment
-    seg: Tensor  # (B, L) segment of each token, -1 for none
-    width: int
+    queries: Tensor  # (H, B·L + 1, S): queries[h, b·L + j, i] = A[b, h, t_i, j]
+    values: Tensor  # (H, B·L + 1, D): values[h, b·L + j] = V[b, h, j]
+    positions: Tensor  # (B, S) t_i
 
     @classmethod
-    def of(cls, seg: Tensor, n_segments: int) -> "_Slots":
-        batch, length = seg.shape
-        member = seg >= 0
-        key = torch.where(member, seg, n_segments)  # tokens without a segment sort last
-        order = key.argsort(dim=1, stable=True)
-        counts = torch.zeros(batch, n_segments + 1, dtype=torch.long, device=seg.device)
-        counts.scatter_add_(1, key, torch.ones_like(key))
-        width = max(int(counts[:, :n_segments].max()), 1) if n_segments else 1
-        start = counts.cumsum(1) - counts
-        positions = torch.arange(length, device=seg.device).expand(batch, -1)
-        rank = torch.empty_like(order).scatter_(1, order, positions - start.gather(1, key.gather(1, order)))
-        slot = torch.where(member, key * width + rank, n_segments * width)  # one spare slot for the rest
-        index = torch.zeros(batch, n_segments * width + 1, dtype=torch.long, device=seg.device)
-        valid = torch.zeros(batch, n_segments * width + 1, dtype=torch.bool, device=seg.device)
-        index.scatter_(1, slot, positions)
-        valid.scatter_(1, slot, member)
-        return cls(index[:, :-1], valid[:, :-1], torch.where(member, slot, 0), torch.where(member, seg, -1), width)
+    def of(cls, attn: Tensor, values: Tensor, positions: Tensor) -> "_TokenMajor":
+        b, h, length, d = values.shape
+        queries = values.new_empty(h, b * length + 1, positions.shape[1])
+        queries[:, -1].zero_()
+        index = positions[None, :, None, :].expand(h, b, length, -1)
+        # one pass: A read along its columns straight into the token-major layout
+        torch.gather(attn.permute(1, 0, 3, 2).to(values.dtype), 3, index, out=queries[:, :-1].view(h, b, length, -1))
+        token_values = values.new_zeros(h, b * length + 1, d)
+        token_values[:, :-1].view(h, b, length, d).copy_(values.transpose(0, 1))
+        return cls(queries, token_values, positions)
 
-    def values(self, values: Tensor) -> Tensor:
-        """U (B, H, S, w, D): the value vectors by slot, zero in empty slots."""
-        u = _take(values, self.index).mul_(self.valid[:, None, :, None])
-        return u.unflatten(2, (-1, self.width))
+    def attention_grad(self, grad_queries: Tensor, attn: Tensor) -> Tensor:
+        """d/dA (B, H, L, L) from d/dqueries: only the rows t_i of the attention get a gradient."""
+        b, h, length, _ = attn.shape
+        rows = grad_queries[:, :-1].view(h, b, length, -1).permute(1, 0, 3, 2).contiguous()  # (B, H, S, L)
+        grad = torch.zeros(attn.shape, dtype=rows.dtype, device=rows.device)
+        for i in range(b):  # whole rows; segments a sequence lacks point at row 0 with zero gradient
+            grad[i].index_add_(1, self.positions[i], rows[i])
+        return grad.to(attn.dtype)
 
-    def queries(self, attn: Tensor, positions: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
-        """q (B, H, K, w, I) = A[b, h, positions[b, i], token of slot (k, a)] for the first K
-        segments (whatever sits in empty slots: U is zero there)."""
-        rows = _take(attn, positions)  # (B, H, I, L)
-        q = _take(rows.to(dtype).transpose(2, 3).contiguous(), self.index[:, :keys * self.width])
-        return q.unflatten(2, (keys, self.width))
-
-    def to_tokens(self, per_slot: Tensor, keys: int) -> Tensor:
-        """(B, H, K·w, F) values per slot of the first K segments -> (B, H, L, F) per token
-        (0 for tokens without a segment or in a later segment)."""
-        keep = (self.seg >= 0) & (self.seg < keys)
-        return _take(per_slot, torch.where(keep, self.of_token, 0)) * keep[:, None, :, None]
-
-
-def _take(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, H, N, F), index (B, M) -> (B, H, M, F): out[b, h, m] = x[b, h, index[b, m]]
-    (one row copy per entry: the index is per sequence, shared by its heads)."""
-    b, h, n, f = x.shape
-    offsets = torch.arange(b * h, device=x.device).view(b, h, 1) * n
-    flat = (index.unsqueeze(1) + offsets).reshape(-1)
-    return x.reshape(b * h * n, f).index_select(0, flat).view(b, h, -1, f)
+    def values_grad(self, grad_values: Tensor) -> Tensor:
+        """d/dV (B, H, L, D) from d/dvalues."""
+        h, _, d = grad_values.shape
+        return grad_values[:, :-1].view(h, len(self.positions), -1, d).transpose(0, 1)
 
 
 @dataclass
-class _Grams:
-    """Same-segment Gram blocks G_xy = U_y U_xᵀ (B, H, S, w_y, w_x): they map q_x to y's slots."""
+class _KeyChunk:
+    """n key segments (b, k) of one width class, and the query rows k0..S−1 (k0 = their smallest k)."""
 
-    tt: Tensor
-    ss: Tensor
-    ts: Tensor
-    st: Tensor | None
+    t_rows: Tensor  # (H·n·w,) row h·T + j of the (H·T, F) token-major layouts per head and teacher slot
+    s_rows: Tensor  # (H·n·w,) the same for the student (j = the zero row for empty slots)
+    size: int  # n
+    width: int  # w
+    first_row: int  # k0
+    mask: Tensor  # (1, n, R) query row k0 + r pairs with the key
 
 
-def _grams(u_t: Tensor, u_s: Tensor, *, with_st: bool) -> _Grams:
-    return _Grams(tt=u_t @ u_t.mT, ss=u_s @ u_s.mT, ts=u_s @ u_t.mT, st=u_t @ u_s.mT if with_st else None)
+def _key_chunks(t_seg: Tensor, s_seg: Tensor, mask: Tensor, heads: int) -> list[_KeyChunk]:
+    """The key segments that take part in a pair, grouped by width class (the power of two at or
+    above the segment's token count on the longer side) and, within a class, chunked from the last
+    segment backwards so that each chunk's query tensors stay within `CHUNK_ELEMENTS`."""
+    n_segments = mask.shape[1]
+    t_counts, s_counts = _token_counts(t_seg, n_segments), _token_counts(s_seg, n_segments)
+    widest = _width_class(int(torch.maximum(t_counts, s_counts).max())) if n_segments else 1
+    t_slots, s_slots = _slots(t_seg, t_counts, widest), _slots(s_seg, s_counts, widest)
+    t_counts, s_counts, used = torch.stack([t_counts, s_counts, mask.any(1).long()]).tolist()  # one host sync
+    classes: dict[int, list[tuple[int, int]]] = {}
+    for b, (row_t, row_s, row_used) in enumerate(zip(t_counts, s_counts, used)):
+        for k in range(n_segments):
+            if row_used[k]:
+                classes.setdefault(_width_class(max(row_t[k], row_s[k])), []).append((k, b))
+    head_offsets = torch.arange(heads, device=mask.device)[:, None]
+
+    def by_head(tokens: Tensor, n_tokens: int) -> Tensor:
+        return (head_offsets * n_tokens + tokens.flatten()).flatten()
+
+    chunks = []
+    for width, keys in classes.items():
+        keys.sort(reverse=True)
+        start = 0
+        for end in range(1, len(keys) + 1):
+            if end == len(keys) or (end + 1 - start) * heads * 2 * width * (n_segments - keys[end][0]) > CHUNK_ELEMENTS:
+                k_index = torch.tensor([k for k, _ in keys[start:end]], device=mask.device)
+                b_index = torch.tensor([b for _, b in keys[start:end]], device=mask.device)
+                first = keys[end - 1][0]
+                chunks.append(_KeyChunk(t_rows=by_head(t_slots[b_index, k_index, :width], t_seg.numel() + 1),
+                                        s_rows=by_head(s_slots[b_index, k_index, :width], s_seg.numel() + 1),
+                                        size=end - start, width=width, first_row=first,
+                                        mask=mask[b_index, first:, k_index].unsqueeze(0)))
+                start = end
+    return chunks
+
+
+def _width_class(count: int) -> int:
+    return 1 << max(count - 1, 0).bit_length()
+
+
+def _token_counts(seg: Tensor, n_segments: int) -> Tensor:
+    """(B, S) tokens per segment."""
+    counts = torch.zeros(seg.shape[0], n_segments + 1, dtype=torch.long, device=seg.device)
+    counts.scatter_add_(1, torch.where(seg >= 0, seg, n_segments), torch.ones_like(seg, dtype=torch.long))
+    return counts[:, :n_segments]
+
+
+def _slots(seg: Tensor, counts: Tensor, width: int) -> Tensor:
+    """(B, S, width) token-major rows of each segment's tokens in order; the zero row B·L past a
+    segment's end."""
+    batch, length = seg.shape
+    n_segments = counts.shape[1]
+    member = seg >= 0
+    key = torch.where(member, seg, n_segments)  # tokens without a segment sort last
+    order = key.argsort(dim=1, stable=True)
+    start = torch.cat([counts.cumsum(1) - counts, counts.sum(1, keepdim=True)], 1)  # first token of each
+    positions = torch.arange(length, device=seg.device).expand(batch, -1)
+    rank = torch.empty_like(order).scatter_(1, order, positions - start.gather(1, key.gather(1, order)))
+    slot = torch.where(member, key * width + rank, n_segments * width)  # one spare slot for the rest
+    rows = torch.full((batch, n_segments * width + 1), batch * length, dtype=torch.long, device=seg.device)
+    flat = positions + torch.arange(batch, device=seg.device)[:, None] * length
+    rows.scatter_(1, slot, torch.where(member, flat, batch * length))
+    return rows[:, :-1].view(batch, n_segments, width)
 
 
 @dataclass
 class _PairTerms:
-    """n_t, n_s, c per pair, (B, H, K, I), and the products y (B, H, K, w, I) they came from."""
+    """One chunk's q (H, n, w, R) and U (H, n, w, D) per side, the Gram blocks G_xy = U_y U_xᵀ
+    (H, n, w, w), the products y = G q on each side's slots, and n_t, n_s, c per pair (H, n, R)."""
 
-    n_t: Tensor
-    n_s: Tensor
-    c: Tensor
+    q_t: Tensor
+    q_s: Tensor
+    u_t: Tensor
+    u_s: Tensor
+    g_st: Tensor | None
     y_tt: Tensor
     y_ss: Tensor
     y_ts: Tensor
+    n_t: Tensor
+    n_s: Tensor
+    c: Tensor
 
     @classmethod
-    def compute(cls, grams: _Grams, keys: int, q_t: Tensor, q_s: Tensor) -> "_PairTerms":
-        y_tt, y_ss, y_ts = grams.tt[:, :, :keys] @ q_t, grams.ss[:, :, :keys] @ q_s, grams.ts[:, :, :keys] @ q_t
-        return cls(n_t=(y_tt * q_t).sum(-2), n_s=(y_ss * q_s).sum(-2), c=(y_ts * q_s).sum(-2),
-                   y_tt=y_tt, y_ss=y_ss, y_ts=y_ts)
+    def compute(cls, chunk: _KeyChunk, t: _TokenMajor, s: _TokenMajor, *, with_st: bool) -> "_PairTerms":
+        def by_slot(x: Tensor, rows: Tensor) -> Tensor:  # (H, T, F) -> (H, n, w, F)
+            # whole rows of the (H·T, F) view: much faster than selecting along dim 1
+            return x.flatten(0, 1).index_select(0, rows).view(x.shape[0], chunk.size, chunk.width, x.shape[-1])
+
+        q_t = by_slot(t.queries[..., chunk.first_row:], chunk.t_rows)
+        q_s = by_slot(s.queries[..., chunk.first_row:], chunk.s_rows)
+        u_t, u_s = by_slot(t.values, chunk.t_rows), by_slot(s.values, chunk.s_rows)
+        y_tt, y_ss, y_ts = (u_t @ u_t.mT) @ q_t, (u_s @ u_s.mT) @ q_s, (u_s @ u_t.mT) @ q_t
+        return cls(q_t=q_t, q_s=q_s, u_t=u_t, u_s=u_s, g_st=u_t @ u_s.mT if with_st else None,
+                   y_tt=y_tt, y_ss=y_ss, y_ts=y_ts,
+                   n_t=(y_tt * q_t).sum(-2), n_s=(y_ss * q_s).sum(-2), c=(y_ts * q_s).sum(-2))
 
 
 def _pair_losses(terms: _PairTerms, mask: Tensor, loss: str) -> Tensor:

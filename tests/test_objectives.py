@@ -166,41 +166,54 @@ def test_special_tokens_inside_segments_and_very_uneven_segments(impl, loss):
         torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
 
 
+def width_classes(p) -> set[int]:
+    """The width classes of the problem's key segments: the power of two at or above the token count
+    on the longer side."""
+    classes = set()
+    for t_row, s_row in zip(p["t_seg"], p["s_seg"]):
+        t_counts, s_counts = torch.bincount(t_row[t_row >= 0]), torch.bincount(s_row[s_row >= 0])
+        classes |= {1 << (max(int(a), int(b)) - 1).bit_length() for a, b in zip(t_counts, s_counts)}
+    return classes
+
+
 @pytest.mark.parametrize("loss", list(Loss))
-def test_row_chunking_does_not_change_the_result(monkeypatch, loss):
-    """Query rows are processed in chunks of at most `CHUNK_ELEMENTS` query-tensor entries (at least
-    one row): one row per chunk, a few rows, and everything at once give the same value and gradients."""
+def test_key_chunking_does_not_change_the_result(monkeypatch, loss):
+    """Key segments are grouped by width class and processed in chunks of at most `CHUNK_ELEMENTS`
+    query-tensor entries (at least one key): one key per chunk, a few, and one chunk per class give the
+    same value and gradients."""
     import matt.objectives as objectives
 
     p = random_problem(7, torch.float64)
     t_attn = p["t_attn"].clone().requires_grad_()  # the teacher's backward is chunked too
     results, chunks = [], []
-    real_row_chunks = objectives._row_chunks
+    real_key_chunks = objectives._key_chunks
 
     def recording(*args):
-        spans = list(real_row_chunks(*args))
-        chunks.append(len(spans))
-        return iter(spans)
+        found = real_key_chunks(*args)
+        chunks.append(found)
+        return found
 
-    monkeypatch.setattr(objectives, "_row_chunks", recording)
-    n_segments = int(p["t_seg"].max()) + 1
-    batch, heads = p["t_values"].shape[:2]
-    per_row = batch * heads * n_segments * max(longest_segment(p["t_seg"]), longest_segment(p["s_seg"]))
-    for budget in (1, 2 * per_row, 2**30):
+    monkeypatch.setattr(objectives, "_key_chunks", recording)
+    n_keys = sum(int(row.max()) + 1 for row in p["t_seg"])
+    n_classes = len(width_classes(p))
+    for budget in (1, 64, 2**30):
         monkeypatch.setattr(objectives, "CHUNK_ELEMENTS", budget)
         value = aim_loss(t_attn, p["t_values"], p["t_seg"], p["s_attn"], p["s_values"], p["s_seg"], loss=loss)
         results.append((value, *torch.autograd.grad(value, [t_attn, p["s_attn"], p["s_kv"]])))
-    assert chunks[0] == chunks[1] == n_segments and chunks[2] == chunks[3] == -(-n_segments // 2), chunks
-    assert chunks[4] == chunks[5] == 1 and n_segments > 2
+    sizes = [[c.size for c in found] for found in chunks]  # planned once per call (the backward reuses it)
+    assert sizes[0] == [1] * n_keys
+    assert n_classes < len(sizes[1]) < n_keys and sum(sizes[1]) == n_keys
+    assert len(sizes[2]) == n_classes > 1 and sum(sizes[2]) == n_keys
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss", list(Loss))
-def test_many_row_chunks_match_naive(monkeypatch, loss):
-    """A longer problem split into several row chunks, against the literal definition: value and the
-    gradients of both sides (chunks only see the key segments up to their last row)."""
+def test_many_key_chunks_match_naive(monkeypatch, loss):
+    """A longer problem split into several chunks of key segments over several width classes, against
+    the literal definition: value and the gradients of both sides (a chunk only sees the query rows
+    from its first key segment on)."""
     import matt.objectives as objectives
 
     monkeypatch.setattr(objectives, "CHUNK_ELEMENTS", 2**9)
@@ -211,8 +224,9 @@ def test_many_row_chunks_match_naive(monkeypatch, loss):
     t_attn, _, t_values = make_side(t_seg, 4, 2, 6, torch.float64, gen)
     s_attn, s_kv, s_values = make_side(s_seg, 4, 2, 6, torch.float64, gen)
     t_attn, t_values = t_attn.detach().requires_grad_(), t_values.detach().requires_grad_()
-    rows_per_chunk = max(1, 2**9 // (2 * 4 * 14 * max(longest_segment(t_seg), longest_segment(s_seg))))
-    assert -(-14 // rows_per_chunk) >= 3  # several chunks
+    mask = objectives.pair_mask(objectives.segment_last_positions(t_seg)[1])
+    chunks = objectives._key_chunks(t_seg, s_seg, mask, 4)
+    assert len(chunks) >= 2 * len({c.width for c in chunks}) >= 6  # several per class
     results = []
     for fn in (aim_loss, naive_aim_loss):
         value = fn(t_attn, t_values, t_seg, s_attn, s_values, s_seg, loss=loss)
@@ -337,7 +351,8 @@ def test_efficient_path_never_allocates_pairwise_value_tensors():
     t_attn, _, t_values = make_side(seg, heads, heads, dim, torch.float32, gen)
     s_attn, s_kv, s_values = make_side(seg, heads, heads, dim, torch.float32, gen)
     forbidden = min(length**2 * dim, batch * heads * n_segments**2 * dim)
-    allowed = max(batch * heads * length**2, batch * heads * length * dim, batch * heads * n_segments * length)
+    # (the token-major layouts carry one zero row for empty slots: L + 1 rows)
+    allowed = max(batch * heads * length**2, batch * heads * (length + 1) * dim, batch * heads * n_segments * length)
     assert allowed < forbidden / 4
 
     for loss in Loss:
