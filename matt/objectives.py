@@ -192,10 +192,10 @@ class _PairwiseAIM(torch.autograd.Function):
                     (chunk.s_rows, terms.q_s, terms.u_s, terms.y_ss, terms.q_t, terms.u_t, terms.y_ts, a_s)
                     if name == "s" else
                     (chunk.t_rows, terms.q_t, terms.u_t, terms.y_tt, terms.q_s, terms.u_s,
-                     terms.g_st @ terms.q_s, a_t))
+                     _slot_mm(terms.g_st, terms.q_s), a_t))
                 dq = 2 * a_own * y_own + a_c * y_cross  # (H, n, w, R)
                 grad_q[name][..., chunk.first_row:].flatten(0, 1).index_add_(0, rows, dq.flatten(0, 2))
-                du = (q @ (2 * a_own * q).mT @ u).add_(q @ (a_c * q_other).mT @ u_other)  # (H, n, w, D)
+                du = _slot_mm(q @ (2 * a_own * q).mT, u).add_(_slot_mm(q @ (a_c * q_other).mT, u_other))  # (H,n,w,D)
                 grad_u[name].flatten(0, 1).index_add_(0, rows, du.flatten(0, 2))
         grads = {}
         for name, side in sides.items():
@@ -350,10 +350,17 @@ class _PairTerms:
         q_t = by_slot(t.queries[..., chunk.first_row:], chunk.t_rows)
         q_s = by_slot(s.queries[..., chunk.first_row:], chunk.s_rows)
         u_t, u_s = by_slot(t.values, chunk.t_rows), by_slot(s.values, chunk.s_rows)
-        y_tt, y_ss, y_ts = (u_t @ u_t.mT) @ q_t, (u_s @ u_s.mT) @ q_s, (u_s @ u_t.mT) @ q_t
+        y_tt, y_ss, y_ts = _slot_mm(u_t @ u_t.mT, q_t), _slot_mm(u_s @ u_s.mT, q_s), _slot_mm(u_s @ u_t.mT, q_t)
         return cls(q_t=q_t, q_s=q_s, u_t=u_t, u_s=u_s, g_st=u_t @ u_s.mT if with_st else None,
                    y_tt=y_tt, y_ss=y_ss, y_ts=y_ts,
                    n_t=(y_tt * q_t).sum(-2), n_s=(y_ss * q_s).sum(-2), c=(y_ts * q_s).sum(-2))
+
+
+def _slot_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b over a chunk's slots; width-1 chunks (one token per segment, most keys in practice) as a
+    broadcast product, which is the same single multiplication per entry and ~30x faster on CPU than
+    a batched matmul with an inner dimension of 1."""
+    return a * b if a.shape[-1] == 1 else a @ b
 
 
 def _pair_losses(terms: _PairTerms, mask: Tensor, loss: str) -> Tensor:
