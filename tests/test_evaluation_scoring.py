@@ -113,3 +113,33 @@ def test_score_continuations_rejects_bad_input():
         score_continuations(model, [[1]], [[[2], []]], progress=False)
     with pytest.raises(ValueError, match="only 20 rows"):
         score_continuations(model, [[1]], [[[25]]], progress=False)
+
+
+def test_evaluation_mode_lets_autocast_cast_each_weight_once():
+    """Under `torch.inference_mode` autocast re-casts every weight on every call (its cache is off);
+    `evaluation_mode` must keep the cache on, so a bf16 pass casts a layer's weight once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from matt.evaluation.scoring import evaluation_mode
+
+    class WeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            casts = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+            if func in casts and tuple(args[0].shape) == (4096, 8):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    layer = torch.nn.Linear(8, 4096, bias=False).train()
+    x = torch.randn(2, 8)
+    with evaluation_mode(layer), torch.autocast("cpu", dtype=torch.bfloat16), WeightCasts() as casts:
+        first, second = layer(x), layer(x)
+        assert not torch.is_grad_enabled() and not layer.training
+    assert casts.count == 1 and first.dtype == torch.bfloat16 and torch.equal(first, second)
+    assert layer.training  # the caller's mode is back
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), WeightCasts() as uncached:
+        layer(x), layer(x)
+    assert uncached.count == 2  # what the test guards against
