@@ -226,8 +226,11 @@ class _TokenMajor:
         queries = values.new_empty(h, b * length + 1, positions.shape[1])
         queries[:, -1].zero_()
         index = positions[None, :, None, :].expand(h, b, length, -1)
-        # one pass: A read along its columns straight into the token-major layout
-        torch.gather(attn.permute(1, 0, 3, 2).to(values.dtype), 3, index, out=queries[:, :-1].view(h, b, length, -1))
+        columns, layout = attn.permute(1, 0, 3, 2), queries[:, :-1].view(h, b, length, -1)
+        if columns.dtype == layout.dtype:  # one pass: A read along its columns straight into the layout
+            torch.gather(columns, 3, index, out=layout)
+        else:  # (bf16 attention, float32 compute) cast the gathered entries only
+            layout.copy_(columns.gather(3, index))
         token_values = values.new_zeros(h, b * length + 1, d)
         token_values[:, :-1].view(h, b, length, d).copy_(values.transpose(0, 1))
         return cls(queries, token_values, positions)

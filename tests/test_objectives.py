@@ -307,9 +307,16 @@ def test_autocast_and_bf16_inputs_are_computed_in_float32(impl, loss):
 
     bf16 = {k: (v.detach().bfloat16() if v.is_floating_point() else v) for k, v in p.items()}
     upcast = {k: (v.float() if v.is_floating_point() else v) for k, v in bf16.items()}
+    bf16["s_attn"].requires_grad_()
+    upcast["s_attn"] = upcast["s_attn"].requires_grad_()
     value = call(aim_loss, bf16, impl=impl, loss=loss)
     assert value.dtype == torch.float32
-    torch.testing.assert_close(value, call(aim_loss, upcast, impl=impl, loss=loss), rtol=1e-6, atol=1e-7)
+    reference = call(aim_loss, upcast, impl=impl, loss=loss)
+    torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-7)
+    (grad,) = torch.autograd.grad(value, [bf16["s_attn"]])
+    (grad_reference,) = torch.autograd.grad(reference, [upcast["s_attn"]])
+    assert grad.dtype == torch.bfloat16  # the attention's own dtype
+    torch.testing.assert_close(grad, grad_reference.bfloat16())
 
 
 @pytest.mark.parametrize("impl,loss", CASES)
