@@ -70,7 +70,7 @@ class InitResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# deepfocus glue
+# fastText (trained here with deepfocus's settings) and deepfocus (the FOCUS combination)
 # --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_deepfocus() -> Iterator[None]:
