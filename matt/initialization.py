@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import os
 import re
@@ -38,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from matt.digests import text_digest
+from matt.digests import cache_key, text_digest
 from matt.overlap import TokenOverlap, byte_level_decoder, token_bytes, token_overlap, tokenizer_style
 from matt.segmentation import special_token_ids
 
@@ -123,7 +122,7 @@ def train_token_fasttext(
     settings = {"dim": dim, "epochs": epochs, "min_count": min_count}
     cached = None
     if cache_dir is not None:
-        cached = Path(cache_dir) / f"fasttext-{text_digest(json.dumps(settings) + tokenized)[:24]}.bin"
+        cached = Path(cache_dir) / f"fasttext-{cache_key({**settings, 'tokens': text_digest(tokenized)})}.bin"
         if cached.exists():
             logger.info("Loading the cached fastText model %s", cached)
             return fasttext.load_model(str(cached))

@@ -231,7 +231,8 @@ class _TokenMajor:
             torch.gather(columns, 3, index, out=layout)
         else:  # (bf16 attention, float32 compute) cast the gathered entries only
             layout.copy_(columns.gather(3, index))
-        token_values = values.new_zeros(h, b * length + 1, d)
+        token_values = values.new_empty(h, b * length + 1, d)
+        token_values[:, -1].zero_()
         token_values[:, :-1].view(h, b, length, d).copy_(values.transpose(0, 1))
         return cls(queries, token_values, positions)
 
