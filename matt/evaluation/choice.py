@@ -68,11 +68,9 @@ def build_choice_items(
 
     Distractors are drawn from the same population as answers and matched in length: among the
     other documents' answerable sentences (in a seeded random order) the ones whose UTF-8 length is
-    closest to the answer's (by |log ratio|) are taken. Without this, answers (sentences inside
-    running prose) were longer than typical distractors (option descriptions after a dropped
-    "-x" line, etc.), and any length-sensitive score - per-byte likelihood of a model that cannot
-    read, or just "pick the shortest" - sat away from chance (README, "Evaluation"). With it, a
-    choice's surface (length, kind of sentence) says nothing about the label; only the context does.
+    closest to the answer's (by |log ratio|) are taken, so a choice's surface (length, kind of
+    sentence) says nothing about the label; only the context does. (Unmatched distractors were
+    shorter than answers, and length-sensitive scores sat away from chance: README, "Evaluation".)
 
     The answer positions are balanced (each position is the label for `num_items / num_choices`
     items, rounded) and shuffled, so a model biased to one position scores chance. Fewer than
@@ -109,17 +107,14 @@ def build_choice_items(
     chosen = rng.sample(candidates, min(num_items, len(candidates)))
     labels = [k % num_choices for k in range(len(chosen))]
     rng.shuffle(labels)
-    # Distractor pool: answerable sentences with their document and UTF-8 length, in a seeded order
-    # (which breaks ties between equally long sentences at random).
-    # Sentences that are not answerable are used only when a small text runs out of answerable ones.
+    # Distractor pool of (tier, document, sentence) in a seeded order (which breaks ties between
+    # equally long sentences at random): answerable sentences are tier 0; the other kept sentences
+    # (tier 1) are used only when a small text runs out of answerable ones.
     answerable = {(doc, documents[doc][j][1]) for doc, j in candidates}
-    pool = sorted(answerable) + sorted({(doc, sentence) for doc, kept in enumerate(documents)
-                                        for _, sentence in kept} - answerable)
-    tiers = [0] * len(answerable) + [1] * (len(pool) - len(answerable))
-    shuffled = list(range(len(pool)))
-    rng.shuffle(shuffled)
-    pool, tiers = [pool[k] for k in shuffled], [tiers[k] for k in shuffled]
-    pool_sizes = [math.log(len(sentence.encode("utf-8"))) for _, sentence in pool]
+    others = {(doc, sentence) for doc, kept in enumerate(documents) for _, sentence in kept} - answerable
+    pool = [(0, *entry) for entry in sorted(answerable)] + [(1, *entry) for entry in sorted(others)]
+    rng.shuffle(pool)
+    pool_sizes = [math.log(len(sentence.encode("utf-8"))) for _, _, sentence in pool]
     items = []
     for (doc, j), label in zip(chosen, labels):
         kept = documents[doc]
@@ -128,12 +123,12 @@ def build_choice_items(
         while first > 0 and j - first < context_sentences and kept[first - 1][0] == kept[first][0] - 1:
             first -= 1
         size = math.log(len(answer.encode("utf-8")))
-        ranked = sorted((tiers[k], abs(pool_sizes[k] - size), k) for k, (other, sentence) in enumerate(pool)
+        ranked = sorted((tier, abs(pool_sizes[k] - size), k) for k, (tier, other, sentence) in enumerate(pool)
                         if other != doc and sentence != answer)
         distractors: list[str] = []
         for _, _, k in ranked:
-            if pool[k][1] not in distractors:
-                distractors.append(pool[k][1])
+            if pool[k][2] not in distractors:
+                distractors.append(pool[k][2])
             if len(distractors) == num_choices - 1:
                 break
         if len(distractors) < num_choices - 1:
@@ -267,15 +262,8 @@ def multiple_choice_accuracy(
 
 
 def _summary(items: Sequence[ChoiceItem], scores: list[float], suffix: str, confidence: float) -> dict:
-    credits, ties = item_credits(items, scores)
-    low, high = wilson_interval(math.fsum(credits), len(credits), confidence)
-    return {f"accuracy{suffix}": math.fsum(credits) / len(credits), f"accuracy{suffix}_ci_low": low,
-            f"accuracy{suffix}_ci_high": high, f"ties{suffix}": ties, f"credits{suffix}": credits}
-
-
-def item_credits(items: Sequence[ChoiceItem], scores: list[float]) -> tuple[list[float], int]:
-    """Per-item credit (1 if the true choice scores best, 1/k if it shares the best score with
-    k - 1 others, else 0; see `multiple_choice_accuracy`) and the number of items with ties."""
+    """Accuracy from per-item credits: 1 if the true choice scores best, 1/k if it shares the best
+    score with k - 1 others, else 0 (see `multiple_choice_accuracy`)."""
     credits = []
     ties = 0
     position = 0
@@ -288,7 +276,9 @@ def item_credits(items: Sequence[ChoiceItem], scores: list[float]) -> tuple[list
         credits.append(1 / len(tied) if item.label in tied else 0.0)
     if ties:
         logger.info("%d of %d multiple-choice items had tied best choices (split credit)", ties, len(items))
-    return credits, ties
+    low, high = wilson_interval(math.fsum(credits), len(credits), confidence)
+    return {f"accuracy{suffix}": math.fsum(credits) / len(credits), f"accuracy{suffix}_ci_low": low,
+            f"accuracy{suffix}_ci_high": high, f"ties{suffix}": ties, f"credits{suffix}": credits}
 
 
 def chance_accuracy(items: Sequence[ChoiceItem]) -> float:

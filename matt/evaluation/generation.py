@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import sacrebleu
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from matt.evaluation.bpb import as_text_list
-from matt.evaluation.scoring import check_ids_fit_model, evaluation_mode, model_device, prefix_token_id
+from matt.evaluation.scoring import check_ids_fit_model, evaluation_mode, model_device, pad_batch, prefix_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +114,13 @@ def greedy_continuations(
     text is what decoding prompt + new tokens adds after the decoded prompt, so a leading space
     that a decoder only shows mid-text is kept.
     """
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = as_text_list(prompts, "prompts")
     prefix_id = prefix_token_id(tokenizer)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_id
-    device = torch.device(device) if device is not None else model_device(model)
+    device = model_device(model, device)
     encoded = [[prefix_id, *ids] for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     if encoded:
         check_ids_fit_model(model, max(max(ids) for ids in encoded))
@@ -142,30 +141,18 @@ def greedy_continuations(
     with evaluation_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
-            batch = [encoded[k] for k in rows]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, ids in enumerate(batch):
-                input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-            )
-            for row, (k, ids) in enumerate(zip(rows, batch)):
-                new_ids = generated[row, width:].tolist()
+            input_ids, attention_mask = pad_batch([encoded[k] for k in rows], device, pad_id, left=True)
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for row, k in enumerate(rows):
+                new_ids = generated[row, input_ids.shape[1]:].tolist()
                 if eos_id is not None and eos_id in new_ids:
                     new_ids = new_ids[: new_ids.index(eos_id)]
-                outputs[k] = _new_text(tokenizer, ids[1:], new_ids)
+                prompt_ids = encoded[k][1:]
+                prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+                full_text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+                outputs[k] = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
+                              else tokenizer.decode(new_ids, skip_special_tokens=True))
     return outputs
-
-
-def _new_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    full_text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
-    if full_text.startswith(prompt_text):
-        return full_text[len(prompt_text) :]
-    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 def generation_chrf(

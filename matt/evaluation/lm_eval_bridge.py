@@ -27,19 +27,6 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'matt-tokenizer-transfer[eval]'"
 
 
-def _import_lm_eval():
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as error:
-        raise ImportError(
-            f"run_lm_eval needs lm-evaluation-harness, which is not installed ({error}). Install the "
-            f"optional evaluation extra: {INSTALL_HINT}"
-        ) from error
-    return lm_eval, HFLM, TaskManager
-
-
 def run_lm_eval(
     model: torch.nn.Module,
     tokenizer,
@@ -75,8 +62,13 @@ def run_lm_eval(
         raise ValueError("run_lm_eval needs at least one task name")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
-
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ImportError(f"run_lm_eval needs lm-evaluation-harness, which is not installed ({error}). Install the "
+                          f"optional evaluation extra: {INSTALL_HINT}") from error
     if device is not None:
         model.to(device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **dict(hflm_kwargs or {}))

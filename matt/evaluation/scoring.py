@@ -50,25 +50,23 @@ def require_fast_tokenizer(tokenizer) -> None:
         )
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (where inputs must go)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+def model_device(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """`device` if given, else the device of the model's input embeddings (where inputs must go)."""
+    return torch.device(device) if device is not None else model.get_input_embeddings().weight.device
 
 
-def input_vocab_size(model: torch.nn.Module) -> int:
-    """Rows of the input embedding matrix: every token id fed to the model must be below this."""
-    return int(model.get_input_embeddings().num_embeddings)
+def text_config(model: torch.nn.Module):
+    """The model's (text) config, or None for a plain module."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def check_ids_fit_model(model: torch.nn.Module, max_id: int, what: str = "token") -> None:
+def check_ids_fit_model(model: torch.nn.Module, max_id: int) -> None:
     """Fail with a readable message instead of an index error deep inside the embedding layer."""
-    vocab = input_vocab_size(model)
+    vocab = model.get_input_embeddings().num_embeddings
     if max_id >= vocab:
         raise ValueError(
-            f"The tokenizer produced {what} id {max_id}, but the model's embedding matrix has only "
+            f"The tokenizer produced token id {max_id}, but the model's embedding matrix has only "
             f"{vocab} rows: the model and tokenizer do not belong together (resize the model's "
             "embeddings or pass the matching tokenizer)."
         )
@@ -77,10 +75,7 @@ def check_ids_fit_model(model: torch.nn.Module, max_id: int, what: str = "token"
 def check_max_length(model: torch.nn.Module, max_length: int) -> None:
     """Refuse windows longer than the positions the model was built for (a clear error instead of
     an index error in a position table, or silently degraded scores past a RoPE model's range)."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = getattr(text_config(model), "max_position_embeddings", None)
     if isinstance(limit, int) and max_length > limit:
         raise ValueError(
             f"max_length={max_length} is longer than the model's max_position_embeddings={limit}; "
@@ -126,16 +121,11 @@ def has_separate_head(model: torch.nn.Module) -> bool:
     return head is not None and getattr(model, "base_model", model) is not model
 
 
-def _logit_softcap(model: torch.nn.Module) -> float | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "final_logit_softcapping", None)
-
-
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits of final hidden states `hidden` (..., H): the output layer plus the final
     logit soft-capping some families (Gemma 2/3) apply in their forward."""
     logits = model.get_output_embeddings()(hidden).float()
-    cap = _logit_softcap(model)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -174,8 +164,9 @@ def rows_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _padded(sequences: Sequence[Sequence[int]], pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of `sequences`, right-padded (or left-padded) to the longest."""
+def pad_batch(sequences: Sequence[Sequence[int]], device: torch.device, pad_id: int = 0,
+              left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `sequences` on `device`, right-padded (or left-padded) to the longest."""
     width = max(len(seq) for seq in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -183,22 +174,13 @@ def _padded(sequences: Sequence[Sequence[int]], pad_id: int = 0, left: bool = Fa
         span = slice(width - len(seq), width) if left else slice(0, len(seq))
         input_ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
         attention_mask[row, span] = 1
-    return input_ids, attention_mask
+    return input_ids.to(device), attention_mask.to(device)
 
 
-def _check_sequences(model, sequences: Sequence[Sequence[int]], num_context: Sequence[int], batch_size: int) -> None:
-    if len(sequences) != len(num_context):
-        raise ValueError(f"Got {len(sequences)} sequences but {len(num_context)} context lengths")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, (seq, n_ctx) in enumerate(zip(sequences, num_context)):
-        if not 1 <= n_ctx < len(seq):
-            raise ValueError(
-                f"Sequence {i} has {len(seq)} tokens and {n_ctx} context tokens; need at least one "
-                "context token and one scored token."
-            )
-    if sequences:
-        check_ids_fit_model(model, max(max(seq) for seq in sequences))
+def length_batches(sequences: Sequence[Sequence], batch_size: int) -> list[list[int]]:
+    """Indices of `sequences`, longest first, in batches of `batch_size` (little padding per batch)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def token_nll(
@@ -221,20 +203,26 @@ def token_nll(
     tokens cost no logits and no (tokens x vocabulary) tensor is ever materialised; other modules
     are scored through their full `forward(...).logits`.
     """
-    _check_sequences(model, sequences, num_context, batch_size)
+    if len(sequences) != len(num_context):
+        raise ValueError(f"Got {len(sequences)} sequences but {len(num_context)} context lengths")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, (seq, n_ctx) in enumerate(zip(sequences, num_context)):
+        if not 1 <= n_ctx < len(seq):
+            raise ValueError(f"Sequence {i} has {len(seq)} tokens and {n_ctx} context tokens; need at least one "
+                             "context token and one scored token.")
     if not sequences:
         return []
-    device = torch.device(device) if device is not None else model_device(model)
+    check_ids_fit_model(model, max(max(seq) for seq in sequences))
+    device = model_device(model, device)
     fast = has_separate_head(model)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
     result: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = length_batches(sequences, batch_size)
     with evaluation_mode(model):
         if fast:
-            check_head_matches_forward(model, sequences[order[-1]])
+            check_head_matches_forward(model, sequences[batches[-1][-1]])
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            input_ids, attention_mask = _padded([sequences[i] for i in batch])
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            input_ids, attention_mask = pad_batch([sequences[i] for i in batch], device)
             # Position t predicts token t + 1: the scored rows are num_context - 1 .. len - 2.
             scored = torch.zeros_like(attention_mask, dtype=torch.bool)
             for row, index in enumerate(batch):
@@ -312,14 +300,13 @@ def score_continuations(
             result[i][j] = part
         return result
 
-    device = torch.device(device) if device is not None else model_device(model)
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]), reverse=True)
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    device = model_device(model, device)
+    batches = length_batches(contexts, batch_size)
+    shortest = batches[-1][-1]
     with evaluation_mode(model):
-        check_head_matches_forward(model, [*contexts[order[-1]], *continuations[order[-1]][0]])
+        check_head_matches_forward(model, [*contexts[shortest], *continuations[shortest][0]])
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            ctx_ids, ctx_mask = _padded([contexts[i] for i in batch], left=True)
-            ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
+            ctx_ids, ctx_mask = pad_batch([contexts[i] for i in batch], device, left=True)
             out = model.base_model(input_ids=ctx_ids, attention_mask=ctx_mask,
                                    position_ids=(ctx_mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True)
             cache, last_hidden = out.cache, out.last_hidden_state[:, -1]
@@ -330,8 +317,7 @@ def score_continuations(
                 chunk = rows[start : start + rows_per_forward]
                 owner = torch.as_tensor([row for row, _ in chunk], device=device)
                 options = [continuations[batch[row]][j] for row, j in chunk]
-                opt_ids, opt_mask = _padded(options)
-                opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
+                opt_ids, opt_mask = pad_batch(options, device)
                 chunk_cache = copy.deepcopy(cache)
                 chunk_cache.batch_select_indices(owner)
                 positions = lengths[owner][:, None] + torch.arange(opt_ids.shape[1], device=device)[None, :]

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from matt import digests
 from matt.config import resolve_mixed_precision
@@ -174,8 +175,8 @@ class EvalSuite:
         return info
 
     def fingerprint(self) -> str:
-        options = {k: v for k, v in _plain(self.cfg).items() if k not in ("progress", "device", "original", "init",
-                                                                          "final", "enabled")}
+        options = {k: v for k, v in OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True).items()
+                   if k not in ("progress", "device", "original", "init", "final", "enabled")}
         new_bytes = None if self.new_bytes is None else [mask.nonzero()[0].tolist() for mask in self.new_bytes.masks]
         return digests.cache_key({"options": options, "texts": self.texts, "train": len(self.train_texts),
                                   "train_head": self.train_texts[:50], "choice": [repr(i) for i in self.choice_items],
@@ -241,23 +242,11 @@ def run_lm_eval(lm_cfg, model, tokenizer, device) -> dict[str, float]:
     """lm-evaluation-harness tasks through `matt.evaluation.lm_eval_bridge` (the `eval` extra)."""
     if not lm_cfg.tasks:
         raise ValueError("eval.lm_eval.enabled=true needs eval.lm_eval.tasks=[...]")
-    try:  # lazy: lm-eval is an optional extra and slow to import
-        from matt.evaluation.lm_eval_bridge import run_lm_eval as bridge
-    except ImportError as exc:
-        raise ImportError(f"eval.lm_eval needs the lm-eval bridge and `lm-eval` "
-                          f"(pip install 'matt-tokenizer-transfer[eval]'): {exc}") from exc
+    from matt.evaluation.lm_eval_bridge import run_lm_eval as bridge
     scores = bridge(model, tokenizer, list(lm_cfg.tasks), include_path=lm_cfg.include_path,
                     num_fewshot=lm_cfg.num_fewshot, limit=lm_cfg.limit, batch_size=lm_cfg.batch_size,
                     device=str(device))
     return {f"lm_eval/{key}": float(value) for key, value in scores.items()}
-
-
-def _plain(node) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    return dict(node)
 
 
 # ------------------------------------------------------------------------------------------------
