@@ -107,8 +107,7 @@ class NewByteMasks:
 
     @property
     def new_byte_fraction(self) -> float:
-        total = sum(mask.size for mask in self.masks)
-        return sum(int(mask.sum()) for mask in self.masks) / total if total else float("nan")
+        return float(np.concatenate(self.masks).mean())
 
 
 def as_text_list(texts: Iterable[str], what: str = "texts") -> list[str]:
@@ -176,45 +175,34 @@ def bits_per_byte(
     """
     texts = nonempty_texts(texts)
     check_max_length(model, max_length)
-    if new_bytes is not None and [m.size for m in new_bytes.masks] != [len(t.encode("utf-8")) for t in texts]:
+    document_bytes = [len(text.encode("utf-8")) for text in texts]
+    if new_bytes is not None and [m.size for m in new_bytes.masks] != document_bytes:
         raise ValueError("new_bytes masks do not match the evaluated texts (built from other documents?)")
     prefix_id = prefix_token_id(tokenizer)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     sequences: list[list[int]] = []
     num_context: list[int] = []
-    owner: list[int] = []
-    num_bytes = num_tokens = 0
-    for doc, (text, ids) in enumerate(zip(texts, encoded)):
+    for text, ids in zip(texts, encoded):
         if not ids:
             raise ValueError(f"The tokenizer produced no tokens for a non-empty text: {text[:60]!r}")
-        num_bytes += len(text.encode("utf-8"))
-        num_tokens += len(ids)
         for window_ids, n_ctx in windows(ids, prefix_id, max_length, overlap):
             sequences.append(window_ids)
             num_context.append(n_ctx)
-            owner.append(doc)
     parts = token_nll(model, sequences, num_context, batch_size=batch_size, device=device, progress=progress,
                       desc="bpb")
-    # Windows come in document order and score each token once: concatenated, they are the document's tokens.
-    grouped: list[list[np.ndarray]] = [[] for _ in texts]
-    for part, doc in zip(parts, owner):
-        grouped[doc].append(part.double().numpy())
-    per_document = [np.concatenate(pieces) for pieces in grouped]
+    # Windows come in document order and score each token once: concatenated, they are the documents' tokens.
+    nll = np.concatenate([part.double().numpy() for part in parts])
+    per_document = np.split(nll, np.cumsum([len(ids) for ids in encoded])[:-1])
     result = dataclasses.replace(
-        BPBResult.from_totals(math.fsum(float(p.double().sum()) for p in parts), num_bytes, num_tokens, len(texts)),
-        document_bits=tuple(float(nll.sum()) / math.log(2) for nll in per_document),
-        document_bytes=tuple(len(text.encode("utf-8")) for text in texts))
+        BPBResult.from_totals(math.fsum(nll), sum(document_bytes), len(nll), len(texts)),
+        document_bits=tuple(float(bits.sum()) / math.log(2) for bits in per_document),
+        document_bytes=tuple(document_bytes))
     if new_bytes is None:
         return result
-    nll_new = nll_shared = 0.0
-    for nll, sizes, mask in zip(per_document, token_byte_lengths(tokenizer, texts, encoded), new_bytes.masks):
-        per_byte = np.repeat(nll / sizes, sizes)
-        nll_new += float(per_byte[mask].sum())
-        nll_shared += float(per_byte[~mask].sum())
-    count_new = sum(int(mask.sum()) for mask in new_bytes.masks)
-    count_shared = num_bytes - count_new
-    return dataclasses.replace(
-        result,
-        bpb_new=nll_new / math.log(2) / count_new if count_new else float("nan"),
-        bpb_shared=nll_shared / math.log(2) / count_shared if count_shared else float("nan"),
-        new_byte_fraction=count_new / num_bytes)
+    # Each token's NLL spread evenly over its bytes, in bits.
+    per_byte = np.concatenate([np.repeat(doc_nll / sizes, sizes) for doc_nll, sizes
+                               in zip(per_document, token_byte_lengths(tokenizer, texts, encoded))]) / math.log(2)
+    is_new = np.concatenate(new_bytes.masks)
+    bpb_new, bpb_shared = (float(per_byte[m].mean()) if m.any() else float("nan") for m in (is_new, ~is_new))
+    return dataclasses.replace(result, bpb_new=bpb_new, bpb_shared=bpb_shared,
+                               new_byte_fraction=float(is_new.mean()))

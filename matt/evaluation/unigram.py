@@ -34,26 +34,25 @@ class UnigramModel:
     def fit(cls, tokenizer, train_texts: Iterable[str], smoothing: float = 1.0) -> UnigramModel:
         """Count tokens (no special tokens) of the training split."""
         texts = nonempty_texts(train_texts, "train_texts")
-        counts = np.zeros(len(tokenizer), dtype=np.int64)
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            ids = np.asarray(ids, dtype=np.int64)
-            if ids.size and ids.max() >= len(counts):
-                raise ValueError(f"The tokenizer produced id {int(ids.max())} >= len(tokenizer)={len(counts)}")
-            np.add.at(counts, ids, 1)
+        counts = np.bincount(_token_ids(tokenizer, texts), minlength=len(tokenizer))
+        if len(counts) > len(tokenizer):
+            raise ValueError(f"The tokenizer produced id {len(counts) - 1} >= len(tokenizer)={len(tokenizer)}")
         return cls(tokenizer, counts, smoothing)
 
     def bits_per_byte(self, texts: Iterable[str]) -> BPBResult:
         """-Σ log p(token) / ln 2 / UTF-8 bytes over held-out `texts` (same token set as model BPB)."""
         texts = nonempty_texts(texts)
-        nll = 0.0
-        tokens = 0
-        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            nll -= float(self.log_probs[np.asarray(ids, dtype=np.int64)].sum())
-            tokens += len(ids)
+        ids = _token_ids(self.tokenizer, texts)
         num_bytes = sum(len(text.encode("utf-8")) for text in texts)
-        return BPBResult.from_totals(nll, num_bytes, tokens, len(texts))
+        return BPBResult.from_totals(-float(self.log_probs[ids].sum()), num_bytes, len(ids), len(texts))
 
     def entropy_bits(self) -> float:
         """Entropy of the fitted distribution in bits per token (a quick sanity number)."""
         probs = np.exp(self.log_probs)
         return float(-(probs * self.log_probs).sum() / math.log(2))
+
+
+def _token_ids(tokenizer, texts: list[str]) -> np.ndarray:
+    """All token ids of `texts` (no special tokens), concatenated."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded])
