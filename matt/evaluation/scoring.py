@@ -112,13 +112,8 @@ def has_separate_head(model: torch.nn.Module) -> bool:
     (`get_output_embeddings()`) can be called apart: then hidden states are computed for every
     position and the vocabulary projection only for the scored ones. Anything else (e.g. a plain
     `nn.Module` with a `forward(input_ids).logits`) is scored through its full logits."""
-    if not isinstance(model, PreTrainedModel):
-        return False
-    try:
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return False
-    return head is not None and getattr(model, "base_model", model) is not model
+    return (isinstance(model, PreTrainedModel) and model.get_output_embeddings() is not None
+            and model.base_model is not model)
 
 
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

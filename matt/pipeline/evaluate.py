@@ -212,7 +212,7 @@ class EvalSuite:
                 if self.new_bytes is not None:
                     results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
             if cfg.compression:
-                results.update({k: float(v) for k, v in compression(tokenizer, self.texts).items()})
+                results.update(compression(tokenizer, self.texts))
             if cfg.unigram:
                 results["unigram_bpb"] = UnigramModel.fit(tokenizer, self.train_texts).bits_per_byte(self.texts).bpb
             if self.choice_items:
@@ -221,10 +221,9 @@ class EvalSuite:
                     device=device, progress=cfg.progress, pmi=cfg.choice.pmi)
                 for suffix in ("", "_pmi") if cfg.choice.pmi else ("",):
                     metric = f"choice_accuracy{suffix}"
-                    results[metric] = float(choice[f"accuracy{suffix}"])
-                    for bound in CI_SUFFIXES:
-                        results[f"{metric}{bound}"] = float(choice[f"accuracy{suffix}{bound}"])
-                    results[ITEM_KEYS[metric]] = [float(c) for c in choice[f"credits{suffix}"]]
+                    for bound in ("", *CI_SUFFIXES):
+                        results[f"{metric}{bound}"] = choice[f"accuracy{suffix}{bound}"]
+                    results[ITEM_KEYS[metric]] = choice[f"credits{suffix}"]
             if self.generation_items:
                 results["chrf"] = float(generation_chrf(
                     model, tokenizer, self.generation_items, max_new_tokens=cfg.generation.max_new_tokens,
@@ -268,10 +267,8 @@ def results_table(results: dict[str, dict[str, Any]], baseline: str = "original"
     documents with its 95 % bootstrap interval, marked `*` when the interval excludes 0
     (`matt.report.paired_difference`)."""
     models = list(results)
-    hidden = UNIT_KEYS
-    names: list[str] = []
-    for metrics in results.values():
-        names.extend(n for n in metrics if n not in names and n not in hidden and not n.endswith(CI_SUFFIXES))
+    names = [name for name in dict.fromkeys(name for metrics in results.values() for name in metrics)
+             if name not in UNIT_KEYS and not name.endswith(CI_SUFFIXES)]
     last = models[-1] if models else None
     show_percent = baseline in results and last is not None and last != baseline
     show_recovery = show_percent and reference in results and last != reference
