@@ -132,9 +132,7 @@ def nonempty_texts(texts: Iterable[str], what: str = "texts") -> list[str]:
     return kept
 
 
-def windows(
-    token_ids: list[int], prefix_id: int, max_length: int, overlap: int = 0
-) -> list[tuple[list[int], int]]:
+def windows(token_ids: list[int], prefix_id: int, max_length: int, overlap: int = 0) -> list[tuple[list[int], int]]:
     """Cut one document's tokens into model inputs `(ids, num_context)` that score each token once.
 
     The first window is `[prefix] + the first max_length - 1 tokens`; every later one is
@@ -155,18 +153,9 @@ def windows(
     return result
 
 
-def bits_per_byte(
-    model: torch.nn.Module,
-    tokenizer,
-    texts: Iterable[str],
-    *,
-    max_length: int = 1024,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    overlap: int = 0,
-    progress: bool = True,
-    new_bytes: NewByteMasks | None = None,
-) -> BPBResult:
+def bits_per_byte(model: torch.nn.Module, tokenizer, texts: Iterable[str], *, max_length: int = 1024,
+                  batch_size: int = 4, device: torch.device | str | None = None, overlap: int = 0,
+                  progress: bool = True, new_bytes: NewByteMasks | None = None) -> BPBResult:
     """Bits per UTF-8 byte of `texts` under `model` with `tokenizer` (see the module docstring).
 
     `device`: where inputs go; defaults to the model's device (the model is not moved).

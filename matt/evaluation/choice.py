@@ -46,16 +46,9 @@ def split_sentences(text: str) -> list[str]:
     return [sentence for sentence in sentences if sentence]
 
 
-def build_choice_items(
-    texts: Iterable[str],
-    *,
-    num_items: int,
-    num_choices: int = 4,
-    seed: int = 0,
-    context_sentences: int = 3,
-    min_sentence_chars: int = 20,
-    max_sentence_chars: int = 400,
-) -> list[ChoiceItem]:
+def build_choice_items(texts: Iterable[str], *, num_items: int, num_choices: int = 4, seed: int = 0,
+                       context_sentences: int = 3, min_sentence_chars: int = 20,
+                       max_sentence_chars: int = 400) -> list[ChoiceItem]:
     """Deterministic (given `seed`) next-sentence questions from held-out documents.
 
     Sentences shorter than `min_sentence_chars` (headings, list markers) or longer than
@@ -77,10 +70,8 @@ def build_choice_items(
     `num_items` questions are returned (with a warning) when the documents do not offer enough.
     """
     if num_items < 1 or num_choices < 2 or context_sentences < 1:
-        raise ValueError(
-            f"Need num_items >= 1, num_choices >= 2, context_sentences >= 1; got {num_items}, "
-            f"{num_choices}, {context_sentences}"
-        )
+        raise ValueError(f"Need num_items >= 1, num_choices >= 2, context_sentences >= 1; got {num_items}, "
+                         f"{num_choices}, {context_sentences}")
     # Per document: (position in the document's sentence list, sentence) of the kept sentences.
     documents: list[list[tuple[int, str]]] = []
     dropped = total = 0
@@ -177,19 +168,9 @@ def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[lis
     return ids, split_ids, whole[split_char:]
 
 
-def multiple_choice_accuracy(
-    model: torch.nn.Module,
-    tokenizer,
-    items: Sequence[ChoiceItem],
-    *,
-    delimiter: str = " ",
-    max_length: int = 1024,
-    batch_size: int = 16,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    pmi: bool = False,
-    confidence: float = 0.95,
-) -> dict:
+def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[ChoiceItem], *, delimiter: str = " ",
+                             max_length: int = 1024, batch_size: int = 16, device: torch.device | str | None = None,
+                             progress: bool = True, pmi: bool = False, confidence: float = 0.95) -> dict:
     """Share of items whose true choice has the highest log-likelihood per UTF-8 byte.
 
     With `pmi=True` also `accuracy_pmi` (and `ties_pmi`): the choice scored by

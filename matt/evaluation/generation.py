@@ -35,14 +35,8 @@ class GenerationItem:
     target: str
 
 
-def build_generation_items(
-    texts: Iterable[str],
-    *,
-    num_items: int,
-    prompt_chars: int = 400,
-    target_chars: int = 100,
-    seed: int = 0,
-) -> list[GenerationItem]:
+def build_generation_items(texts: Iterable[str], *, num_items: int, prompt_chars: int = 400, target_chars: int = 100,
+                           seed: int = 0) -> list[GenerationItem]:
     """At most one item per document, deterministic given `seed`.
 
     The cut is placed at a whitespace character, so the prompt ends at the end of a word (ending a
@@ -95,16 +89,9 @@ def _item_from_document(text: str, prompt_chars: int, target_chars: int, rng: ra
     return GenerationItem(prompt=prompt, target=text[cut:].lstrip()[:target_chars])
 
 
-def greedy_continuations(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> list[str]:
+def greedy_continuations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                         batch_size: int = 8, device: torch.device | str | None = None,
+                         progress: bool = True) -> list[str]:
     """Greedy continuations of `prompts`, as decoded text (stopping early at the tokenizer's EOS).
 
     Inputs are `[prefix token] + prompt tokens` (as in BPB), left-padded per batch. The decoding
@@ -155,16 +142,9 @@ def greedy_continuations(
     return outputs
 
 
-def generation_chrf(
-    model: torch.nn.Module,
-    tokenizer,
-    items: Sequence[GenerationItem],
-    max_new_tokens: int = 64,
-    *,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> dict[str, float]:
+def generation_chrf(model: torch.nn.Module, tokenizer, items: Sequence[GenerationItem], max_new_tokens: int = 64, *,
+                    batch_size: int = 8, device: torch.device | str | None = None,
+                    progress: bool = True) -> dict[str, float]:
     """Corpus-level chrF (sacrebleu defaults, 0–100) of greedy continuations against the targets.
 
     Each hypothesis is stripped of leading whitespace and cut to its target's length in characters.

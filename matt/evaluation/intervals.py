@@ -1,15 +1,9 @@
 """95 % confidence intervals for accuracies and for differences between models on the same items.
 
-- `wilson_interval`: the Wilson score interval of a binomial proportion (one model's accuracy over
-  n independent items). Unlike the normal approximation it stays inside [0, 1] and keeps its
-  coverage near 0 and 1 and for small n.
-- `ratio_bootstrap`: the same for a ratio of sums over units, e.g. bits per byte = Σ bits / Σ bytes
-  over documents, alone or as the difference of two models on the same documents.
-- `paired_bootstrap`: the difference of two models' mean scores over the *same* items, with a
-  percentile bootstrap interval that resamples items (each resample keeps the pairing). Because
-  both models answer the same questions, item difficulty cancels and the interval is much tighter
-  than two independent intervals; "significant" means this interval excludes 0. Comparing two
-  Wilson intervals for overlap is the conservative fallback when per-item scores are missing.
+The bootstraps resample items (or documents) and keep the pairing: both models answer the same
+questions, so item difficulty cancels and the interval is much tighter than two independent
+intervals; "significant" means it excludes 0. Comparing two Wilson intervals for overlap is the
+conservative fallback when per-item scores are missing.
 """
 
 from __future__ import annotations
@@ -32,7 +26,8 @@ def z_value(confidence: float) -> float:
 def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of `successes` out of `n` (successes may be fractional: split credit for ties).
 
-    centre = (p + z²/2n) / (1 + z²/n), half-width = z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n).
+    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage near 0 and 1 and
+    for small n. centre = (p + z²/2n) / (1 + z²/n), half-width = z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n).
     """
     if n < 1:
         raise ValueError(f"An interval needs n >= 1 items, got {n}")

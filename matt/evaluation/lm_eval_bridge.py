@@ -5,12 +5,10 @@ benchmarks are what papers report. lm-eval is an optional dependency (`eval` ext
 pulls in many packages and its tasks download data from the Hugging Face Hub, so this module
 imports it only when called.
 
-Paper tasks for Ukrainian (need Hub access; give them to `tasks`):
-- `belebele_ukr_Cyrl` — Belebele reading comprehension, 4-way multiple choice (acc, acc_norm).
-- `global_mmlu_full_uk` — Global-MMLU in Ukrainian (group of 57 subjects; also per-category
-  groups such as `global_mmlu_full_uk_stem`).
-Both are zero-shot by default; pass `num_fewshot` for the few-shot settings. Offline, tasks can be
-defined in local YAML files (with a local dataset) and found through `include_path`.
+Ukrainian paper tasks (need Hub access): `belebele_ukr_Cyrl` (Belebele, 4-way multiple choice) and
+`global_mmlu_full_uk` (Global-MMLU, a group of 57 subjects; also per category, e.g. `..._stem`);
+zero-shot unless `num_fewshot` is given. Offline, local task YAMLs (with a local dataset) are found
+through `include_path`.
 """
 
 from __future__ import annotations
@@ -27,18 +25,9 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'matt-tokenizer-transfer[eval]'"
 
 
-def run_lm_eval(
-    model: torch.nn.Module,
-    tokenizer,
-    tasks: list[str],
-    *,
-    include_path: str | None = None,
-    num_fewshot: int | None = None,
-    limit: int | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-    hflm_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, float]:
+def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: list[str], *, include_path: str | None = None,
+                num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 4,
+                device: str | None = None, hflm_kwargs: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Evaluate `model` with `tokenizer` on lm-eval `tasks`; returns `{"task/metric": value}`.
 
     The model is wrapped as it is (lm-eval's `HFLM` with a pre-loaded model), so an adapted model
@@ -75,14 +64,8 @@ def run_lm_eval(
     task_manager = TaskManager(include_path=include_path)
     was_training = model.training
     try:
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=task_manager,
-            log_samples=False,
-        )
+        output = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                         task_manager=task_manager, log_samples=False)
     finally:
         model.train(was_training)
     if output is None:  # non-zero rank of a distributed run: results live on rank 0

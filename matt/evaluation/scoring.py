@@ -35,19 +35,15 @@ def prefix_token_id(tokenizer) -> int:
         token_id = getattr(tokenizer, name, None)
         if token_id is not None:
             return int(token_id)
-    raise ValueError(
-        "The tokenizer has neither a BOS nor an EOS token, so the first token of a text cannot be "
-        "conditioned on anything; set tokenizer.bos_token (or eos_token) before evaluating."
-    )
+    raise ValueError("The tokenizer has neither a BOS nor an EOS token, so the first token of a text cannot be "
+                     "conditioned on anything; set tokenizer.bos_token (or eos_token) before evaluating.")
 
 
 def require_fast_tokenizer(tokenizer) -> None:
     """Offsets (character spans of tokens) need a Rust-backed tokenizer."""
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(
-            f"{type(tokenizer).__name__} is not a fast (Rust-backed) tokenizer; evaluation needs "
-            "character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
-        )
+        raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust-backed) tokenizer; evaluation needs "
+                        "character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True).")
 
 
 def model_device(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.device:
@@ -65,11 +61,9 @@ def check_ids_fit_model(model: torch.nn.Module, max_id: int) -> None:
     """Fail with a readable message instead of an index error deep inside the embedding layer."""
     vocab = model.get_input_embeddings().num_embeddings
     if max_id >= vocab:
-        raise ValueError(
-            f"The tokenizer produced token id {max_id}, but the model's embedding matrix has only "
-            f"{vocab} rows: the model and tokenizer do not belong together (resize the model's "
-            "embeddings or pass the matching tokenizer)."
-        )
+        raise ValueError(f"The tokenizer produced token id {max_id}, but the model's embedding matrix has only "
+                         f"{vocab} rows: the model and tokenizer do not belong together (resize the model's "
+                         "embeddings or pass the matching tokenizer).")
 
 
 def check_max_length(model: torch.nn.Module, max_length: int) -> None:
@@ -77,10 +71,8 @@ def check_max_length(model: torch.nn.Module, max_length: int) -> None:
     an index error in a position table, or silently degraded scores past a RoPE model's range)."""
     limit = getattr(text_config(model), "max_position_embeddings", None)
     if isinstance(limit, int) and max_length > limit:
-        raise ValueError(
-            f"max_length={max_length} is longer than the model's max_position_embeddings={limit}; "
-            "lower max_length."
-        )
+        raise ValueError(f"max_length={max_length} is longer than the model's max_position_embeddings={limit}; "
+                         "lower max_length.")
 
 
 @contextlib.contextmanager
@@ -178,16 +170,9 @@ def length_batches(sequences: Sequence[Sequence], batch_size: int) -> list[list[
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def token_nll(
-    model: torch.nn.Module,
-    sequences: Sequence[Sequence[int]],
-    num_context: Sequence[int],
-    *,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    desc: str = "scoring",
-) -> list[torch.Tensor]:
+def token_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]], num_context: Sequence[int], *,
+              batch_size: int = 4, device: torch.device | str | None = None, progress: bool = True,
+              desc: str = "scoring") -> list[torch.Tensor]:
     """Next-token NLL (nats, float32) of every token of `seq[num_context:]` given the tokens before it.
 
     `num_context[i] >= 1` leading tokens of sequence i are conditioning only; entry t of the result
@@ -236,33 +221,19 @@ def token_nll(
     return result
 
 
-def score_sequences(
-    model: torch.nn.Module,
-    sequences: Sequence[Sequence[int]],
-    num_context: Sequence[int],
-    *,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    desc: str = "scoring",
-) -> list[float]:
+def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], num_context: Sequence[int], *,
+                    batch_size: int = 4, device: torch.device | str | None = None, progress: bool = True,
+                    desc: str = "scoring") -> list[float]:
     """Summed next-token NLL (nats) of `seq[num_context:]` given everything before, per sequence
     (the sums of `token_nll`)."""
     return [float(part.double().sum()) for part in token_nll(
         model, sequences, num_context, batch_size=batch_size, device=device, progress=progress, desc=desc)]
 
 
-def score_continuations(
-    model: torch.nn.Module,
-    contexts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[Sequence[int]]],
-    *,
-    batch_size: int = 16,
-    rows_per_forward: int = 8,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    desc: str = "scoring",
-) -> list[list[torch.Tensor]]:
+def score_continuations(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[Sequence[int]]], *, batch_size: int = 16,
+                        rows_per_forward: int = 8, device: torch.device | str | None = None, progress: bool = True,
+                        desc: str = "scoring") -> list[list[torch.Tensor]]:
     """Per-token NLL of each continuation of each context: `result[i][j][t]` =
     -log p(continuations[i][j][t] | contexts[i] + continuations[i][j][:t]).
 
@@ -316,7 +287,7 @@ def score_continuations(
                 chunk_cache = copy.deepcopy(cache)
                 chunk_cache.batch_select_indices(owner)
                 positions = lengths[owner][:, None] + torch.arange(opt_ids.shape[1], device=device)[None, :]
-                hidden = model.base_model(input_ids=opt_ids, attention_mask=torch.cat([ctx_mask[owner], opt_mask], dim=1),
+                hidden = model.base_model(input_ids=opt_ids, attention_mask=torch.cat([ctx_mask[owner], opt_mask], 1),
                                           position_ids=positions, cache=chunk_cache, use_cache=True).last_hidden_state
                 # Row r predicts its token 0 from its context's last position, token t + 1 from option position t.
                 lengths_opt = opt_mask.sum(dim=1)

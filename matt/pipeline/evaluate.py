@@ -210,7 +210,8 @@ class EvalSuite:
                 bits_key, bytes_key = DOCUMENT_KEYS["bpb"]
                 results[bits_key], results[bytes_key] = list(bpb.document_bits), list(bpb.document_bytes)
                 if self.new_bytes is not None:
-                    results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared, new_byte_fraction=bpb.new_byte_fraction)
+                    results.update(bpb_new=bpb.bpb_new, bpb_shared=bpb.bpb_shared,
+                                   new_byte_fraction=bpb.new_byte_fraction)
             if cfg.compression:
                 results.update(compression(tokenizer, self.texts))
             if cfg.unigram:
