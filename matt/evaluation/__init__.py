@@ -10,7 +10,7 @@
 - `token_nll` / `score_continuations`: the scoring primitives (logits only at scored positions,
   one forward per shared context).
 - `build_generation_items` / `generation_chrf`: greedy continuation scored with chrF.
-- `run_lm_eval`: lm-evaluation-harness tasks (optional `eval` extra; imported on first use).
+- `run_lm_eval`: lm-evaluation-harness tasks (optional `eval` extra, imported when called).
 """
 
 from matt.evaluation.bpb import BPBResult, NewByteMasks, bits_per_byte
@@ -18,6 +18,7 @@ from matt.evaluation.choice import ChoiceItem, build_choice_items, chance_accura
 from matt.evaluation.compression import compression
 from matt.evaluation.generation import GenerationItem, build_generation_items, generation_chrf, greedy_continuations
 from matt.evaluation.intervals import paired_bootstrap, wilson_interval
+from matt.evaluation.lm_eval_bridge import run_lm_eval
 from matt.evaluation.scoring import score_continuations, score_sequences, token_nll
 from matt.evaluation.unigram import UnigramModel
 
@@ -42,12 +43,3 @@ __all__ = [
     "token_nll",
     "wilson_interval",
 ]
-
-
-def __getattr__(name: str):
-    # lm-eval is optional and heavy: import the bridge only when it is asked for.
-    if name == "run_lm_eval":
-        from matt.evaluation.lm_eval_bridge import run_lm_eval
-
-        return run_lm_eval
-    raise AttributeError(f"module 'matt.evaluation' has no attribute {name!r}")

@@ -212,12 +212,11 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[
         alone.append([])
         for choice in item.choices:
             ids, n_ctx, scored = continuation_tokens(tokenizer, item.context, delimiter + choice)
-            context_ids, scored_ids = ids[:n_ctx], ids[n_ctx:]
+            scored_ids = ids[n_ctx:]
             room = max_length - 1 - len(scored_ids)
             if room < 0:
                 raise ValueError(f"A choice has {len(scored_ids)} tokens, more than max_length={max_length} allows")
-            context_ids = context_ids[len(context_ids) - room :] if room < len(context_ids) else context_ids
-            key = (prefix_id, *context_ids)
+            key = (prefix_id, *ids[max(0, n_ctx - room) : n_ctx])
             if key not in groups:
                 groups[key] = len(contexts)
                 contexts.append(list(key))

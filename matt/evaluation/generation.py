@@ -70,11 +70,8 @@ def build_generation_items(texts: Iterable[str], *, num_items: int, prompt_chars
 
 
 def _item_from_document(text: str, prompt_chars: int, target_chars: int, rng: random.Random) -> GenerationItem | None:
-    cuts = [
-        cut
-        for cut in range(prompt_chars, len(text))
-        if text[cut].isspace() and not text[cut - 1].isspace() and len(text[cut:].lstrip()) >= target_chars
-    ]
+    cuts = [cut for cut in range(prompt_chars, len(text))
+            if text[cut].isspace() and not text[cut - 1].isspace() and len(text[cut:].lstrip()) >= target_chars]
     if not cuts:
         return None
     cut = rng.choice(cuts)
