@@ -145,10 +145,8 @@ def rows_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     """-log p(target) for each row of final hidden states `hidden` (N, H); logits in chunks."""
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = max(1, LOGIT_ELEMENTS_PER_CHUNK // vocab)
-    parts = [F.cross_entropy(head_logits(model, hidden[start:start + rows]), targets[start:start + rows],
-                             reduction="none")
-             for start in range(0, hidden.shape[0], rows)]
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([F.cross_entropy(head_logits(model, hidden[start:start + rows]), targets[start:start + rows],
+                                      reduction="none") for start in range(0, hidden.shape[0], rows)])
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], device: torch.device, pad_id: int = 0,

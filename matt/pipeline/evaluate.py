@@ -22,9 +22,7 @@ tokenizers. Metrics (names without the model prefix):
 
 Besides these numbers a model's results hold per-unit lists (`matt.report.UNIT_KEYS`: the
 multiple-choice credit of every item, the bits and bytes of every evaluated document), which go to
-`results.json` but not to MLflow metrics; the printed table uses them for paired comparisons
-between models (`matt.report.paired_difference`: all models answer the same items and read the
-same documents, so a difference is called significant only when its paired 95 % interval excludes 0).
+`results.json` but not to MLflow metrics; `results_table` uses them for paired comparisons.
 
 A model's results can be cached on disk (`<paths.cache_dir>/eval/`) under a key of the model's
 identity and the suite; sweeps then evaluate the original model and a shared initialisation once.
