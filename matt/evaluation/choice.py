@@ -173,26 +173,22 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[
                              progress: bool = True, pmi: bool = False, confidence: float = 0.95) -> dict:
     """Share of items whose true choice has the highest log-likelihood per UTF-8 byte.
 
-    With `pmi=True` also `accuracy_pmi` (and `ties_pmi`): the choice scored by
-    log p(choice | context) − log p(choice | no context), i.e. by how much the context raises its
-    likelihood. Per-byte scores still favour choices that are likely anyway (short, formulaic
-    sentences), so a model that ignores the context can land away from chance; under PMI such a
-    model scores exactly chance, which makes it the sharper test of "does the model still use what
-    it reads" (lm-eval's `acc_mutual_info`). It costs one more, short, pass over the choices.
+    Each choice is scored as `delimiter + choice` after `[prefix token] + context` (the delimiter
+    belongs to the continuation, so the choices share the context tokens and one forward pass of
+    them, `score_continuations`, unless a token straddles the boundary); contexts longer than
+    `max_length` allows are cut from the left.
 
-    Each choice is scored as `delimiter + choice` after the context (the delimiter belongs to the
-    continuation, so the context tokens are identical for all choices). Inputs are
-    `[prefix token] + context + continuation`; contexts longer than `max_length` allows are cut
-    from the left. Choices whose context tokens are identical (all of them, unless a token
-    straddles the context/choice boundary) share one forward pass of the context
-    (`score_continuations`).
+    With `pmi=True` also `accuracy_pmi` (and `ties_pmi`): choices ranked by
+    log p(choice | context) − log p(choice | no context) (lm-eval's `acc_mutual_info`). Per-byte
+    scores still favour choices that are likely anyway (short, formulaic sentences), so a model that
+    ignores the context can land away from chance; under PMI it scores exactly chance. It costs one
+    more, short, pass over the choices.
 
-    Ties are split: an item whose true choice shares the best score with k - 1 other choices
-    counts 1/k (the expected accuracy of breaking the tie at random), so a tie never favours (nor
-    penalises) the label, and a model that cannot tell the choices apart scores exactly chance.
-    Returns `accuracy`, `accuracy_ci_low` / `accuracy_ci_high` (Wilson interval at `confidence`),
-    `n` (items), `ties` (items with a tied best score), `chance` and `credits` (the per-item credit
-    list, for paired comparisons between models on the same items); with PMI the same with `_pmi`.
+    Ties are split: a true choice sharing the best score with k - 1 others counts 1/k (the expected
+    accuracy of a random tie-break), so a model that cannot tell the choices apart scores exactly
+    chance. Returns `accuracy`, `accuracy_ci_low` / `accuracy_ci_high` (Wilson interval at
+    `confidence`), `n` (items), `ties` (items with a tied best score), `chance` and `credits` (per
+    item, for paired comparisons on the same items); with PMI the same with `_pmi`.
     """
     require_fast_tokenizer(tokenizer)
     if not items:
