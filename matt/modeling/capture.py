@@ -190,10 +190,6 @@ def aim_attention_forward(
     return attn_output, probs
 
 
-def register_aim_attention() -> None:
-    """Make `matt_aim` a valid `attn_implementation` (idempotent)."""
-    AttentionInterface.register(AIM_ATTENTION, aim_attention_forward)
-    AttentionMaskInterface.register(AIM_ATTENTION, sdpa_mask)
-
-
-register_aim_attention()
+# make `matt_aim` a valid `attn_implementation`
+AttentionInterface.register(AIM_ATTENTION, aim_attention_forward)
+AttentionMaskInterface.register(AIM_ATTENTION, sdpa_mask)
