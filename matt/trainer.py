@@ -47,12 +47,10 @@ hides the rows' scale from the AIM loss, so a divergence would otherwise finish 
 def next_token_loss(student, hidden_states: torch.Tensor, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over real (non-pad) target positions, from the LM head's input
-    `hidden_states`: the student's head computes it in chunks (`PreTrainedModelForAIM.lm_head_loss`),
-    never holding (tokens × vocabulary) logits, and only its trainable rows get gradients. Padding
-    positions never reach the head. With `max_tokens`, at most that many of the real positions,
-    drawn uniformly without replacement (torch's global generator), are scored: an unbiased
-    estimate of the same mean whose cost in the head - one product with every vocabulary row per
-    scored token - no longer grows with the batch."""
+    `hidden_states`, computed in chunks by `student.lm_head_loss`. With `max_tokens`, at most that
+    many of the real positions, drawn uniformly without replacement (torch's global generator), are
+    scored: an unbiased estimate of the same mean whose cost in the head (one product with every
+    vocabulary row per scored token) no longer grows with the batch."""
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
     keep = attention_mask[:, 1:].reshape(-1).nonzero().squeeze(1)
