@@ -91,24 +91,18 @@ class _EpochBatches:
         self.dataset, self.config, self.collate_fn, self.accelerator = dataset, config, collate_fn, accelerator
         self.epoch, self.batch_in_epoch = epoch, skip
 
-    def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
-        data = self.dataset.shuffle(seed=self.config.seed + self.epoch) if self.config.shuffle else self.dataset
-        loader = DataLoader(data, batch_size=self.config.batch_size, collate_fn=self.collate_fn,
-                            num_workers=self.config.num_workers, drop_last=False)
-        loader = self.accelerator.prepare_data_loader(loader)
-        if self.batch_in_epoch:
-            loader = self.accelerator.skip_first_batches(loader, self.batch_in_epoch)
-        return iter(loader)
-
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            resumed_at_end = self.batch_in_epoch > 0  # a checkpoint taken after an epoch's last batch
-            produced = False
-            for batch in self._loader():
-                produced = True
+            data = self.dataset.shuffle(seed=self.config.seed + self.epoch) if self.config.shuffle else self.dataset
+            loader = DataLoader(data, batch_size=self.config.batch_size, collate_fn=self.collate_fn,
+                                num_workers=self.config.num_workers, drop_last=False)
+            loader = self.accelerator.prepare_data_loader(loader)
+            if self.batch_in_epoch:
+                loader = self.accelerator.skip_first_batches(loader, self.batch_in_epoch)
+            for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch
-            if not produced and not resumed_at_end:
+            if self.batch_in_epoch == 0:  # (> 0 without a batch here: resumed after the epoch's last batch)
                 raise ValueError("The prepared dataset yields no batches (is it empty?)")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
