@@ -175,7 +175,7 @@ def _save_checkpoint(directory: Path, position: tuple[int, int, int], params, op
     last good checkpoint stays in place. `totals` holds the run's cumulative cost and last metrics,
     carried across resumes."""
     problem = _non_finite_state(params, optimizer)
-    if problem is None and not row_norm_ratio <= ROW_NORM_LIMIT:  # `not <=`: a norm that overflowed too
+    if problem is None and not row_norm_ratio <= ROW_NORM_LIMIT:  # `not <=`: a NaN ratio counts as diverged
         problem = f"the embedding rows diverged ({row_norm_ratio:.4g}x the teacher's largest row norm)"
     if problem is not None:
         raise FloatingPointError(f"Not saving a checkpoint at step {position[0]}: {problem}; "
