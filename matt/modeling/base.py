@@ -335,7 +335,7 @@ class PreTrainedModelForAIM(nn.Module):
             return None
         head = self.causal_lm.get_output_embeddings()
         if isinstance(head, EmbeddingLMHead):
-            return head.full_weight()
+            return head.table.full_weight()
         return head.weight.detach()
 
     def set_output_mode(self, mode: OutputMode) -> None:
