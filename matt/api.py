@@ -100,7 +100,5 @@ class MATT:
 
 def pad_id(tokenizer) -> int:
     """Pad id for batching; padded positions are masked, so any valid id works as a fallback."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+    return next((token_id for token_id in candidates if token_id is not None), 0)

@@ -60,14 +60,11 @@ class TransferResult:
         with torch.no_grad():
             in_emb.weight.copy_(self.input_embeddings.to(in_emb.weight))
         config = getattr(model.config, "get_text_config", lambda: model.config)()
+        config.tie_word_embeddings = model.config.tie_word_embeddings = self.tie_word_embeddings
         out_emb = model.get_output_embeddings()
         if self.tie_word_embeddings:
-            config.tie_word_embeddings = True
-            model.config.tie_word_embeddings = True
             out_emb.weight = in_emb.weight
         else:
-            config.tie_word_embeddings = False
-            model.config.tie_word_embeddings = False
             weight = self.output_embeddings.to(dtype=in_emb.weight.dtype, device=in_emb.weight.device).clone()
             out_emb.weight = nn.Parameter(weight, requires_grad=in_emb.weight.requires_grad)
             if getattr(out_emb, "bias", None) is not None and out_emb.bias.shape[0] != self.vocab_size:

@@ -12,6 +12,8 @@ def wsd_factor(step: int, max_steps: int, num_warmup_steps: int, num_decay_steps
     Warm-up ramps linearly to 1 over the first `num_warmup_steps` updates (the first update already
     moves: factor 1/W), the stable phase holds 1, and decay falls linearly over the last
     `num_decay_steps` updates to 1/D at the final one. A phase of length 0 is disabled.
+    transformers' `get_wsd_schedule` (linear) agrees except that its warm-up starts at 0: the first
+    update would not move (tests/test_config_schedule.py compares the two).
     """
     if num_warmup_steps > 0 and step < num_warmup_steps:
         return (step + 1) / num_warmup_steps
@@ -21,5 +23,6 @@ def wsd_factor(step: int, max_steps: int, num_warmup_steps: int, num_decay_steps
     return 1.0
 
 
-def wsd_scheduler(optimizer: Optimizer, max_steps: int, num_warmup_steps: int = 0, num_decay_steps: int = 0) -> LambdaLR:
+def wsd_scheduler(optimizer: Optimizer, max_steps: int, num_warmup_steps: int = 0,
+                  num_decay_steps: int = 0) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: wsd_factor(step, max_steps, num_warmup_steps, num_decay_steps))

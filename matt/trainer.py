@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import resource
@@ -47,12 +46,10 @@ hides the rows' scale from the AIM loss, so a divergence would otherwise finish 
 def next_token_loss(student, hidden_states: torch.Tensor, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over real (non-pad) target positions, from the LM head's input
-    `hidden_states`: the student's head computes it in chunks (`PreTrainedModelForAIM.lm_head_loss`),
-    never holding (tokens × vocabulary) logits, and only its trainable rows get gradients. Padding
-    positions never reach the head. With `max_tokens`, at most that many of the real positions,
-    drawn uniformly without replacement (torch's global generator), are scored: an unbiased
-    estimate of the same mean whose cost in the head - one product with every vocabulary row per
-    scored token - no longer grows with the batch."""
+    `hidden_states`, computed in chunks by `student.lm_head_loss`. With `max_tokens`, at most that
+    many of the real positions, drawn uniformly without replacement (torch's global generator), are
+    scored: an unbiased estimate of the same mean whose cost in the head (one product with every
+    vocabulary row per scored token) no longer grows with the batch."""
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
     keep = attention_mask[:, 1:].reshape(-1).nonzero().squeeze(1)
@@ -69,15 +66,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss_kb / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def estimate_step_flops(teacher: torch.nn.Module, student: torch.nn.Module, teacher_tokens: int, student_tokens: int) -> float:
-    """Rough FLOPs of one micro-batch: 2·P·T for the teacher forward, 4·P·T for the student
-    forward + activation backward (frozen weights get no weight-gradient GEMMs). P counts the
-    non-embedding parameters that run; attention's L² terms are ignored (documented estimate)."""
-
-    def active_params(adapter) -> int:
-        return sum(p.numel() for n, p in adapter.named_parameters() if "embed" not in n and "lm_head" not in n)
-
-    return 2.0 * active_params(teacher) * teacher_tokens + 4.0 * active_params(student) * student_tokens
+def active_params(adapter: torch.nn.Module) -> int:
+    """The non-embedding parameters that run (P of the FLOPs estimate)."""
+    return sum(p.numel() for n, p in adapter.named_parameters() if "embed" not in n and "lm_head" not in n)
 
 
 def _budget_spent(budget_s: float | None, t0: float, accelerator) -> bool:
@@ -99,24 +90,18 @@ class _EpochBatches:
         self.dataset, self.config, self.collate_fn, self.accelerator = dataset, config, collate_fn, accelerator
         self.epoch, self.batch_in_epoch = epoch, skip
 
-    def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
-        data = self.dataset.shuffle(seed=self.config.seed + self.epoch) if self.config.shuffle else self.dataset
-        loader = DataLoader(data, batch_size=self.config.batch_size, collate_fn=self.collate_fn,
-                            num_workers=self.config.num_workers, drop_last=False)
-        loader = self.accelerator.prepare_data_loader(loader)
-        if self.batch_in_epoch:
-            loader = self.accelerator.skip_first_batches(loader, self.batch_in_epoch)
-        return iter(loader)
-
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            resumed_at_end = self.batch_in_epoch > 0  # a checkpoint taken after an epoch's last batch
-            produced = False
-            for batch in self._loader():
-                produced = True
+            data = self.dataset.shuffle(seed=self.config.seed + self.epoch) if self.config.shuffle else self.dataset
+            loader = DataLoader(data, batch_size=self.config.batch_size, collate_fn=self.collate_fn,
+                                num_workers=self.config.num_workers, drop_last=False)
+            loader = self.accelerator.prepare_data_loader(loader)
+            if self.batch_in_epoch:
+                loader = self.accelerator.skip_first_batches(loader, self.batch_in_epoch)
+            for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch
-            if not produced and not resumed_at_end:
+            if self.batch_in_epoch == 0:  # (> 0 without a batch here: resumed after the epoch's last batch)
                 raise ValueError("The prepared dataset yields no batches (is it empty?)")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
@@ -125,11 +110,11 @@ def _non_finite_state(params, optimizer) -> str | None:
     """What in the trainable parameters or the optimizer state is NaN/inf (None when all finite)."""
     for i, p in enumerate(params):
         if not torch.isfinite(p.detach()).all():
-            return f"trainable parameter {i} {tuple(p.shape)}"
+            return f"trainable parameter {i} {tuple(p.shape)} is non-finite"
     for i, state in enumerate(optimizer.state.values()):
         for name, value in state.items():
             if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-                return f"optimizer state {name!r} of parameter {i}"
+                return f"optimizer state {name!r} of parameter {i} is non-finite"
     return None
 
 
@@ -169,7 +154,7 @@ def embedding_row_norms(student_module, teacher_max_norm: float) -> dict[str, fl
 def check_row_norms(norms: dict[str, float], step: int, warned: list[bool]) -> None:
     """Stop a diverged run (rows far outside the teacher's scale); warn once when they drift."""
     ratio = norms.get("embed_row_norm_ratio", 0.0)
-    if not math.isfinite(ratio) or ratio > ROW_NORM_LIMIT:
+    if not ratio <= ROW_NORM_LIMIT:  # NaN / inf too
         raise FloatingPointError(
             f"Diverged at step {step}: the largest student embedding row norm is {norms['embed_row_norm_max']:.4g}, "
             f"{ratio:.4g}x the teacher's largest (limit {ROW_NORM_LIMIT:g}x); lower lr")
@@ -181,23 +166,24 @@ def check_row_norms(norms: dict[str, float], step: int, warned: list[bool]) -> N
 
 
 def _save_checkpoint(directory: Path, position: tuple[int, int, int], params, optimizer, scheduler,
-                     config: MATTConfig, totals: dict[str, Any] | None = None) -> Path:
+                     config: MATTConfig, totals: dict[str, Any], row_norm_ratio: float) -> Path:
     """Trainable tensors + optimizer + scheduler + RNG + data position, written atomically.
 
-    The checkpoint it replaces is kept as `trainer_state.prev.pt`. A non-finite state is never
-    written (`FloatingPointError`): the last good checkpoint stays in place. `totals` holds the
-    run's cumulative cost and last metrics, carried across resumes."""
+    The checkpoint it replaces is kept as `trainer_state.prev.pt`. A non-finite state, or rows that
+    diverged (`row_norm_ratio` above ROW_NORM_LIMIT), is never written (`FloatingPointError`): the
+    last good checkpoint stays in place. `totals` holds the run's cumulative cost and last metrics,
+    carried across resumes."""
     problem = _non_finite_state(params, optimizer)
+    if problem is None and not row_norm_ratio <= ROW_NORM_LIMIT:  # `not <=`: a NaN ratio counts as diverged
+        problem = f"the embedding rows diverged ({row_norm_ratio:.4g}x the teacher's largest row norm)"
     if problem is not None:
-        raise FloatingPointError(f"Not saving a checkpoint at step {position[0]}: {problem} is non-finite; "
+        raise FloatingPointError(f"Not saving a checkpoint at step {position[0]}: {problem}; "
                                  f"the previous checkpoint in {directory} is kept")
     directory.mkdir(parents=True, exist_ok=True)
-    step, epoch, batch_in_epoch = position
+    where = dict(zip(("step", "epoch", "batch_in_epoch"), position))
     state = {
-        "step": step,
-        "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
-        "totals": dict(totals or {}),
+        **where,
+        "totals": totals,
         "trainable": [p.detach().cpu().clone() for p in params],
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -215,35 +201,29 @@ def _save_checkpoint(directory: Path, position: tuple[int, int, int], params, op
     if path.exists():
         os.replace(path, directory / PREVIOUS_CHECKPOINT_FILE)
     os.replace(tmp, path)
-    (directory / "trainer_state.json").write_text(json.dumps({k: state[k] for k in ("step", "epoch", "batch_in_epoch")}))
+    (directory / "trainer_state.json").write_text(json.dumps(where))
     return path
 
 
-def _read_checkpoint(directory: Path) -> tuple[dict[str, Any], Path] | None:
-    """The latest readable checkpoint: `trainer_state.pt`, else (unreadable or missing, e.g. a disk
-    failure) the previous one, with an error naming the file that could not be read."""
-    path, previous = directory / CHECKPOINT_FILE, directory / PREVIOUS_CHECKPOINT_FILE
+def _load_checkpoint(directory: Path, params, optimizer, scheduler) -> dict[str, Any] | None:
+    """Restore the latest readable checkpoint: `trainer_state.pt`, else (unreadable or missing, e.g.
+    a disk failure) the previous one, with an error naming the file that could not be read."""
     errors = []
-    for candidate in (path, previous):
-        if not candidate.exists():
+    for path in (directory / CHECKPOINT_FILE, directory / PREVIOUS_CHECKPOINT_FILE):
+        if not path.exists():
             continue
         try:
-            return torch.load(candidate, map_location="cpu", weights_only=False), candidate
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            break
         except Exception as exc:  # truncated / corrupt file: torch's zip or unpickling errors
-            logger.error("Checkpoint %s is unreadable (%s: %s)%s", candidate, type(exc).__name__, exc,
-                         "; falling back to the previous checkpoint" if candidate == path else "")
-            errors.append(f"{candidate}: {type(exc).__name__}: {exc}")
-    if errors:
-        raise ValueError(f"No readable checkpoint in {directory}: {'; '.join(errors)}. Delete the directory's "
-                         "trainer_state*.pt to start over")
-    return None
-
-
-def _load_checkpoint(directory: Path, params, optimizer, scheduler) -> dict[str, Any] | None:
-    found = _read_checkpoint(directory)
-    if found is None:
+            logger.error("Checkpoint %s is unreadable (%s: %s)%s", path, type(exc).__name__, exc,
+                         "; falling back to the previous checkpoint" if path.name == CHECKPOINT_FILE else "")
+            errors.append(f"{path}: {type(exc).__name__}: {exc}")
+    else:
+        if errors:
+            raise ValueError(f"No readable checkpoint in {directory}: {'; '.join(errors)}. Delete the "
+                             "directory's trainer_state*.pt to start over")
         return None
-    state, path = found
     if len(state["trainable"]) != len(params) or any(
         saved.shape != p.shape for saved, p in zip(state["trainable"], params)
     ):
@@ -336,6 +316,9 @@ def train(
     # counts neither in the wall clock nor against `max_wall_clock_s`
     paused_s = 0.0
     total_flops = completed_flops = float(prior.get("flops", 0.0))
+    # FLOPs of a micro-batch: 2·P·T for the teacher forward, 4·P·T for the student forward + activation
+    # backward (frozen weights get no weight-gradient GEMMs); attention's L² terms are ignored (an estimate)
+    teacher_params, student_params = active_params(teacher), active_params(student_module)
     teacher_table = teacher.input_embeddings  # its rows live in `frozen`, or `trainable` when no mask was given
     teacher_max_norm = float(torch.cat([row_norms(teacher_table.frozen), row_norms(teacher_table.trainable)]).max())
     norm_warned = [False]
@@ -345,14 +328,9 @@ def train(
                 "metrics": last}
 
     def save_checkpoint() -> Path:
-        """Checkpoint `completed`, unless its rows diverged (finite but far outside the teacher's scale)."""
         ratio = embedding_row_norms(student_module, teacher_max_norm).get("embed_row_norm_ratio", 0.0)
-        # `not ratio <= limit` also catches finite rows whose norm overflows; NaN/inf rows: `_save_checkpoint` names them
-        if not ratio <= ROW_NORM_LIMIT and _non_finite_state(params, optimizer) is None:
-            raise FloatingPointError(f"Not saving a checkpoint at step {completed[0]}: the embedding rows diverged "
-                                     f"({ratio:.4g}x the teacher's largest row norm); the previous checkpoint in "
-                                     f"{ckpt_dir} is kept")
-        return _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config, totals())
+        return _save_checkpoint(ckpt_dir, completed, params, optimizer, scheduler, config, totals(), ratio)
+
     progress = tqdm(total=config.max_steps, initial=start_step, desc="MATT", dynamic_ncols=True,
                     disable=not (config.progress_bar and accelerator.is_main_process))
 
@@ -364,8 +342,9 @@ def train(
             sums = {"loss": 0.0, "aim_loss": 0.0, "ntp_loss": 0.0, "ntp_scale": 0.0}
             for micro in range(accum):
                 batch = next(stream)
-                t_ids, t_mask, t_seg = batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_segment_ids"]
-                s_ids, s_mask, s_seg = batch["student_input_ids"], batch["student_attention_mask"], batch["student_segment_ids"]
+                t_ids, t_mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+                s_ids, s_mask = batch["student_input_ids"], batch["student_attention_mask"]
+                t_seg, s_seg = batch["teacher_segment_ids"], batch["student_segment_ids"]
 
                 # 1. teacher: no graph at all; clone so the loss may save these tensors for backward
                 with torch.inference_mode(), accelerator.autocast():
@@ -403,13 +382,11 @@ def train(
                     # 4. backward
                     accelerator.backward(loss / accum)
 
-                sums["loss"] += loss.item() / accum
-                sums["aim_loss"] += aim.item() / accum
-                sums["ntp_loss"] += ntp.item() / accum
-                sums["ntp_scale"] += scale.item() / accum
+                for key, value in (("loss", loss), ("aim_loss", aim), ("ntp_loss", ntp), ("ntp_scale", scale)):
+                    sums[key] += value.item() / accum
                 n_t, n_s = int(t_mask.sum()), int(s_mask.sum())
                 window_tokens += n_s
-                total_flops += estimate_step_flops(teacher, student_module, n_t, n_s)
+                total_flops += 2.0 * teacher_params * n_t + 4.0 * student_params * n_s
 
             # 5. clip, step, schedule
             if config.gradient_clip_val:
@@ -475,8 +452,6 @@ def train(
         raise
 
     progress.close()
-    if not math.isfinite(last.get("loss", 0.0)):
-        raise FloatingPointError("Training ended with a non-finite loss")
     return transfer_result(student_module, {**last, "steps": completed[0], "wall_clock_s": totals()["wall_clock_s"]})
 
 

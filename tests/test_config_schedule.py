@@ -105,6 +105,22 @@ def test_wsd_matches_definition_and_drives_optimizer(warmup, decay):
         assert seen[0] == pytest.approx(2.0 / warmup) and max(seen) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("warmup, decay", [(0, 4), (3, 0), (3, 4), (9, 0)])
+def test_wsd_differs_from_transformers_only_by_the_first_warmup_update(warmup, decay):
+    """transformers' `get_wsd_schedule` (linear phases) has the same stable and decay factors, but its
+    warm-up starts at factor 0 (the first update does not move): ours is its warm-up one step ahead."""
+    from transformers import get_wsd_schedule
+
+    total = 10
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_wsd_schedule(opt, warmup, decay, num_training_steps=total, decay_type="linear").lr_lambdas[0]
+    for step in range(total):
+        expected = theirs(step + 1) if step < warmup else theirs(step)
+        assert wsd_factor(step, total, warmup, decay) == pytest.approx(expected)
+    if warmup:
+        assert theirs(0) == 0.0 < wsd_factor(0, total, warmup, decay)
+
+
 def test_native_bf16_detection(monkeypatch):
 
 

@@ -11,8 +11,9 @@ The wrapper does four things to the model it is given:
    freezes every other parameter;
 4. gives the LM head the role the run asks for (`set_output_mode`).
 
-A family adapter only says where things live: four hooks (`get_base_model`, `get_layers`,
-`set_layers`, `create_partly_frozen_embeddings`). Everything else is here.
+A family adapter only says where things live: four hooks (`get_base_model`,
+`create_partly_frozen_embeddings`, and `get_layers` / `set_layers`, which default to
+`model.layers` of the decoder stack). Everything else is here.
 
 Wrapping modifies the model object in place (layers, config, attention implementation,
 embedding and head modules, `requires_grad`); pass `copy=True` to wrap a deep copy instead.
@@ -80,19 +81,17 @@ class PreTrainedModelForAIM(nn.Module):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     """`config.model_type` values this adapter handles (used by `adapter_for`)."""
-    per_layer_config_keys: ClassVar[tuple[str, ...]] = ("layer_types",)
-    """Config lists with one entry per layer, truncated together with the layers."""
 
-    # ---- the four family hooks -----------------------------------------------------------
+    # ---- the family hooks -----------------------------------------------------------------
     def get_base_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack inside the causal LM (holds the layers and the input embeddings)."""
         raise NotImplementedError
 
     def get_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.model.layers
 
     def set_layers(self, layers: list[nn.Module]) -> None:
-        raise NotImplementedError
+        self.model.layers = nn.ModuleList(layers)
 
     def create_partly_frozen_embeddings(self, frozen_mask: torch.Tensor | None) -> PartlyFrozenEmbedding:
         """A `PartlyFrozenEmbedding` built from the family's input embedding module."""
@@ -109,7 +108,14 @@ class PreTrainedModelForAIM(nn.Module):
         copy: bool = False,
     ) -> None:
         super().__init__()
-        self._check_family(model)
+        config = getattr(model, "config", None)
+        if config is None:
+            raise TypeError(f"{type(self).__name__} wraps a transformers PreTrainedModel, got {type(model).__name__}")
+        if self.model_types and config.model_type not in self.model_types:
+            raise ValueError(
+                f"{type(self).__name__} handles model_type {list(self.model_types)}, but this model is "
+                f"{config.model_type!r}; use matt.modeling.adapter_for(model) to pick the adapter"
+            )
         if getattr(model, _WRAPPED_MARKER, None) is not None:
             raise ValueError(
                 f"This {type(model).__name__} object is already wrapped by {getattr(model, _WRAPPED_MARKER)} "
@@ -121,8 +127,7 @@ class PreTrainedModelForAIM(nn.Module):
         self.causal_lm = model
         self.with_ntp = bool(with_ntp)
 
-        config = self.text_config
-        depth = config.num_hidden_layers
+        depth = self.text_config.num_hidden_layers
         if n_layers is None:
             n_layers = default_n_layers(depth)
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= depth:
@@ -132,8 +137,16 @@ class PreTrainedModelForAIM(nn.Module):
             )
         self.n_layers = n_layers
         self.original_num_layers = depth
-        self._is_tied = self._heads_share_weight()
-        frozen_mask = self._validated_mask(frozen_embeddings_mask)  # before anything is modified
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        self.is_tied = head is not None and head.weight is embeddings.weight  # as loaded
+        self.output_mode: str | None = None  # tied / keep_init / ntp for tied models, None for untied ones
+        frozen_mask = None if frozen_embeddings_mask is None else torch.as_tensor(frozen_embeddings_mask)
+        rows = embeddings.weight.shape[0]
+        if frozen_mask is not None and (frozen_mask.dtype != torch.bool or frozen_mask.shape != (rows,)):
+            raise ValueError(
+                f"frozen_embeddings_mask must be a bool tensor with one entry per embedding row ({rows},), "
+                f"got dtype {frozen_mask.dtype} and shape {tuple(frozen_mask.shape)}"
+            )
 
         model.requires_grad_(False)
         if not self.with_ntp:
@@ -148,10 +161,11 @@ class PreTrainedModelForAIM(nn.Module):
             raise TypeError(f"{type(self).__name__}.create_partly_frozen_embeddings must return a "
                             f"PartlyFrozenEmbedding, got {type(embeddings).__name__}")
         model.set_input_embeddings(embeddings)
-        if self._is_tied:
+        if self.is_tied:
             self._set_tied_head()
-        elif self.with_ntp:
-            self._make_untied_head_trainable()
+        elif self.with_ntp:  # an untied head trains (except its frozen-mask rows)
+            table = PartlyFrozenEmbedding(head.weight, embeddings.frozen_mask)
+            self._install_head(EmbeddingLMHead(table, getattr(head, "bias", None)), tied=False)
         setattr(model, _WRAPPED_MARKER, type(self).__name__)
         self.eval()  # AIM compares deterministic attention: no dropout unless asked for
 
@@ -180,41 +194,19 @@ class PreTrainedModelForAIM(nn.Module):
         return cls(model, n_layers=n_layers, frozen_embeddings_mask=frozen_embeddings_mask,
                    with_ntp=with_ntp, copy=copy)
 
-    def _check_family(self, model: nn.Module) -> None:
-        config = getattr(model, "config", None)
-        if config is None:
-            raise TypeError(f"{type(self).__name__} wraps a transformers PreTrainedModel, got {type(model).__name__}")
-        if self.model_types and config.model_type not in self.model_types:
-            raise ValueError(
-                f"{type(self).__name__} handles model_type {list(self.model_types)}, but this model is "
-                f"{config.model_type!r}; use matt.modeling.adapter_for(model) to pick the adapter"
-            )
-
-    def _validated_mask(self, frozen_embeddings_mask) -> torch.Tensor | None:
-        if frozen_embeddings_mask is None:
-            return None
-        mask = torch.as_tensor(frozen_embeddings_mask)
-        rows = self.causal_lm.get_input_embeddings().weight.shape[0]
-        if mask.dtype != torch.bool or mask.shape != (rows,):
-            raise ValueError(
-                f"frozen_embeddings_mask must be a bool tensor with one entry per embedding row ({rows},), "
-                f"got dtype {mask.dtype} and shape {tuple(mask.shape)}"
-            )
-        return mask
-
     def _model_name(self) -> str:
         config = self.causal_lm.config
         return getattr(config, "_name_or_path", "") or type(self.causal_lm).__name__
 
     def _truncate(self, n_layers: int) -> None:
-        """Drop layers >= n_layers and shorten the config so HF's layer loops still line up."""
+        """Drop layers >= n_layers and shorten the config (and its per-layer `layer_types`) so HF's
+        layer loops still line up."""
         self.set_layers(list(self.get_layers())[:n_layers])
         configs = {id(c): c for c in (self.text_config, self.causal_lm.config.get_text_config())}
         for config in configs.values():
-            for key in self.per_layer_config_keys:
-                value = getattr(config, key, None)
-                if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers:
-                    setattr(config, key, type(value)(value[:n_layers]))
+            layer_types = getattr(config, "layer_types", None)
+            if isinstance(layer_types, (list, tuple)) and len(layer_types) == config.num_hidden_layers:
+                config.layer_types = type(layer_types)(layer_types[:n_layers])
             config.num_hidden_layers = n_layers
 
     # ---- views ---------------------------------------------------------------------------
@@ -252,16 +244,6 @@ class PreTrainedModelForAIM(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.causal_lm.get_output_embeddings()
 
-    @property
-    def is_tied(self) -> bool:
-        """Whether the wrapped model tied its LM head to its input embeddings."""
-        return self._is_tied
-
-    @property
-    def output_mode(self) -> str | None:
-        """`tied` / `keep_init` / `ntp` for tied models, None for untied ones."""
-        return getattr(self, "_output_mode", None)
-
     # ---- forward -------------------------------------------------------------------------
     def forward(
         self,
@@ -276,8 +258,8 @@ class PreTrainedModelForAIM(nn.Module):
         LM head's input if `return_hidden_states`, + the AIM layer's output if `return_aim_hidden`).
 
         Without either the forward stops right after the AIM layer's attention (after the whole AIM
-        layer with `return_aim_hidden`). With `return_hidden_states` the model runs up to its LM head and stops there (no logits are
-        computed; `lm_head_loss` turns the hidden states into the next-token loss in chunks).
+        layer with `return_aim_hidden`). With `return_hidden_states` the model runs up to its LM head
+        and stops there (no logits are computed; `lm_head_loss` turns them into the loss in chunks).
         With `detach_head_input` nothing computed after the AIM layer is differentiable w.r.t. the
         inputs: the layers above the AIM layer run on a detached copy of its output (so they record
         no autograd graph), and a loss on the logits trains the LM head only.
@@ -303,10 +285,14 @@ class PreTrainedModelForAIM(nn.Module):
             target = layers[above] if above < len(layers) else head
             hooks.append(target.register_forward_pre_hook(_detach_hidden_states, with_kwargs=True))
         if return_hidden_states:
-            hooks.append(head.register_forward_pre_hook(_stop_at_head(head_input)))
+            def stop_at_head(module: nn.Module, args: tuple):
+                head_input.append(args[0])
+                raise StopForward  # the logits are not needed
+
+            hooks.append(head.register_forward_pre_hook(stop_at_head))
         try:
             logits = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        except (StopForward, _HeadReached):
+        except StopForward:
             pass  # what was asked for is recorded; nothing after it was needed
         except BaseException:
             self._capture.reset(stop_after_capture=True)  # drop half-recorded tensors
@@ -324,7 +310,8 @@ class PreTrainedModelForAIM(nn.Module):
         return AIMOutput(attn_probs=attn_probs, values=values, logits=logits, hidden_states=hidden_states,
                          aim_hidden=aim_hidden)
 
-    def lm_head_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    def lm_head_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """Mean cross-entropy of the LM head's logits on `hidden_states` (B, L, D) against `labels`
         (B, L; `ignore_index` = skip), equal to `F.cross_entropy` on this model's logits (with its
         final soft-capping) but computed in chunks: no (tokens × vocabulary) tensor, no gradient for
@@ -348,7 +335,7 @@ class PreTrainedModelForAIM(nn.Module):
             return None
         head = self.causal_lm.get_output_embeddings()
         if isinstance(head, EmbeddingLMHead):
-            return head.full_weight()
+            return head.table.full_weight()
         return head.weight.detach()
 
     def set_output_mode(self, mode: OutputMode) -> None:
@@ -369,7 +356,8 @@ class PreTrainedModelForAIM(nn.Module):
             self._set_tied_head()
             return
         if mode == "ntp" and not self.with_ntp:
-            raise ValueError("output mode 'ntp' trains the LM head with the NTP loss: wrap the student with with_ntp=True")
+            raise ValueError("output mode 'ntp' trains the LM head with the NTP loss: "
+                             "wrap the student with with_ntp=True")
         dtype = self.input_embeddings.frozen.dtype
         weight = self.input_embedding_weight().to(dtype)
         if mode == "keep_init":
@@ -378,41 +366,20 @@ class PreTrainedModelForAIM(nn.Module):
         else:
             head = EmbeddingLMHead(PartlyFrozenEmbedding(weight, self.input_embeddings.frozen_mask))
         self._install_head(head, tied=False)
-        self._output_mode = mode
+        self.output_mode = mode
 
     def _set_tied_head(self) -> None:
         self._install_head(EmbeddingLMHead(self.input_embeddings), tied=True)
-        self._output_mode = "tied"
-
-    def _make_untied_head_trainable(self) -> None:
-        head = self.causal_lm.get_output_embeddings()
-        table = PartlyFrozenEmbedding(head.weight, self.input_embeddings.frozen_mask)
-        self._install_head(EmbeddingLMHead(table, getattr(head, "bias", None)), tied=False)
+        self.output_mode = "tied"
 
     def _install_head(self, head: nn.Module, *, tied: bool) -> None:
         self.causal_lm.set_output_embeddings(head)
         for config in {id(c): c for c in (self.causal_lm.config, self.text_config)}.values():
             config.tie_word_embeddings = tied
 
-    def _heads_share_weight(self) -> bool:
-        head = self.causal_lm.get_output_embeddings()
-        embeddings = self.causal_lm.get_input_embeddings()
-        return head is not None and head.weight is embeddings.weight
-
     def extra_repr(self) -> str:
         return (f"n_layers={self.n_layers}/{self.original_num_layers}, aim_layer={self.aim_layer}, "
                 f"with_ntp={self.with_ntp}, tied={self.is_tied}, output_mode={self.output_mode}")
-
-
-class _HeadReached(Exception):
-    """Raised by the LM head's pre-hook once its input is recorded (the logits are not needed)."""
-
-
-def _stop_at_head(store: list):
-    def hook(module: nn.Module, args: tuple):
-        store.append(args[0])
-        raise _HeadReached
-    return hook
 
 
 def _detach_hidden_states(module: nn.Module, args: tuple, kwargs: dict):

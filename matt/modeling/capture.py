@@ -167,9 +167,7 @@ def aim_attention_forward(
     capture: AIMCapture | None = getattr(module, CAPTURE_ATTRIBUTE, None)
     if capture is None:
         if attention_mask is not None and attention_mask.dtype == torch.bool:
-            # Additive form, in the dtype attention really runs in (autocast included): rows with
-            # every key masked (padding) then get eager's uniform weights instead of whatever the
-            # SDPA kernel does with them, so all hidden states match HF eager.
+            # additive, in the dtype attention really runs in (autocast included): see the module docstring
             masked = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
             attention_mask = torch.where(attention_mask, torch.zeros_like(masked), masked)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -190,10 +188,6 @@ def aim_attention_forward(
     return attn_output, probs
 
 
-def register_aim_attention() -> None:
-    """Make `matt_aim` a valid `attn_implementation` (idempotent)."""
-    AttentionInterface.register(AIM_ATTENTION, aim_attention_forward)
-    AttentionMaskInterface.register(AIM_ATTENTION, sdpa_mask)
-
-
-register_aim_attention()
+# make `matt_aim` a valid `attn_implementation`
+AttentionInterface.register(AIM_ATTENTION, aim_attention_forward)
+AttentionMaskInterface.register(AIM_ATTENTION, sdpa_mask)

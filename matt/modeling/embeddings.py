@@ -155,8 +155,5 @@ class EmbeddingLMHead(nn.Module):
         bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
         return F.linear(hidden_states, weight, bias)
 
-    def full_weight(self) -> torch.Tensor:
-        return self.table.full_weight()
-
     def extra_repr(self) -> str:
         return f"bias={self.bias is not None}"

@@ -23,12 +23,6 @@ class Gemma3ForAIM(PreTrainedModelForAIM):
             return model.model.language_model
         return model.model
 
-    def get_layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def set_layers(self, layers: list[nn.Module]) -> None:
-        self.model.layers = nn.ModuleList(layers)
-
     def create_partly_frozen_embeddings(self, frozen_mask: torch.Tensor | None) -> PartlyFrozenEmbedding:
         embed_tokens = self.model.embed_tokens
         return PartlyFrozenEmbedding.from_embedding(embed_tokens, frozen_mask, scale=embed_tokens.embed_scale)

@@ -23,7 +23,6 @@ and must run on CPU too.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from matt.modeling.embeddings import EmbeddingLMHead
@@ -89,8 +88,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_trainable = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         valid = targets >= 0
         # d loss / d logit[n, v] = coef[n] · (softmax[n, v] - [v == target[n]])
-        coef = torch.where(valid, grad_loss.to(lse.dtype) / valid.sum(), torch.zeros((), dtype=lse.dtype, device=lse.device))
         acc_dtype = lse.dtype
+        coef = torch.where(valid, grad_loss.to(acc_dtype) / valid.sum(), lse.new_zeros(()))
         grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device) if need_hidden else None
         grad_trainable = (torch.zeros(trainable.shape, dtype=acc_dtype, device=trainable.device)
                           if need_trainable else None)
@@ -122,8 +121,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_trainable:
                 n_frozen = frozen.shape[0]
                 in_trainable = valid & (target_rows >= n_frozen)
+                h_target = hidden[in_trainable].to(compute_dtype).to(acc_dtype)
                 grad_trainable.index_add_(0, target_rows[in_trainable] - n_frozen,
-                                          grad_target[in_trainable, None] * hidden[in_trainable].to(compute_dtype).to(acc_dtype))
+                                          grad_target[in_trainable, None] * h_target)
                 if zero_grad_row is not None:
                     grad_trainable[zero_grad_row] = 0
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype), None,
@@ -185,7 +185,8 @@ def linear_cross_entropy(
         zero_grad_row: a row of `trainable` whose gradient is forced to zero (a padding row).
     """
     if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be (N, D) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+        raise ValueError(f"hidden must be (N, D) and targets (N,), got {tuple(hidden.shape)} "
+                         f"and {tuple(targets.shape)}")
     if frozen.shape[1:] != hidden.shape[1:] or trainable.shape[1:] != hidden.shape[1:]:
         raise ValueError(f"weight rows must have the hidden size {hidden.shape[1]}, got frozen "
                          f"{tuple(frozen.shape)} and trainable {tuple(trainable.shape)}")
@@ -197,13 +198,6 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(
         hidden, frozen.detach(), trainable, None if bias is None else bias.detach(), targets,
         compute_dtype or hidden.dtype, softcap, token_chunk, vocab_chunk, zero_grad_row)
-
-
-def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype `F.linear` would run in here: autocast's where it is on, else the input's."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
 
 
 def lm_head_cross_entropy(
@@ -226,15 +220,21 @@ def lm_head_cross_entropy(
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden states' leading shape "
                          f"{tuple(hidden.shape[:-1])}")
+    is_table = isinstance(head, EmbeddingLMHead)
+    if not is_table and not (isinstance(head, nn.Linear) and head.bias is None):
+        raise TypeError(f"lm_head_cross_entropy supports EmbeddingLMHead and bias-free nn.Linear heads, "
+                        f"got {type(head).__name__}")
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     ignored = labels == ignore_index
-    compute_dtype = _autocast_dtype(hidden.device, hidden.dtype)
-    if isinstance(head, EmbeddingLMHead):
+    vocab = head.table.num_embeddings if is_table else head.out_features
+    if bool(((labels < 0) | (labels >= vocab))[~ignored].any()):
+        raise IndexError(f"labels must be in [0, {vocab}) (the LM head's rows) or {ignore_index}")
+    ids = labels.masked_fill(ignored, 0)
+    compute_dtype = hidden.dtype  # the dtype `F.linear` would run in here: autocast's where it is on
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    if is_table:
         table = head.table
-        vocab = table.num_embeddings
-        if bool(((labels < 0) | (labels >= vocab))[~ignored].any()):
-            raise IndexError(f"labels must be in [0, {vocab}) (the LM head's rows) or {ignore_index}")
-        ids = labels.masked_fill(ignored, 0)
         n_frozen = table.frozen.shape[0]
         rows = torch.where(table.is_trainable[ids], n_frozen + table.trainable_row[ids], table.frozen_row[ids])
         frozen = table.frozen
@@ -246,17 +246,11 @@ def lm_head_cross_entropy(
             bias = head.bias[order]
         # materialize() zeroes the padding row's gradient only when it goes through the lookup
         zero_row = table._trainable_padding_row if n_frozen and table.num_trainable else None
-    elif isinstance(head, nn.Linear) and head.bias is None:
-        vocab = head.out_features
-        if bool(((labels < 0) | (labels >= vocab))[~ignored].any()):
-            raise IndexError(f"labels must be in [0, {vocab}) (the LM head's rows) or {ignore_index}")
-        rows = labels.masked_fill(ignored, 0)
+    else:
+        rows = ids
         empty = head.weight.new_zeros((0, head.weight.shape[1]))
         frozen, trainable = (empty, head.weight) if head.weight.requires_grad else (head.weight, empty)
         bias, zero_row = None, None
-    else:
-        raise TypeError(f"lm_head_cross_entropy supports EmbeddingLMHead and bias-free nn.Linear heads, "
-                        f"got {type(head).__name__}")
     targets = rows.masked_fill(ignored, -1)
     return linear_cross_entropy(hidden, frozen, trainable, targets, bias=bias, compute_dtype=compute_dtype,
                                 softcap=softcap, zero_grad_row=zero_row, token_chunk=token_chunk,
