@@ -70,13 +70,8 @@ def run_mandoc(mandoc: Path, source: str, *, page: str, cwd: Path) -> tuple[str,
 
 def clean_mandoc_output(output: str, *, drop_sections: Collection[str] = ()) -> str:
     """Plain text of one page from `mandoc -T utf8 -O width=1000` output (see the module doc)."""
-    lines = [_OVERSTRIKE.sub("", line).replace("\u00a0", " ").rstrip()
-             for line in output.split("\n")]
-    while lines and not lines[0]:
-        lines.pop(0)
-    while lines and not lines[-1]:
-        lines.pop()
-    body = lines[1:-1]  # without the header and footer lines
+    output = _OVERSTRIKE.sub("", output).replace("\u00a0", " ").strip()
+    body = [line.rstrip() for line in output.split("\n")][1:-1]  # without the header and footer lines
 
     kept: list[str] = []  # still indented: a wrapped line is recognised by its columns
     dropping = False
