@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from matt.assets.html_text import html_to_text
 from matt.assets.man_text import MANDOC_ARGS, clean_mandoc_output, fetch_mandoc, run_mandoc
-from matt.assets.sources import AssetError, apt_download, deb_extract, deb_version
+from matt.assets.sources import AssetError, apt_download, deb_extract
 from matt.digests import text_digest
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,11 @@ def write_corpus(documents: Iterable[tuple[str, str]], out_dir: Path) -> dict:
 def _unpack(package: str, folder: str, downloads: Path, work: Path) -> tuple[Path, dict]:
     """`folder` of the Debian `package` unpacked under `work`, and the package facts."""
     deb = apt_download(package, downloads)
-    root = deb_extract(deb, work / "deb") / folder
+    unpacked, version = deb_extract(deb, work / "deb")
+    root = unpacked / folder
     if not root.is_dir():
         raise AssetError(f"{deb.name} has no {folder}/ folder")
-    return root, {"package": package, "version": deb_version(deb), "deb": deb.name,
+    return root, {"package": package, "version": version, "deb": deb.name,
                   "source": f"Debian apt (`apt-get download {package}`)"}
 
 

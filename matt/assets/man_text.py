@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
 
-from matt.assets.sources import AssetError, apt_download, deb_extract, deb_version
+from matt.assets.sources import AssetError, apt_download, deb_extract
 
 __all__ = ["MANDOC_ARGS", "WIDTH", "clean_mandoc_output", "fetch_mandoc", "run_mandoc"]
 
@@ -42,10 +42,11 @@ def fetch_mandoc(downloads: Path, work: Path) -> tuple[Path, str]:
     """The `mandoc` executable unpacked from Debian's package (fetched into `downloads`), and the
     package version."""
     deb = apt_download("mandoc", downloads)
-    binary = deb_extract(deb, work / "mandoc") / "usr" / "bin" / "mandoc"
+    unpacked, version = deb_extract(deb, work / "mandoc")
+    binary = unpacked / "usr" / "bin" / "mandoc"
     if not binary.is_file():
         raise AssetError(f"{deb.name} has no usr/bin/mandoc")
-    return binary, deb_version(deb)
+    return binary, version
 
 
 def run_mandoc(mandoc: Path, source: str, *, page: str, cwd: Path) -> tuple[str, Counter]:

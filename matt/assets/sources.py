@@ -17,8 +17,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AssetError", "AssetSourceError", "apt_download", "deb_extract", "deb_version",
-           "pip_download", "unzip_member"]
+__all__ = ["AssetError", "AssetSourceError", "apt_download", "deb_extract", "pip_download", "unzip_member"]
 
 
 class AssetError(RuntimeError):
@@ -99,18 +98,9 @@ def apt_download(package: str, dest: Path) -> Path:
                      source="apt", what=f"the Debian package {package}", cwd=dest)
 
 
-def deb_version(deb: Path) -> str:
-    """Version of a `.deb` (from its control file, via dpkg-deb; falls back to the file name)."""
-    if shutil.which("dpkg-deb"):
-        result = _run(["dpkg-deb", "--field", str(deb), "Version"])
-        if result.returncode == 0 and result.stdout.strip():
-            return result.stdout.strip()
-    parts = deb.stem.split("_")
-    return parts[1] if len(parts) > 1 else "unknown"
-
-
-def deb_extract(deb: Path, dest: Path) -> Path:
-    """Unpack a `.deb`'s files into `dest` with `dpkg -x` (nothing is installed)."""
+def deb_extract(deb: Path, dest: Path) -> tuple[Path, str]:
+    """Unpack a `.deb`'s files into `dest` with `dpkg -x` (nothing is installed); returns `dest` and
+    the package version (from its control file, with the `dpkg-deb` that comes with `dpkg`)."""
     if shutil.which("dpkg") is None:
         raise AssetError(f"`dpkg` is needed to unpack {deb.name} (`dpkg -x`), and it is missing")
     dest.mkdir(parents=True, exist_ok=True)
@@ -118,6 +108,6 @@ def deb_extract(deb: Path, dest: Path) -> Path:
     if result.returncode != 0:
         raise AssetError(f"`dpkg -x {deb.name}` failed (exit {result.returncode}):\n"
                          f"{_tail(result.stderr)}")
-    return dest
+    return dest, _run(["dpkg-deb", "--field", str(deb), "Version"]).stdout.strip()
 
 
