@@ -50,7 +50,7 @@ class _Extractor(HTMLParser):
             if tag == "br" and not self.skip_depth:
                 self._break()
             elif tag == "img" and not self.skip_depth and attr.get("alt"):
-                self.current.append(attr["alt"] or "")
+                self.current.append(attr["alt"])
             return
         self.stack.append((tag, skipping, is_main))
         if skipping:
