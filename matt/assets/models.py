@@ -178,11 +178,8 @@ def _fix_tokenizer(tokenizer, spec: GGUFModel) -> list[str]:
 
 
 def _encode_all(tokenizer, texts) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    out = []
-    for text in texts:
-        enc = tokenizer(text, return_offsets_mapping=True)
-        out.append((list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]))
-    return out
+    encodings = [tokenizer(text, return_offsets_mapping=True) for text in texts]
+    return [(list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]) for enc in encodings]
 
 
 def convert_gguf(spec: GGUFModel, gguf_path: Path, out_dir: Path) -> dict:
