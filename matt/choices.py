@@ -20,9 +20,6 @@ class Choice(str, Enum):
     def __str__(self) -> str:
         return self.value
 
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
     @classmethod
     def _missing_(cls, value: Any):
         return cls.__members__.get(str(value))  # a name or alias (`Precision("bf16")`), or 32 from a CLI

@@ -5,8 +5,7 @@ schema) of the Hydra group of the same name: `TrainSettings` = `train`, `Objecti
 `objective`, `DataSettings` < `data` (see `matt.pipeline.config`). `MATTConfig` inherits all three, so
 the Python API takes flat keywords (`MATTConfig(lr=1e-3, loss="cosine")`) while every field still
 belongs to one group, and a validation error names the Hydra key (`train.lr=-1 is invalid: ...`).
-`matt.pipeline.config.matt_config` builds it from a composed config group by group, no field copied
-by hand. No Hydra dependency here.
+No Hydra dependency here.
 
 No `from __future__ import annotations`: OmegaConf reads these annotations at runtime.
 """

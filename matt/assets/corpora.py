@@ -14,19 +14,18 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from matt.assets.html_text import html_to_text
 from matt.assets.man_text import MANDOC_ARGS, clean_mandoc_output, fetch_mandoc, run_mandoc
-from matt.assets.sources import AssetError, apt_download, deb_extract, deb_version
+from matt.assets.sources import AssetError, apt_download, deb_extract
 from matt.digests import text_digest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CORPORA", "SPLITS", "Corpus", "assign_splits", "write_corpus"]
+__all__ = ["SPLITS", "assign_splits", "prepare_manpages_uk", "prepare_python_doc_en", "write_corpus"]
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT_FRACTIONS = {"test": 0.05, "validation": 0.05}
@@ -34,9 +33,7 @@ SPLIT_RULE = ("documents in sha256(id) order; each goes to test, else validation
               "fits that split's budget of 5% of all characters, else to train")
 
 
-
-
-def assign_splits(sizes: dict[str, int], held_out: dict[str, float] | None = None) -> dict[str, str]:
+def assign_splits(sizes: dict[str, int]) -> dict[str, str]:
     """Split of each document id, given its size in characters.
 
     Whole documents only (no page is shared between splits). Documents are visited in the
@@ -45,14 +42,13 @@ def assign_splits(sizes: dict[str, int], held_out: dict[str, float] | None = Non
     `hash % 100`: a manual has a few huge pages (bash) among many small ones, and a pure
     per-document draw left the Ukrainian test split with two pages and 800 characters.
     """
-    held_out = HELD_OUT_FRACTIONS if held_out is None else held_out
     total = sum(sizes.values())
-    budget = {split: fraction * total for split, fraction in held_out.items()}
-    used = {split: 0 for split in held_out}
+    budget = {split: fraction * total for split, fraction in HELD_OUT_FRACTIONS.items()}
+    used = {split: 0 for split in HELD_OUT_FRACTIONS}
     result = {}
     for doc_id in sorted(sizes, key=text_digest):
         n = sizes[doc_id]
-        result[doc_id] = next((s for s in held_out if used[s] + n <= budget[s]), "train")
+        result[doc_id] = next((s for s in HELD_OUT_FRACTIONS if used[s] + n <= budget[s]), "train")
         if result[doc_id] != "train":
             used[result[doc_id]] += n
     return result
@@ -79,6 +75,17 @@ def write_corpus(documents: Iterable[tuple[str, str]], out_dir: Path) -> dict:
                         "bytes": sum(len(docs[d].encode("utf-8")) for d in ids)}
     stats["total"] = {k: sum(stats[s][k] for s in SPLITS) for k in ("documents", "characters", "bytes")}
     return stats
+
+
+def _unpack(package: str, folder: str, downloads: Path, work: Path) -> tuple[Path, dict]:
+    """`folder` of the Debian `package` unpacked under `work`, and the package facts."""
+    deb = apt_download(package, downloads)
+    unpacked, version = deb_extract(deb, work / "deb")
+    root = unpacked / folder
+    if not root.is_dir():
+        raise AssetError(f"{deb.name} has no {folder}/ folder")
+    return root, {"package": package, "version": version, "deb": deb.name,
+                  "source": f"Debian apt (`apt-get download {package}`)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,11 +128,7 @@ def _man_documents(man_root: Path, mandoc: Path, *, min_chars: int, drop_section
 
 
 def prepare_manpages_uk(out_dir: Path, downloads: Path, work: Path, *, min_chars: int = 200) -> dict:
-    deb = apt_download("manpages-uk", downloads)
-    root = deb_extract(deb, work / "deb")
-    man_root = root / "usr" / "share" / "man" / "uk"
-    if not man_root.is_dir():
-        raise AssetError(f"{deb.name} has no usr/share/man/uk/ folder")
+    man_root, source = _unpack("manpages-uk", "usr/share/man/uk", downloads, work)
     mandoc, mandoc_version = fetch_mandoc(downloads, work)
     counts: Counter = Counter()
     messages: Counter = Counter()
@@ -133,9 +136,7 @@ def prepare_manpages_uk(out_dir: Path, downloads: Path, work: Path, *, min_chars
     stats = write_corpus(_man_documents(man_root, mandoc, min_chars=min_chars,
                                         drop_sections=("ПЕРЕКЛАД",), counts=counts,
                                         messages=messages), out_dir)
-    return {"source": {"package": "manpages-uk", "version": deb_version(deb), "deb": deb.name,
-                       "source": "Debian apt (`apt-get download manpages-uk`)"},
-            "stats": stats, "dropped": dict(sorted(counts.items())),
+    return {"source": source, "stats": stats, "dropped": dict(sorted(counts.items())),
             "converter": {"name": f"mandoc {' '.join(MANDOC_ARGS)} (Debian mandoc "
                                   f"{mandoc_version}) + matt.assets.man_text clean-up",
                           "mandoc_messages": dict(sorted(messages.items()))},
@@ -169,39 +170,11 @@ def _html_documents(html_root: Path, *, min_chars: int, counts: Counter) -> Iter
 
 
 def prepare_python_doc_en(out_dir: Path, downloads: Path, work: Path, *, min_chars: int = 200) -> dict:
-    deb = apt_download("python3.11-doc", downloads)
-    root = deb_extract(deb, work / "deb")
-    html_root = root / "usr" / "share" / "doc" / "python3.11" / "html"
-    if not html_root.is_dir():
-        raise AssetError(f"{deb.name} has no usr/share/doc/python3.11/html/ folder")
+    html_root, source = _unpack("python3.11-doc", "usr/share/doc/python3.11/html", downloads, work)
     counts: Counter = Counter()
     stats = write_corpus(_html_documents(html_root, min_chars=min_chars, counts=counts), out_dir)
-    return {"source": {"package": "python3.11-doc", "version": deb_version(deb), "deb": deb.name,
-                       "source": "Debian apt (`apt-get download python3.11-doc`)"},
-            "stats": stats, "dropped": dict(sorted(counts.items())),
+    return {"source": source, "stats": stats, "dropped": dict(sorted(counts.items())),
             "converter": {"name": "matt.assets.html_text (stdlib html.parser)"},
             "min_chars": min_chars, "excluded_pages": _PYDOC_EXCLUDE.pattern,
             "split": SPLIT_RULE}
-
-
-@dataclass(frozen=True)
-class Corpus:
-    name: str
-    description: str
-    packages: tuple[str, ...]  # the Debian packages it is made from (text, then tools)
-    build: object  # (out_dir, downloads, work) -> facts
-
-
-CORPORA: dict[str, Corpus] = {
-    "manpages_uk": Corpus(
-        "manpages_uk",
-        "Ukrainian manual pages (Debian manpages-uk), formatted by mandoc into plain text, one "
-        "document per page, translation-credit sections removed",
-        ("manpages-uk", "mandoc"), prepare_manpages_uk),
-    "python_doc_en": Corpus(
-        "python_doc_en",
-        "English Python 3.11 documentation (Debian python3.11-doc HTML), one document per page, "
-        "index pages excluded",
-        ("python3.11-doc",), prepare_python_doc_en),
-}
 

@@ -34,46 +34,39 @@ class _Extractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.stack: list[tuple[str, bool, bool]] = []  # (tag, skipping, is_main)
         self.skip_depth = 0
-        self.main_depth = 0
-        self.saw_main = False
         self.pre_depth = 0
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # where text goes now: the page body, or the main part once open
+        self.main_lines: list[str] | None = None  # the first `role="main"` element's lines
         self.current: list[str] = []
-        self.main_lines: list[str] | None = None
         self.cell_index = 0
-        self._outer = self.lines
 
     # structure ------------------------------------------------------------------------------
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attr = dict(attrs)
         classes = set((attr.get("class") or "").split())
         skipping = tag in _SKIP or bool(classes & _SKIP_CLASSES) or attr.get("role") == "navigation"
-        is_main = attr.get("role") == "main" and not self.saw_main
+        is_main = attr.get("role") == "main" and self.main_lines is None
         if tag in _VOID:
             if tag == "br" and not self.skip_depth:
                 self._break()
             elif tag == "img" and not self.skip_depth and attr.get("alt"):
-                self.current.append(attr["alt"] or "")
+                self.current.append(attr["alt"])
             return
         self.stack.append((tag, skipping, is_main))
         if skipping:
             self.skip_depth += 1
         if is_main:
-            self.saw_main = True
-            self.main_depth += 1
             self._break()
-            self.main_lines = []
-            self.lines, self._outer = self.main_lines, self.lines
+            self.lines = self.main_lines = []
         if self.skip_depth:
             return
-        if tag == "pre":
-            self._paragraph()
-            self.pre_depth += 1
-        elif tag in _PARAGRAPH:
+        if tag in _PARAGRAPH:
             self._paragraph()
         elif tag in _BLOCK:
             self._break()
-        if tag == "tr":
+        if tag == "pre":
+            self.pre_depth += 1
+        elif tag == "tr":
             self.cell_index = 0
         elif tag in ("td", "th"):
             if self.cell_index:
@@ -97,8 +90,7 @@ class _Extractor(HTMLParser):
                 if open_tag == "pre":
                     self._break()  # flush while still inside <pre>: its layout is kept
                     self.pre_depth -= 1
-                    self._paragraph()
-                elif open_tag in _PARAGRAPH:
+                if open_tag in _PARAGRAPH:
                     self._paragraph()
                 elif open_tag in _BLOCK:
                     self._break()
@@ -106,8 +98,7 @@ class _Extractor(HTMLParser):
                 self.skip_depth -= 1
             if is_main:
                 self._break()
-                self.main_depth -= 1
-                self.lines = self._outer
+                self.lines = []  # what follows the main part is not kept
 
     def handle_data(self, data: str) -> None:
         if self.skip_depth:
@@ -121,8 +112,7 @@ class _Extractor(HTMLParser):
         text = "".join(self.current)
         self.current = []
         if self.pre_depth:
-            for line in text.split("\n"):
-                self.lines.append(line.rstrip())
+            self.lines.extend(line.rstrip() for line in text.split("\n"))
             return
         line = "\t".join(re.sub(r" +", " ", cell).strip() for cell in text.split("\t")).rstrip("\t")
         if line.strip():
@@ -140,8 +130,7 @@ class _Extractor(HTMLParser):
 
     def text(self) -> str:
         self._break()
-        lines = self.main_lines if self.saw_main and self.main_lines is not None else self.lines
-        out = "\n".join(lines)
+        out = "\n".join(self.lines if self.main_lines is None else self.main_lines)
         out = re.sub(r"\n{3,}", "\n\n", out).strip("\n")
         return unicodedata.normalize("NFC", out.replace("\u00a0", " "))
 

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
 
-from matt.assets.sources import AssetError, apt_download, deb_extract, deb_version
+from matt.assets.sources import AssetError, apt_download, deb_extract
 
 __all__ = ["MANDOC_ARGS", "WIDTH", "clean_mandoc_output", "fetch_mandoc", "run_mandoc"]
 
@@ -42,10 +42,11 @@ def fetch_mandoc(downloads: Path, work: Path) -> tuple[Path, str]:
     """The `mandoc` executable unpacked from Debian's package (fetched into `downloads`), and the
     package version."""
     deb = apt_download("mandoc", downloads)
-    binary = deb_extract(deb, work / "mandoc") / "usr" / "bin" / "mandoc"
+    unpacked, version = deb_extract(deb, work / "mandoc")
+    binary = unpacked / "usr" / "bin" / "mandoc"
     if not binary.is_file():
         raise AssetError(f"{deb.name} has no usr/bin/mandoc")
-    return binary, deb_version(deb)
+    return binary, version
 
 
 def run_mandoc(mandoc: Path, source: str, *, page: str, cwd: Path) -> tuple[str, Counter]:
@@ -70,13 +71,8 @@ def run_mandoc(mandoc: Path, source: str, *, page: str, cwd: Path) -> tuple[str,
 
 def clean_mandoc_output(output: str, *, drop_sections: Collection[str] = ()) -> str:
     """Plain text of one page from `mandoc -T utf8 -O width=1000` output (see the module doc)."""
-    lines = [_OVERSTRIKE.sub("", line).replace("\u00a0", " ").rstrip()
-             for line in output.split("\n")]
-    while lines and not lines[0]:
-        lines.pop(0)
-    while lines and not lines[-1]:
-        lines.pop()
-    body = lines[1:-1]  # without the header and footer lines
+    output = _OVERSTRIKE.sub("", output).replace("\u00a0", " ").strip()
+    body = [line.rstrip() for line in output.split("\n")][1:-1]  # without the header and footer lines
 
     kept: list[str] = []  # still indented: a wrapped line is recognised by its columns
     dropping = False

