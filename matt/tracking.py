@@ -228,16 +228,9 @@ class Tracker:
 class MLflowTracker(Tracker):
     """One MLflow run, created (or reopened with `run_id`) on construction."""
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment_name: str,
-        *,
-        run_name: str | None = None,
-        tags: Mapping[str, Any] | None = None,
-        run_id: str | None = None,
-        artifact_location: str | None = None,
-    ) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str, *, run_name: str | None = None,
+                 tags: Mapping[str, Any] | None = None, run_id: str | None = None,
+                 artifact_location: str | None = None) -> None:
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -295,9 +288,8 @@ class MLflowTracker(Tracker):
                 logger.info("Resumed run: params %s differ from the first attempt; keeping the first values", changed)
                 self.set_tags({"matt.resume_changed_params": ",".join(changed)[:5000]})
             values = {k: v for k, v in values.items() if k not in existing}
-        items = [Param(k, v) for k, v in values.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        # MlflowClient.log_batch splits what it is given into requests within MLflow's batch limits
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in values.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -315,8 +307,7 @@ class MLflowTracker(Tracker):
             if self.resumed and (step or 0) in self._steps_logged_before(metric_name(name)):
                 continue  # re-run after a crash: the first attempt's point stands (no duplicate)
             items.append(Metric(metric_name(name), value, now, step or 0))
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+        self.client.log_batch(self.run_id, metrics=items)
 
     def _steps_logged_before(self, name: str) -> set[int]:
         """Steps of metric `name` already in a resumed run (read once per metric)."""
@@ -327,9 +318,7 @@ class MLflowTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)[:5000]) for k, v in tags.items()]
-        if items:
-            self.client.log_batch(self.run_id, tags=items)
+        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -350,7 +339,7 @@ class MLflowTracker(Tracker):
         """Record `exc` and end the run; never raises (the store may be what failed), so the
         caller re-raises the first error, not a secondary one from the store."""
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
-        logger.error("MLflow run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
+        logger.error("MLflow run %s ends %s: %s: %s", self.run_id, status, type(exc).__name__, exc)
         try:
             self.set_tags({"matt.error": f"{type(exc).__name__}: {exc}"})
             self.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
@@ -362,8 +351,6 @@ class MLflowTracker(Tracker):
         except Exception as store_exc:
             logger.error("Could not mark MLflow run %s %s (%s: %s); the run's error is the one above", self.run_id,
                          status, type(store_exc).__name__, store_exc)
-            return
-        logger.error("MLflow run %s ended %s: %s: %s", self.run_id, status, type(exc).__name__, exc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,15 +370,8 @@ def load_run_reference(directory: str | Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def open_tracker(
-    tracking_cfg,
-    *,
-    output_root: str | Path,
-    is_main_process: bool = True,
-    run_name: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    resume_from: str | Path | None = None,
-) -> Tracker:
+def open_tracker(tracking_cfg, *, output_root: str | Path, is_main_process: bool = True, run_name: str | None = None,
+                 tags: Mapping[str, Any] | None = None, resume_from: str | Path | None = None) -> Tracker:
     """The tracker of this process for the `tracking` config group.
 
     `resume_from`: a checkpoint directory; if it holds a run reference, that run is reopened
@@ -400,10 +380,8 @@ def open_tracker(
     if not is_main_process or backend == "none":
         return Tracker()
     uri = tracking_cfg.uri or default_tracking_uri(output_root)
-    artifact_location = None
-    database = sqlite_path(uri)
-    if database is not None:  # artifacts next to the database, not in ./mlruns of the current directory
-        artifact_location = (database.parent / "mlartifacts").as_uri()
+    database = sqlite_path(uri)  # its artifacts go next to it, not in ./mlruns of the current directory
+    artifact_location = None if database is None else (database.parent / "mlartifacts").as_uri()
     run_id = None
     if resume_from is not None:
         reference = load_run_reference(resume_from)
