@@ -237,19 +237,16 @@ class MLflowTracker(Tracker):
         with store_lock(tracking_uri):  # the first use of a fresh store (the client opens it) creates its schema
             self.client = MlflowClient(tracking_uri=tracking_uri)
             if run_id is not None:
-                run = self.client.get_run(run_id)  # raises if the run is gone
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id, self.experiment_id, self.resumed = run_id, run.info.experiment_id, True
+                self.client.update_run(run_id, status="RUNNING")  # raises if the run is gone
+                self.run_id, self.resumed = run_id, True
                 logger.info("Resuming MLflow run %s (%s)", run_id, tracking_uri)
             else:
-                self.experiment_id = self._experiment_id(experiment_name, artifact_location)
-                run = self.client.create_run(self.experiment_id, run_name=run_name)
-                self.run_id = run.info.run_id
+                experiment_id = self._experiment_id(experiment_name, artifact_location)
+                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
                 logger.info("MLflow run %s in experiment %r (%s)", self.run_id, experiment_name, tracking_uri)
         self._finished = False
         self._logged_steps: dict[str, set[int]] = {}  # resumed runs: steps each metric already has
-        if tags:
-            self.set_tags(tags)
+        self.set_tags(tags or {})
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
