@@ -95,10 +95,9 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[..
             import hydra
 
             app = hydra.main(version_base="1.3", config_path=str(setup()), config_name=config_name)(task)
-            if argv is None:
-                return app()
             saved = sys.argv
-            sys.argv = [saved[0] if saved else config_name, *argv]
+            if argv is not None:
+                sys.argv = [saved[0] if saved else config_name, *argv]
             try:
                 return app()
             finally:

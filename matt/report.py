@@ -120,7 +120,6 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
         values = [row[key] for rows in curves.values() for row in rows if key in row]
         if key != "lr" and values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
-    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     return _save(figure, path)
@@ -194,8 +193,6 @@ class RunRecord:
     init: str
     n_layers: int | None
     metrics: dict[str, float]
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
     items: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Per model (`original` / `init` / `final`) the per-item credit lists of `eval/results.json`."""
 
@@ -261,8 +258,7 @@ def load_runs(tracking_uri: str, experiment_name: str, *, include_failed: bool =
             run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, status=run.info.status,
             label=tags.get("matt.label", run.info.run_name or run.info.run_id), model=tags.get("matt.model", "?"),
             init=tags.get("matt.init", "?"), n_layers=int(depth) if depth not in (None, "", "null") else None,
-            metrics=dict(run.data.metrics), params=dict(params), tags=dict(tags),
-            items=item_credits(client, run.info.run_id)))
+            metrics=dict(run.data.metrics), items=item_credits(client, run.info.run_id)))
     return records
 
 

@@ -162,17 +162,6 @@ def git_commit(path: str | Path | None = None) -> tuple[str, bool]:
         return "unknown", False
 
 
-def base_tags() -> dict[str, str]:
-    """Tags every run gets: git commit (+ dirty flag) and host."""
-    commit, dirty = git_commit()
-    return {
-        "mlflow.source.git.commit": commit,
-        "matt.git_commit": commit,
-        "matt.git_dirty": str(dirty).lower(),
-        "matt.host": socket.gethostname(),
-    }
-
-
 # ------------------------------------------------------------------------------------------------
 class Tracker:
     """The no-op tracker (non-main processes, `tracking=none`); also the interface."""
@@ -369,7 +358,8 @@ def load_run_reference(directory: str | Path) -> dict[str, str] | None:
 
 def open_tracker(tracking_cfg, *, output_root: str | Path, is_main_process: bool = True, run_name: str | None = None,
                  tags: Mapping[str, Any] | None = None, resume_from: str | Path | None = None) -> Tracker:
-    """The tracker of this process for the `tracking` config group.
+    """The tracker of this process for the `tracking` config group; a run is tagged with the git
+    commit (+ dirty flag) and host, then `tags`, then `tracking.tags`.
 
     `resume_from`: a checkpoint directory; if it holds a run reference, that run is reopened
     (and must live in the same tracking store)."""
@@ -390,6 +380,8 @@ def open_tracker(tracking_cfg, *, output_root: str | Path, is_main_process: bool
                     "tracking settings (or delete mlflow_run.json to start a new run)"
                 )
             run_id = reference["run_id"]
-    all_tags = {**base_tags(), **(tags or {}), **dict(tracking_cfg.tags or {})}
+    commit, dirty = git_commit()
+    all_tags = {"mlflow.source.git.commit": commit, "matt.git_commit": commit, "matt.git_dirty": str(dirty).lower(),
+                "matt.host": socket.gethostname(), **(tags or {}), **dict(tracking_cfg.tags or {})}
     return MLflowTracker(uri, tracking_cfg.experiment_name, run_name=run_name, tags=all_tags, run_id=run_id,
                          artifact_location=artifact_location)
