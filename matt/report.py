@@ -129,32 +129,30 @@ def plot_layer_depth(runs: Sequence["RunRecord"], path: str | Path, metric: str 
     """AIM depth vs final `metric`, training time and peak memory (runs with a depth only)."""
     from matplotlib.ticker import MaxNLocator
 
-    points = sorted(((r.n_layers, r) for r in runs if r.n_layers is not None and r.final.get(metric) is not None),
-                    key=lambda point: point[0])
-    if not points:
+    runs = sorted((r for r in runs if r.n_layers is not None and r.final.get(metric) is not None),
+                  key=lambda r: r.n_layers)
+    if not runs:
         return None
     figure, axes = _figure(3, width=4.4)
     panels = ((f"final {metric}", lambda r: r.final.get(metric)),
               ("training wall-clock (s)", lambda r: r.metrics.get(TIME_METRIC)),
               ("peak memory (MB)", lambda r: r.metrics.get(MEMORY_METRIC)))
-    groups: dict[str, list] = {}
-    for depth, run in points:
-        groups.setdefault(run.group_label, []).append((depth, run))
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(run.group_label, []).append(run)
     for ax, (title, get) in zip(axes, panels):
         for group, members in groups.items():
-            xy = [(depth, get(run)) for depth, run in members if get(run) is not None]
+            xy = [(run.n_layers, get(run)) for run in members if get(run) is not None]
             if xy:
                 ax.plot(*zip(*xy), marker="o", label=group)
-        if title.startswith("final"):
-            for name, style in (("original", "--"), ("init", ":")):
-                values = [r.models.get(name, {}).get(metric) for _, r in points]
-                values = [v for v in values if v is not None]
-                if values:
-                    ax.axhline(values[0], linestyle=style, color="grey", label=name)
         ax.set_xlabel("AIM depth (n_layers)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    for name, style in (("original", "--"), ("init", ":")):  # reference lines on the final-metric panel
+        value = next((r.models[name][metric] for r in runs if metric in r.models.get(name, {})), None)
+        if value is not None:
+            axes[0].axhline(value, linestyle=style, color="grey", label=name)
     axes[0].legend(fontsize="small")
     return _save(figure, path)
 
