@@ -22,8 +22,10 @@ seconds (`probe_histories`).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,9 +264,6 @@ def load_runs(tracking_uri: str, experiment_name: str, *, include_failed: bool =
 
 def item_credits(client, run_id: str) -> dict[str, dict[str, list[float]]]:
     """Per-item credit lists of a run's `eval/results.json` artifact ({} when the run has none)."""
-    import json
-    import tempfile
-
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as directory:

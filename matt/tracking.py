@@ -86,8 +86,7 @@ def check_store(uri: str, key: str = "tracking.uri", timeout: float = STORE_CHEC
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-                pass
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         except urllib.error.HTTPError:
             pass  # it answered: the server is there (auth and routes are MLflow's business)
         except (urllib.error.URLError, OSError) as exc:
@@ -135,17 +134,14 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            if value:
-                flat.update(flatten(value, f"{name}."))
-            else:
-                flat[name] = "{}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
         elif isinstance(value, (list, tuple)):
             flat[name] = json.dumps(list(value), default=str)
         elif value is None:
             flat[name] = "null"
         else:
-            flat[name] = str(value)
+            flat[name] = str(value)  # an empty mapping too: "{}"
     return flat
 
 
