@@ -5,6 +5,7 @@ Each runs its recipe, `experiments/<name>.py` of this source checkout, as a scri
 
 from __future__ import annotations
 
+import functools
 import runpy
 from pathlib import Path
 
@@ -19,13 +20,6 @@ def _run(name: str) -> None:
     runpy.run_path(str(path), run_name="__main__")
 
 
-def transfer() -> None:
-    _run("transfer")
-
-
-def evaluate() -> None:
-    _run("evaluate")
-
-
-def report() -> None:
-    _run("report")
+transfer = functools.partial(_run, "transfer")
+evaluate = functools.partial(_run, "evaluate")
+report = functools.partial(_run, "report")

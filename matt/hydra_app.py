@@ -44,10 +44,7 @@ def config_dir() -> Path:
 def _asset_path(name: str) -> str:
     try:
         from matt.assets import resolve
-    except ImportError as exc:
-        raise RuntimeError(f"${{matt_asset:{name}}} needs matt.assets, which is not available ({exc}). "
-                           "Point the config at a local directory or a hub id instead.") from exc
-    try:
+
         return str(resolve(name))
     except Exception as exc:
         raise RuntimeError(
@@ -57,19 +54,15 @@ def _asset_path(name: str) -> str:
         ) from exc
 
 
-def register_resolvers() -> None:
-    """Register MATT's OmegaConf resolvers (idempotent)."""
+def setup() -> Path:
+    """Everything Hydra needs before composing a MATT config (resolvers, schemas; idempotent); returns
+    the config directory."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("matt_asset"):
         OmegaConf.register_new_resolver("matt_asset", _asset_path, use_cache=True)
     if not OmegaConf.has_resolver("matt_stamp"):
         OmegaConf.register_new_resolver("matt_stamp", run_stamp, use_cache=True)
-
-
-def setup() -> Path:
-    """Everything Hydra needs before composing a MATT config; returns the config directory."""
-    register_resolvers()
     register_configs()
     return config_dir()
 
@@ -102,10 +95,9 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[..
             import hydra
 
             app = hydra.main(version_base="1.3", config_path=str(setup()), config_name=config_name)(task)
-            if argv is None:
-                return app()
             saved = sys.argv
-            sys.argv = [saved[0] if saved else config_name, *argv]
+            if argv is not None:
+                sys.argv = [saved[0] if saved else config_name, *argv]
             try:
                 return app()
             finally:

@@ -22,8 +22,10 @@ seconds (`probe_histories`).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,11 +99,16 @@ def _figure(ncols: int, width: float = 5.0, height: float = 3.6):
     return figure, axes
 
 
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
 def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
                          keys: Sequence[str] = ("loss", "lr")) -> Path:
     """One panel per key (`loss`, `lr`, ...), one line per run; rows are `{"step": s, key: value}`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = _figure(len(keys))
     for ax, key in zip(axes, keys):
         for index, (label, rows) in enumerate(curves.items()):  # one colour per run across panels
@@ -115,62 +122,52 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
         values = [row[key] for rows in curves.values() for row in rows if key in row]
         if key != "lr" and values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
-    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def plot_layer_depth(runs: Sequence["RunRecord"], path: str | Path, metric: str = "bpb") -> Path | None:
     """AIM depth vs final `metric`, training time and peak memory (runs with a depth only)."""
     from matplotlib.ticker import MaxNLocator
 
-    points = sorted(((r.n_layers, r) for r in runs if r.n_layers is not None and r.final.get(metric) is not None),
-                    key=lambda point: point[0])
-    if not points:
+    runs = sorted((r for r in runs if r.n_layers is not None and r.final.get(metric) is not None),
+                  key=lambda r: r.n_layers)
+    if not runs:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = _figure(3, width=4.4)
     panels = ((f"final {metric}", lambda r: r.final.get(metric)),
               ("training wall-clock (s)", lambda r: r.metrics.get(TIME_METRIC)),
               ("peak memory (MB)", lambda r: r.metrics.get(MEMORY_METRIC)))
-    groups: dict[str, list] = {}
-    for depth, run in points:
-        groups.setdefault(run.group_label, []).append((depth, run))
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(run.group_label, []).append(run)
     for ax, (title, get) in zip(axes, panels):
         for group, members in groups.items():
-            xy = [(depth, get(run)) for depth, run in members if get(run) is not None]
+            xy = [(run.n_layers, get(run)) for run in members if get(run) is not None]
             if xy:
                 ax.plot(*zip(*xy), marker="o", label=group)
-        if title.startswith("final"):
-            for name, style in (("original", "--"), ("init", ":")):
-                values = [r.models.get(name, {}).get(metric) for _, r in points]
-                values = [v for v in values if v is not None]
-                if values:
-                    ax.axhline(values[0], linestyle=style, color="grey", label=name)
         ax.set_xlabel("AIM depth (n_layers)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    for name, style in (("original", "--"), ("init", ":")):  # reference lines on the final-metric panel
+        value = next((r.models[name][metric] for r in runs if metric in r.models.get(name, {})), None)
+        if value is not None:
+            axes[0].axhline(value, linestyle=style, color="grey", label=name)
     axes[0].legend(fontsize="small")
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def plot_methods(rows: Sequence["TableRow"], path: str | Path, metric: str = "bpb") -> Path | None:
     """A bar per table row for `metric` (original, init, trained runs)."""
-    bars = [(row.method, row.values.get(metric)) for row in rows if row.values.get(metric) is not None]
+    bars = [(row.method, row.values[metric], row.kind) for row in rows if row.values.get(metric) is not None]
     if not bars:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = _figure(1, width=max(5.0, 0.9 * len(bars) + 2))
     ax = axes[0]
-    labels, values = zip(*bars)
-    ax.bar(range(len(values)), values, color=["grey" if row.kind != "trained" else "tab:blue" for row in rows
-                                              if row.values.get(metric) is not None])
+    labels, values, kinds = zip(*bars)
+    ax.bar(range(len(values)), values, color=["tab:blue" if kind == "trained" else "grey" for kind in kinds])
     ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize="small")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per method" + (" (lower is better)" if metric_direction(metric) == -1 else ""))
@@ -178,8 +175,7 @@ def plot_methods(rows: Sequence["TableRow"], path: str | Path, metric: str = "bp
     spread = high - low + 1e-9
     ax.set_ylim(max(0.0, low - 0.15 * spread - 0.05 * abs(low)), high + 0.1 * spread + 0.02 * abs(high))
     ax.grid(axis="y", alpha=0.3)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,8 +193,6 @@ class RunRecord:
     init: str
     n_layers: int | None
     metrics: dict[str, float]
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
     items: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Per model (`original` / `init` / `final`) the per-item credit lists of `eval/results.json`."""
 
@@ -264,16 +258,12 @@ def load_runs(tracking_uri: str, experiment_name: str, *, include_failed: bool =
             run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, status=run.info.status,
             label=tags.get("matt.label", run.info.run_name or run.info.run_id), model=tags.get("matt.model", "?"),
             init=tags.get("matt.init", "?"), n_layers=int(depth) if depth not in (None, "", "null") else None,
-            metrics=dict(run.data.metrics), params=dict(params), tags=dict(tags),
-            items=item_credits(client, run.info.run_id)))
+            metrics=dict(run.data.metrics), items=item_credits(client, run.info.run_id)))
     return records
 
 
 def item_credits(client, run_id: str) -> dict[str, dict[str, list[float]]]:
     """Per-item credit lists of a run's `eval/results.json` artifact ({} when the run has none)."""
-    import json
-    import tempfile
-
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as directory:
@@ -308,9 +298,11 @@ def table_rows(runs: Iterable[RunRecord]) -> list[TableRow]:
         init_values = models.get("init", {})
         init_items = run.items.get("init", {})
         for kind, method in (("original", f"original ({run.model})"), ("init", f"{run.init} init")):
+            if kind not in models:
+                continue
             # the original model does not depend on the run's init: one row per identical evaluation
-            identity = (kind, run.model, run.init if kind == "init" else "", _key(models[kind])) if kind in models else None
-            if identity is not None and identity not in seen:
+            identity = (kind, run.model, run.init if kind == "init" else "", _key(models[kind]))
+            if identity not in seen:
                 seen.add(identity)
                 rows.append(TableRow(method, kind, run.model, dict(models[kind]), baseline=baseline, run_id=run.run_id,
                                      init_values=init_values, items=run.items.get(kind, {}), init_items=init_items))
@@ -363,15 +355,15 @@ def difference_to_init(row: TableRow, metric: str) -> str | None:
 def table_columns(rows: Sequence[TableRow], metrics: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
     """Header and cells (numbers stay numbers) of the comparison table (see the module docstring)."""
     shown = [m for m in metrics if any(m in row.values for row in rows)]
+    with_interval = {m for m in shown if any(f"{m}{CI_SUFFIXES[0]}" in row.values for row in rows)}
     header = ["method", "model", "n_layers"]
     for metric in shown:
         header.append(metric)
-        with_interval = any(f"{metric}{CI_SUFFIXES[0]}" in row.values for row in rows)
-        if with_interval:
+        if metric in with_interval:
             header.append(f"{metric} 95% CI")
         if metric_direction(metric) is not None:
             header += [f"{metric} % of original", f"{metric} recovery %"]
-        if with_interval:
+        if metric in with_interval:
             header.append(f"{metric} Δ vs init")
     header += ["train time (s)", "peak memory (MB)", "run"]
     cells = []
@@ -380,15 +372,14 @@ def table_columns(rows: Sequence[TableRow], metrics: Sequence[str]) -> tuple[lis
         for metric in shown:
             value = row.values.get(metric)
             line.append(value)
-            with_interval = any(f"{metric}{CI_SUFFIXES[0]}" in r.values for r in rows)
-            if with_interval:
+            if metric in with_interval:
                 low, high = (row.values.get(f"{metric}{s}") for s in CI_SUFFIXES)
                 line.append(None if low is None or high is None else f"[{low:.4f}, {high:.4f}]")
             if metric_direction(metric) is not None:
                 line.append(percent_of_baseline(metric, value, row.baseline.get(metric)))
                 share = recovery(value, row.baseline.get(metric), row.init_values.get(metric))
                 line.append(None if share is None else 100.0 * share)
-            if with_interval:
+            if metric in with_interval:
                 line.append(difference_to_init(row, metric))
         line += [row.wall_clock_s, row.peak_memory_mb, row.run_id[:8]]
         cells.append(line)
@@ -411,65 +402,30 @@ def markdown_table(header: Sequence[str], cells: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_csv(header: Sequence[str], cells: Sequence[Sequence[Any]], path: str | Path) -> Path:
-    path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in cells])
-    return path
-
-
-def loss_histories(tracking_uri: str, runs: Sequence[RunRecord],
-                   keys: Sequence[str] = ("train/aim_loss", "train/ntp_loss")) -> dict[str, list[dict]]:
-    """`{label: [{"step": s, "aim_loss": v, "ntp_loss": w}, ...]}` from the MLflow metric histories.
-
-    A term a run does not use (logged as 0: AIM in the NTP baseline, NTP in AIM-only runs) is left
-    out of its rows, so each panel only shows the runs that optimise that term."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    curves: dict[str, list[dict]] = {}
-    for run in runs:
-        curves[_curve_label(curves, run)] = metric_rows(client, run.run_id, keys, skip_all_zero=True)
-    return curves
-
-
-def metric_rows(client, run_id: str, keys: Sequence[str], *, skip_all_zero: bool = False) -> list[dict]:
-    """`[{"step": s, name: value, ...}, ...]` by step from the MLflow histories of `keys` (each
-    named without its `prefix/`); with `skip_all_zero` a key logged only as 0 is left out."""
-    by_step: dict[int, dict] = {}
-    for key in keys:
-        history = client.get_metric_history(run_id, key)
-        if skip_all_zero and not any(m.value for m in history):
-            continue
-        for m in history:
-            by_step.setdefault(m.step, {"step": m.step})[key.split("/", 1)[-1]] = m.value
-    return [by_step[step] for step in sorted(by_step)]
-
-
-def _curve_label(curves: Mapping[str, object], run: RunRecord) -> str:
-    return run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"
-
-
+LOSS_KEYS = ("train/aim_loss", "train/ntp_loss")
 PROBE_KEYS = ("train_s", "heldout_bpb", "heldout_bpb_new", "heldout_bpb_shared", "heldout_aim_cosine_new",
               "heldout_aim_cosine_shared", "heldout_aim_mse_new", "heldout_aim_mse_shared", "row_change",
               "head_row_change", "row_norm")
 
 
-def probe_histories(tracking_uri: str, runs: Sequence[RunRecord], keys: Sequence[str] = PROBE_KEYS
-                    ) -> dict[str, list[dict]]:
-    """`{label: [{"step": s, "train_s": t, "heldout_bpb": ..., ...}, ...]}`: the probe's held-out
-    measurements (`diag/...`, see `matt.pipeline.probe`) of each run, at the steps where it measured
-    (those that have `diag/train_s`); runs without a probe are left out."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+def metric_histories(client, runs: Sequence[RunRecord], keys: Sequence[str], *, skip_all_zero: bool = False,
+                     measured_by: str | None = None) -> dict[str, list[dict]]:
+    """`{label: [{"step": s, name: value, ...}, ...]}` by step from the MLflow histories of `keys`
+    (each named without its `prefix/`). `skip_all_zero`: a key a run logged only as 0 (a loss term
+    it does not use: AIM in the NTP baseline, NTP in AIM-only runs) is left out of its rows.
+    `measured_by`: only the steps that have this key (the probe's `train_s`), and no runs without any."""
     curves: dict[str, list[dict]] = {}
     for run in runs:
-        rows = [row for row in metric_rows(client, run.run_id, [f"diag/{key}" for key in keys]) if "train_s" in row]
-        if rows:
-            curves[_curve_label(curves, run)] = rows
+        by_step: dict[int, dict] = {}
+        for key in keys:
+            history = client.get_metric_history(run.run_id, key)
+            if skip_all_zero and not any(m.value for m in history):
+                continue
+            for m in history:
+                by_step.setdefault(m.step, {"step": m.step})[key.split("/", 1)[-1]] = m.value
+        rows = [by_step[step] for step in sorted(by_step) if measured_by is None or measured_by in by_step[step]]
+        if rows or measured_by is None:
+            curves[run.label if run.label not in curves else f"{run.label} ({run.run_id[:6]})"] = rows
     return curves
 
 
@@ -479,8 +435,6 @@ def plot_budget_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path
     cosine loss on pairs with new tokens (solid) / shared only (dashed), and how far the new rows
     moved (input solid, LM head dashed), each against training seconds; one colour per run.
     `reference`: horizontal lines (e.g. `{"original": 0.71}`) on the bits-per-byte panel."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     panels = (("held-out bits per byte", (("heldout_bpb", "-"),)),
               ("held-out bits per byte, new-token bytes", (("heldout_bpb_new", "-"),)),
               ("held-out AIM cosine: new pairs (—), shared (--)", (("heldout_aim_cosine_new", "-"),
@@ -500,8 +454,7 @@ def plot_budget_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path
     for name, value in (reference or {}).items():
         axes[0].axhline(value, linestyle=":", color="grey", label=name)
     axes[0].legend(fontsize="x-small")
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def budget_table(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
@@ -516,7 +469,9 @@ def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path
                  metrics: Sequence[str] = ("bpb", "bpb_new", "bpb_shared", "choice_accuracy", "choice_accuracy_pmi",
                                            "chrf", "bytes_per_token"),
                  include_failed: bool = False) -> dict[str, Path]:
-    """Write `table.md`, `table.csv` and the PNG plots for an experiment; returns their paths."""
+    """Write `table.md`, `table.csv` and the PNG plots for an experiment; returns their paths by file name."""
+    from mlflow import MlflowClient
+
     runs = load_runs(tracking_uri, experiment_name, include_failed=include_failed)
     if not runs:
         raise ValueError(f"No finished transfer runs in MLflow experiment {experiment_name!r} ({tracking_uri})")
@@ -525,24 +480,22 @@ def build_report(tracking_uri: str, experiment_name: str, output_dir: str | Path
     rows = table_rows(runs)
     header, cells = table_columns(rows, metrics)
     markdown = markdown_table(header, cells)
-    paths = {"table.md": output_dir / "table.md", "table.csv": write_csv(header, cells, output_dir / "table.csv")}
-    paths["table.md"].write_text(f"# {experiment_name}\n\n{markdown}\n", encoding="utf-8")
-    curves = loss_histories(tracking_uri, runs)
+    (output_dir / "table.md").write_text(f"# {experiment_name}\n\n{markdown}\n", encoding="utf-8")
+    with (output_dir / "table.csv").open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *(["" if v is None else v for v in line] for line in cells)])
+    written = [output_dir / "table.md", output_dir / "table.csv"]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    curves = metric_histories(client, runs, LOSS_KEYS, skip_all_zero=True)
     if any(curves.values()):
         keys = [key for key in ("aim_loss", "ntp_loss") if any(key in row for rows in curves.values() for row in rows)]
-        paths["loss_curves.png"] = plot_training_curves(curves, output_dir / "loss_curves.png", keys=keys)
-    budget = probe_histories(tracking_uri, runs)
+        written.append(plot_training_curves(curves, output_dir / "loss_curves.png", keys=keys))
+    budget = metric_histories(client, runs, [f"diag/{key}" for key in PROBE_KEYS], measured_by="train_s")
     if budget:
-        paths["budget_curves.png"] = plot_budget_curves(budget, output_dir / "budget_curves.png")
-        paths["budget.md"] = output_dir / "budget.md"
-        paths["budget.md"].write_text(f"# {experiment_name}: held-out measurements during training\n\n"
-                                      f"{budget_table(budget)}\n", encoding="utf-8")
-    depth = plot_layer_depth(runs, output_dir / "layer_depth.png")
-    if depth is not None:
-        paths["layer_depth.png"] = depth
-    methods = plot_methods(rows, output_dir / "methods.png")
-    if methods is not None:
-        paths["methods.png"] = methods
+        budget_md = output_dir / "budget.md"
+        budget_md.write_text(f"# {experiment_name}: held-out measurements during training\n\n{budget_table(budget)}\n",
+                             encoding="utf-8")
+        written += [plot_budget_curves(budget, output_dir / "budget_curves.png"), budget_md]
+    written += [plot_layer_depth(runs, output_dir / "layer_depth.png"), plot_methods(rows, output_dir / "methods.png")]
     print(f"\n# {experiment_name} ({len(runs)} runs)\n\n{markdown}\n\nWritten to {output_dir}", flush=True)
-    return paths
+    return {path.name: path for path in written if path is not None}
 

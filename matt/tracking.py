@@ -86,8 +86,7 @@ def check_store(uri: str, key: str = "tracking.uri", timeout: float = STORE_CHEC
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-                pass
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         except urllib.error.HTTPError:
             pass  # it answered: the server is there (auth and routes are MLflow's business)
         except (urllib.error.URLError, OSError) as exc:
@@ -135,17 +134,14 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            if value:
-                flat.update(flatten(value, f"{name}."))
-            else:
-                flat[name] = "{}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
         elif isinstance(value, (list, tuple)):
             flat[name] = json.dumps(list(value), default=str)
         elif value is None:
             flat[name] = "null"
         else:
-            flat[name] = str(value)
+            flat[name] = str(value)  # an empty mapping too: "{}"
     return flat
 
 
@@ -160,17 +156,6 @@ def git_commit(path: str | Path | None = None) -> tuple[str, bool]:
         return commit, bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
-
-
-def base_tags() -> dict[str, str]:
-    """Tags every run gets: git commit (+ dirty flag) and host."""
-    commit, dirty = git_commit()
-    return {
-        "mlflow.source.git.commit": commit,
-        "matt.git_commit": commit,
-        "matt.git_dirty": str(dirty).lower(),
-        "matt.host": socket.gethostname(),
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,35 +213,25 @@ class Tracker:
 class MLflowTracker(Tracker):
     """One MLflow run, created (or reopened with `run_id`) on construction."""
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment_name: str,
-        *,
-        run_name: str | None = None,
-        tags: Mapping[str, Any] | None = None,
-        run_id: str | None = None,
-        artifact_location: str | None = None,
-    ) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str, *, run_name: str | None = None,
+                 tags: Mapping[str, Any] | None = None, run_id: str | None = None,
+                 artifact_location: str | None = None) -> None:
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
         with store_lock(tracking_uri):  # the first use of a fresh store (the client opens it) creates its schema
             self.client = MlflowClient(tracking_uri=tracking_uri)
             if run_id is not None:
-                run = self.client.get_run(run_id)  # raises if the run is gone
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id, self.experiment_id, self.resumed = run_id, run.info.experiment_id, True
+                self.client.update_run(run_id, status="RUNNING")  # raises if the run is gone
+                self.run_id, self.resumed = run_id, True
                 logger.info("Resuming MLflow run %s (%s)", run_id, tracking_uri)
             else:
-                self.experiment_id = self._experiment_id(experiment_name, artifact_location)
-                run = self.client.create_run(self.experiment_id, run_name=run_name)
-                self.run_id = run.info.run_id
+                experiment_id = self._experiment_id(experiment_name, artifact_location)
+                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
                 logger.info("MLflow run %s in experiment %r (%s)", self.run_id, experiment_name, tracking_uri)
         self._finished = False
         self._logged_steps: dict[str, set[int]] = {}  # resumed runs: steps each metric already has
-        if tags:
-            self.set_tags(tags)
+        self.set_tags(tags or {})
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -295,9 +270,8 @@ class MLflowTracker(Tracker):
                 logger.info("Resumed run: params %s differ from the first attempt; keeping the first values", changed)
                 self.set_tags({"matt.resume_changed_params": ",".join(changed)[:5000]})
             values = {k: v for k, v in values.items() if k not in existing}
-        items = [Param(k, v) for k, v in values.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        # MlflowClient.log_batch splits what it is given into requests within MLflow's batch limits
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in values.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -315,8 +289,7 @@ class MLflowTracker(Tracker):
             if self.resumed and (step or 0) in self._steps_logged_before(metric_name(name)):
                 continue  # re-run after a crash: the first attempt's point stands (no duplicate)
             items.append(Metric(metric_name(name), value, now, step or 0))
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+        self.client.log_batch(self.run_id, metrics=items)
 
     def _steps_logged_before(self, name: str) -> set[int]:
         """Steps of metric `name` already in a resumed run (read once per metric)."""
@@ -327,9 +300,7 @@ class MLflowTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)[:5000]) for k, v in tags.items()]
-        if items:
-            self.client.log_batch(self.run_id, tags=items)
+        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -350,7 +321,7 @@ class MLflowTracker(Tracker):
         """Record `exc` and end the run; never raises (the store may be what failed), so the
         caller re-raises the first error, not a secondary one from the store."""
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED"
-        logger.error("MLflow run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
+        logger.error("MLflow run %s ends %s: %s: %s", self.run_id, status, type(exc).__name__, exc)
         try:
             self.set_tags({"matt.error": f"{type(exc).__name__}: {exc}"})
             self.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
@@ -362,8 +333,6 @@ class MLflowTracker(Tracker):
         except Exception as store_exc:
             logger.error("Could not mark MLflow run %s %s (%s: %s); the run's error is the one above", self.run_id,
                          status, type(store_exc).__name__, store_exc)
-            return
-        logger.error("MLflow run %s ended %s: %s: %s", self.run_id, status, type(exc).__name__, exc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,16 +352,10 @@ def load_run_reference(directory: str | Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def open_tracker(
-    tracking_cfg,
-    *,
-    output_root: str | Path,
-    is_main_process: bool = True,
-    run_name: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    resume_from: str | Path | None = None,
-) -> Tracker:
-    """The tracker of this process for the `tracking` config group.
+def open_tracker(tracking_cfg, *, output_root: str | Path, is_main_process: bool = True, run_name: str | None = None,
+                 tags: Mapping[str, Any] | None = None, resume_from: str | Path | None = None) -> Tracker:
+    """The tracker of this process for the `tracking` config group; a run is tagged with the git
+    commit (+ dirty flag) and host, then `tags`, then `tracking.tags`.
 
     `resume_from`: a checkpoint directory; if it holds a run reference, that run is reopened
     (and must live in the same tracking store)."""
@@ -400,10 +363,8 @@ def open_tracker(
     if not is_main_process or backend == "none":
         return Tracker()
     uri = tracking_cfg.uri or default_tracking_uri(output_root)
-    artifact_location = None
-    database = sqlite_path(uri)
-    if database is not None:  # artifacts next to the database, not in ./mlruns of the current directory
-        artifact_location = (database.parent / "mlartifacts").as_uri()
+    database = sqlite_path(uri)  # its artifacts go next to it, not in ./mlruns of the current directory
+    artifact_location = None if database is None else (database.parent / "mlartifacts").as_uri()
     run_id = None
     if resume_from is not None:
         reference = load_run_reference(resume_from)
@@ -415,6 +376,8 @@ def open_tracker(
                     "tracking settings (or delete mlflow_run.json to start a new run)"
                 )
             run_id = reference["run_id"]
-    all_tags = {**base_tags(), **(tags or {}), **dict(tracking_cfg.tags or {})}
+    commit, dirty = git_commit()
+    all_tags = {"mlflow.source.git.commit": commit, "matt.git_commit": commit, "matt.git_dirty": str(dirty).lower(),
+                "matt.host": socket.gethostname(), **(tags or {}), **dict(tracking_cfg.tags or {})}
     return MLflowTracker(uri, tracking_cfg.experiment_name, run_name=run_name, tags=all_tags, run_id=run_id,
                          artifact_location=artifact_location)

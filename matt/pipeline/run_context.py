@@ -146,9 +146,6 @@ class JsonlLog:
         """Logged steps in order; a step logged twice (before a crash and after resuming) keeps the last."""
         if not self.path.exists():
             return []
-        by_step = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                by_step[row["step"]] = row
+        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        by_step = {row["step"]: row for row in rows}
         return [by_step[s] for s in sorted(by_step)]
