@@ -52,7 +52,7 @@ from matt.evaluation.generation import build_generation_items, generation_chrf
 from matt.evaluation.intervals import ratio_bootstrap
 from matt.evaluation.unigram import UnigramModel
 from matt.report import (CI_SUFFIXES, DOCUMENT_KEYS, ITEM_KEYS, UNIT_KEYS, format_difference, metric_direction,
-                         paired_difference, percent_of_baseline, recovery)
+                         markdown_table, paired_difference, percent_of_baseline, recovery)
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def results_table(results: dict[str, dict[str, Any]], baseline: str = "original"
     header += [f"{last} % of {baseline}"] if show_percent else []
     header += [f"{last} recovery % ({reference} → {baseline})"] if show_recovery else []
     header += [f"{last} − {reference} [95% CI, paired]"] if paired else []
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name in names:
         row = [name] + [_fmt_with_interval(results[m], name) for m in models]
         if show_percent:
@@ -290,8 +290,8 @@ def results_table(results: dict[str, dict[str, Any]], baseline: str = "original"
             row.append("–" if value is None else f"{100 * value:.1f}")
         if paired:
             row.append(format_difference(paired[name]) if name in paired else "–")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return markdown_table(header, rows)
 
 
 def _fmt_with_interval(metrics: dict[str, Any], name: str) -> str:
