@@ -79,7 +79,7 @@ def adapter_for(model_or_config) -> type[PreTrainedModelForAIM]:
     if family is None:
         raise ValueError(
             f"No AIM adapter for model_type {model_type!r}; supported: {supported_model_types()}. "
-            "To support another architecture, subclass PreTrainedModelForAIM and implement its four "
+            "To support another architecture, subclass PreTrainedModelForAIM and implement its "
             "hooks (README: 'Adding a model family'), then matt.modeling.registry.register_adapter(YourAdapter)."
         )
     return FAMILIES[family].adapter
