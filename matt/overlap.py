@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from matt.segmentation import special_token_ids
+from matt.segmentation import backend_state, special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,6 @@ def _components(node: Any) -> list[dict]:
     for key in ("normalizers", "pretokenizers", "decoders", "processors"):
         found += _components(node.get(key))
     return found
-
-
-def backend_state(tokenizer) -> dict:
-    """The serialized `tokenizers` pipeline of a fast tokenizer, as a dict."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; load it with "
-                        "AutoTokenizer.from_pretrained(..., use_fast=True)")
-    return json.loads(backend.to_str())
 
 
 def tokenizer_style(tokenizer) -> tuple[str, str | None]:

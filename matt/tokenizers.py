@@ -20,13 +20,12 @@ import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from matt.overlap import backend_state
+from matt.segmentation import backend_state
 
 logger = logging.getLogger(__name__)
 
