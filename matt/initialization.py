@@ -22,7 +22,6 @@ padding rows some checkpoints carry (Gemma, Qwen). All random draws come from on
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -237,21 +236,17 @@ def teacher_decomposition(teacher_tokenizer, student_tokenizer, student_ids: Ite
     student_bytes = token_bytes(student_tokenizer)
     teacher_bytes = token_bytes(teacher_tokenizer)
     ids = [i for i in student_ids if student_bytes[i]]
-    texts: dict[int, str] = {}
-    for i in ids:
-        with contextlib.suppress(UnicodeDecodeError):
-            texts[i] = student_bytes[i].decode("utf-8")
-    encoded = teacher_tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
-    by_text = dict(zip(texts, encoded))
+    # Bytes that are no valid UTF-8 decode to U+FFFD, which never spells them: `_spelled_pieces` takes those
+    texts = [student_bytes[i].decode("utf-8", errors="replace") for i in ids]
+    encoded = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def spells(pieces: list[int] | None, data: bytes) -> bool:
         return bool(pieces) and all(teacher_bytes[t] is not None for t in pieces) and \
             b"".join(teacher_bytes[t] for t in pieces) == data
 
     result: dict[int, list[int]] = {}
-    for i in ids:
+    for i, pieces in zip(ids, encoded):
         data = student_bytes[i]
-        pieces = by_text.get(i)
         if not spells(pieces, data):
             pieces = _spelled_pieces(teacher_tokenizer, data)
         if spells(pieces, data):
@@ -396,13 +391,8 @@ def embeddings_tied(model) -> bool:
 def set_special_token_ids(model, tokenizer) -> None:
     """Point the model's (its text config's and its generation config's) pad/bos/eos ids at the tokenizer's."""
     ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in ("pad", "bos", "eos")}
-    configs = [model.config]
-    if hasattr(model.config, "get_text_config"):
-        configs.append(model.config.get_text_config())
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        configs.append(generation_config)
-    for config in {id(c): c for c in configs}.values():
+    configs = [model.config, model.config.get_text_config(), getattr(model, "generation_config", None)]
+    for config in {id(c): c for c in configs if c is not None}.values():
         for key, value in ids.items():
             setattr(config, key, value)
 

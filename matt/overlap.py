@@ -162,8 +162,7 @@ class TokenOverlap:
     def frozen_mask(self) -> torch.BoolTensor:
         """True for shared student tokens (their embeddings are copied and kept frozen)."""
         mask = torch.zeros(self.student_vocab_size, dtype=torch.bool)
-        if self.student_to_teacher:
-            mask[torch.tensor(sorted(self.student_to_teacher))] = True
+        mask[list(self.student_to_teacher)] = True
         return mask
 
     def summary(self) -> dict[str, Any]:

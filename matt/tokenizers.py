@@ -41,11 +41,8 @@ def _wrap_like(template, backend: Tokenizer) -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` around `backend` with `template`'s special tokens and chat template.
 
     The backend's post-processor is kept as is (it already adds BOS/EOS the teacher's way)."""
-    kwargs = {}
-    for attribute in _SPECIAL_ATTRIBUTES:
-        value = getattr(template, attribute, None)
-        if value is not None:
-            kwargs[attribute] = str(value)
+    kwargs = {name: str(getattr(template, name)) for name in _SPECIAL_ATTRIBUTES
+              if getattr(template, name, None) is not None}
     extra = [str(t) for t in (getattr(template, "extra_special_tokens", None) or [])]
     if extra:
         kwargs["extra_special_tokens"] = extra
@@ -119,8 +116,7 @@ def train_tokenizer_like(
     if vocab_size <= reserved + num_specials:
         raise ValueError(f"vocab_size={vocab_size} leaves no room for learned tokens ({num_specials} special "
                          f"tokens{' + 256 byte-fallback tokens' if reserved else ''})")
-    shell_state = dict(state)
-    shell_state["model"] = _empty_model(state, kind, teacher_tokenizer.unk_token)
+    shell_state = {**state, "model": _empty_model(state, kind, teacher_tokenizer.unk_token)}
     shell = _wrap_like(teacher_tokenizer, Tokenizer.from_str(json.dumps(shell_state)))
 
     texts = [t for t in texts if t]
