@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from matt.digests import json_digest, texts_digest, tokenizer_fingerprint
 from matt.segmentation import IGNORE_INDEX, SegmentationStats, check_offsets_support, segment_document
@@ -208,20 +209,13 @@ class AIMCollator:
             raise ValueError("AIMCollator got an empty batch")
         batch = {}
         for side, pad_id in self.pad_ids.items():
-            ids = [example[f"{side}_input_ids"] for example in examples]
-            segments = [example[f"{side}_segment_ids"] for example in examples]
-            length = max(len(row) for row in ids)
-            input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(ids), length), dtype=torch.long)
-            segment_ids = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
+            ids = [torch.tensor(example[f"{side}_input_ids"], dtype=torch.long) for example in examples]
+            segments = [torch.tensor(example[f"{side}_segment_ids"], dtype=torch.long) for example in examples]
             for row, (row_ids, row_segments) in enumerate(zip(ids, segments)):
                 if len(row_ids) != len(row_segments):
                     raise ValueError(f"{side} example {row}: {len(row_ids)} input ids but {len(row_segments)} "
                                      "segment ids (a corrupted prepared dataset?)")
-                input_ids[row, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-                mask[row, :len(row_ids)] = 1
-                segment_ids[row, :len(row_ids)] = torch.tensor(row_segments, dtype=torch.long)
-            batch[f"{side}_input_ids"] = input_ids
-            batch[f"{side}_attention_mask"] = mask
-            batch[f"{side}_segment_ids"] = segment_ids
+            batch[f"{side}_input_ids"] = pad_sequence(ids, batch_first=True, padding_value=pad_id)
+            batch[f"{side}_attention_mask"] = pad_sequence([torch.ones_like(row) for row in ids], batch_first=True)
+            batch[f"{side}_segment_ids"] = pad_sequence(segments, batch_first=True, padding_value=IGNORE_INDEX)
         return batch

@@ -22,14 +22,13 @@ padding rows some checkpoints carry (Gemma, Qwen). All random draws come from on
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -71,23 +70,6 @@ class InitResult:
 # --------------------------------------------------------------------------------------------------
 # fastText (trained here with deepfocus's settings) and deepfocus (the FOCUS combination)
 # --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_deepfocus() -> Iterator[None]:
-    """Run deepfocus silently: it prints through its own logger and per-call tqdm bars; both are
-    redirected for the duration of the call only."""
-    import deepfocus.focus as focus
-    from deepfocus.logger import logger as focus_logger
-    from tqdm.auto import tqdm
-
-    saved = (focus_logger.mode, focus.tqdm)
-    focus_logger.config(mode="silent")
-    focus.tqdm = functools.partial(tqdm, disable=True)
-    try:
-        yield
-    finally:
-        focus_logger.mode, focus.tqdm = saved
-
-
 def train_token_fasttext(
     texts: Iterable[str],
     tokenizer,
@@ -164,9 +146,11 @@ def _focus_rows(
 
     Shared tokens with a fastText vector are the anchors (deepfocus's rule); the lookup set is built
     once because fastText's own `in` scans a list. Special tokens never take part: fastText always
-    has a "</s>" line-end word, and a chat marker's contexts say nothing about its meaning."""
+    has a "</s>" line-end word, and a chat marker's contexts say nothing about its meaning.
+    deepfocus prints through its own logger and per-call tqdm bars: both are silenced for the call."""
+    import deepfocus.focus as focus
     import numpy as np
-    from deepfocus.focus import focus_additional_token_initialization
+    from deepfocus.logger import logger as focus_logger
     from deepfocus.vocab_helper import NewToken, OverlappingToken
     from tqdm.auto import tqdm
 
@@ -193,19 +177,24 @@ def _focus_rows(
                 source_embedding=source[t_id],
                 auxiliary_embedding=vec,
             )
-    candidates = [(s_id, vector(s_id)) for s_id in new_ids]
-    candidates = [(s_id, vec) for s_id, vec in candidates if vec is not None]
     if not anchors:
         logger.warning("No shared token has a fastText vector: FOCUS cannot initialise any new token")
         return []
+    candidates = [(s_id, vec) for s_id in new_ids if (vec := vector(s_id)) is not None]
 
     chunk = max(1, _MAX_SIMILARITY_ENTRIES // len(anchors))
-    for start in tqdm(range(0, len(candidates), chunk), desc="FOCUS", unit="chunk", disable=None):
-        new_tokens = {}
-        for s_id, vec in candidates[start:start + chunk]:
-            s_tok = student_tokenizer.convert_ids_to_tokens(s_id)
-            new_tokens[s_tok] = NewToken(target=_token_class(s_tok, s_id, "target"), auxiliary_embedding=vec)
-        focus_additional_token_initialization(anchors, new_tokens, target, device=target.device)
+    saved = (focus_logger.mode, focus.tqdm)
+    focus_logger.config(mode="silent")
+    focus.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        for start in tqdm(range(0, len(candidates), chunk), desc="FOCUS", unit="chunk", disable=None):
+            new_tokens = {}
+            for s_id, vec in candidates[start:start + chunk]:
+                s_tok = student_tokenizer.convert_ids_to_tokens(s_id)
+                new_tokens[s_tok] = NewToken(target=_token_class(s_tok, s_id, "target"), auxiliary_embedding=vec)
+            focus.focus_additional_token_initialization(anchors, new_tokens, target, device=target.device)
+    finally:
+        focus_logger.mode, focus.tqdm = saved
     return [s_id for s_id, _ in candidates]
 
 
@@ -247,21 +236,17 @@ def teacher_decomposition(teacher_tokenizer, student_tokenizer, student_ids: Ite
     student_bytes = token_bytes(student_tokenizer)
     teacher_bytes = token_bytes(teacher_tokenizer)
     ids = [i for i in student_ids if student_bytes[i]]
-    texts: dict[int, str] = {}
-    for i in ids:
-        with contextlib.suppress(UnicodeDecodeError):
-            texts[i] = student_bytes[i].decode("utf-8")
-    encoded = teacher_tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
-    by_text = dict(zip(texts, encoded))
+    # Bytes that are no valid UTF-8 decode to U+FFFD, which never spells them: `_spelled_pieces` takes those
+    texts = [student_bytes[i].decode("utf-8", errors="replace") for i in ids]
+    encoded = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def spells(pieces: list[int] | None, data: bytes) -> bool:
         return bool(pieces) and all(teacher_bytes[t] is not None for t in pieces) and \
             b"".join(teacher_bytes[t] for t in pieces) == data
 
     result: dict[int, list[int]] = {}
-    for i in ids:
+    for i, pieces in zip(ids, encoded):
         data = student_bytes[i]
-        pieces = by_text.get(i)
         if not spells(pieces, data):
             pieces = _spelled_pieces(teacher_tokenizer, data)
         if spells(pieces, data):
@@ -269,12 +254,14 @@ def teacher_decomposition(teacher_tokenizer, student_tokenizer, student_ids: Ite
     return result
 
 
-def _subword_mean_rows(target: Tensor, teacher_rows: Tensor, teacher_tokenizer, student_tokenizer,
+def _subword_mean_rows(target: Tensor, kinds: list[str], teacher_rows: Tensor, teacher_tokenizer, student_tokenizer,
                        student_ids: list[int]) -> dict[int, list[int]]:
-    """Set `target[i]` to the mean teacher row of each decomposable student id; returns the decompositions."""
+    """Set `target[i]` to the mean teacher row of each decomposable student id (kind `subword_mean`);
+    returns the decompositions."""
     decompositions = teacher_decomposition(teacher_tokenizer, student_tokenizer, student_ids)
     for i, pieces in decompositions.items():
         target[i] = teacher_rows[pieces].double().mean(dim=0).to(target.dtype)
+        kinds[i] = "subword_mean"
     return decompositions
 
 
@@ -338,9 +325,7 @@ def initialize_embeddings(
         for i in new_ids:
             kinds[i] = "mean"
     elif method == "subword_mean":
-        decompositions = _subword_mean_rows(target, real_rows, teacher_tokenizer, student_tokenizer, new_ids)
-        for i in decompositions:
-            kinds[i] = "subword_mean"
+        decompositions = _subword_mean_rows(target, kinds, real_rows, teacher_tokenizer, student_tokenizer, new_ids)
     elif method == "focus" and new_ids:
         if fasttext_model is None:
             if texts is None:
@@ -348,16 +333,11 @@ def initialize_embeddings(
             fasttext_model = train_token_fasttext(texts, student_tokenizer, dim=fasttext_dim, epochs=fasttext_epochs,
                                                   min_count=fasttext_min_count, threads=fasttext_threads,
                                                   cache_dir=cache_dir)
-        with _quiet_deepfocus():
-            focused = _focus_rows(target, source, overlap, new_ids, teacher_tokenizer, student_tokenizer,
-                                  fasttext_model)
-        for i in focused:
+        for i in _focus_rows(target, source, overlap, new_ids, teacher_tokenizer, student_tokenizer, fasttext_model):
             kinds[i] = "focus"
         left = [i for i in new_ids if kinds[i] == "random"]
         if left and focus_fallback == "subword_mean":
-            decompositions = _subword_mean_rows(target, real_rows, teacher_tokenizer, student_tokenizer, left)
-            for i in decompositions:
-                kinds[i] = "subword_mean"
+            decompositions = _subword_mean_rows(target, kinds, real_rows, teacher_tokenizer, student_tokenizer, left)
         if left:
             logger.info("FOCUS has no fastText vector for %d of %d new tokens: %d initialised by subword_mean, "
                         "%d drawn from N(mean, std)", len(left), len(new_ids), len(decompositions),
@@ -396,14 +376,10 @@ class InitReport:
 
 def check_embedding_rows(model, tokenizer) -> None:
     """Raise `ValueError` when some token id of `tokenizer` has no embedding row in `model`."""
-    num_tokens = len(tokenizer)
-    for name, module in (("input", model.get_input_embeddings()), ("output", model.get_output_embeddings())):
-        if module is None:
-            continue
-        rows = module.weight.shape[0]
-        if rows < num_tokens:
-            what = "embedding rows" if name == "input" else "output embedding (LM head) rows"
-            raise ValueError(f"model has {rows} {what} but tokenizer has {num_tokens} tokens")
+    for what, module in (("embedding rows", model.get_input_embeddings()),
+                         ("output embedding (LM head) rows", model.get_output_embeddings())):
+        if module is not None and module.weight.shape[0] < len(tokenizer):
+            raise ValueError(f"model has {module.weight.shape[0]} {what} but tokenizer has {len(tokenizer)} tokens")
 
 
 def embeddings_tied(model) -> bool:
@@ -415,13 +391,8 @@ def embeddings_tied(model) -> bool:
 def set_special_token_ids(model, tokenizer) -> None:
     """Point the model's (its text config's and its generation config's) pad/bos/eos ids at the tokenizer's."""
     ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in ("pad", "bos", "eos")}
-    configs = [model.config]
-    if hasattr(model.config, "get_text_config"):
-        configs.append(model.config.get_text_config())
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        configs.append(generation_config)
-    for config in {id(c): c for c in configs}.values():
+    configs = [model.config, model.config.get_text_config(), getattr(model, "generation_config", None)]
+    for config in {id(c): c for c in configs if c is not None}.values():
         for key, value in ids.items():
             setattr(config, key, value)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from matt.segmentation import special_token_ids
+from matt.segmentation import backend_state, special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +34,10 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 @lru_cache(maxsize=1)
 def byte_level_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2 byte-to-character table used by byte-level BPE.
+    """Inverse of the GPT-2 byte-to-character table of byte-level BPE (a leading space is "Ġ")."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    Bytes that are printable Latin-1 characters stand for themselves; the 68 others (control
-    characters, space, ...) are shifted to code points 256, 257, ... in increasing byte order,
-    which is why a leading space appears as "Ġ" (U+0120 = 256 + 32).
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    char_to_byte = {chr(b): b for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in printable:
-            char_to_byte[chr(256 + shifted)] = b
-            shifted += 1
-    return char_to_byte
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,23 +55,13 @@ def _components(node: Any) -> list[dict]:
     return found
 
 
-def _backend_state(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(
-            f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; byte-canonical "
-            "overlap needs one (load it with AutoTokenizer.from_pretrained(..., use_fast=True))"
-        )
-    return json.loads(backend.to_str())
-
-
 def tokenizer_style(tokenizer) -> tuple[str, str | None]:
     """`("byte_level", None)`, `("metaspace", replacement_char)` or `("plain", None)`.
 
     Detected from the serialized pipeline: a ByteLevel pre-tokenizer/decoder means GPT-2 bytes; a
     Metaspace component or a Replace involving "▁" (Gemma's normalizer) means SentencePiece-style.
     """
-    state = _backend_state(tokenizer)
+    state = backend_state(tokenizer)
     model_type = state["model"]["type"]
     if model_type not in ("BPE", "Unigram"):
         raise ValueError(f"Unsupported tokenizer model {model_type!r}: byte-canonical overlap supports BPE and Unigram")
@@ -121,7 +101,7 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     Non-special added tokens (matched verbatim in raw text) stand for their UTF-8 content.
     """
     style, replacement = tokenizer_style(tokenizer)
-    byte_fallback = bool(_backend_state(tokenizer)["model"].get("byte_fallback"))
+    byte_fallback = bool(backend_state(tokenizer)["model"].get("byte_fallback"))
     specials = special_token_ids(tokenizer)
     added = {i for i in tokenizer.added_tokens_decoder if i not in specials}
     char_to_byte = byte_level_decoder()
@@ -182,8 +162,7 @@ class TokenOverlap:
     def frozen_mask(self) -> torch.BoolTensor:
         """True for shared student tokens (their embeddings are copied and kept frozen)."""
         mask = torch.zeros(self.student_vocab_size, dtype=torch.bool)
-        if self.student_to_teacher:
-            mask[torch.tensor(sorted(self.student_to_teacher))] = True
+        mask[list(self.student_to_teacher)] = True
         return mask
 
     def summary(self) -> dict[str, Any]:

@@ -40,9 +40,11 @@ strictly after the first start. `_assign` also asserts it.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import weakref
 from dataclasses import asdict, dataclass, field, fields
+from itertools import accumulate
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,15 @@ def check_offsets_support(tokenizer, name: str = "tokenizer") -> None:
         )
 
 
+def backend_state(tokenizer) -> dict:
+    """The serialized `tokenizers` pipeline of a fast tokenizer, as a dict."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; load it with "
+                        "AutoTokenizer.from_pretrained(..., use_fast=True)")
+    return json.loads(backend.to_str())
+
+
 @dataclass(frozen=True)
 class _Tokenized:
     input_ids: list[int]
@@ -152,19 +163,12 @@ def special_token_ids(tokenizer) -> set[int]:
     (Gemma), far more than tokenizing a document. Adding a token or changing a role invalidates it."""
     named = tuple(getattr(tokenizer, "all_special_ids", ()) or ())
     key = (named, len(tokenizer))
-    try:
-        cached = _SPECIAL_IDS_CACHE.get(tokenizer)
-    except TypeError:  # not weak-referenceable
-        cached = None
+    cached = _SPECIAL_IDS_CACHE.get(tokenizer)
     if cached is not None and cached[0] == key:
         return cached[1]
-    ids = set(named)
-    ids.update(i for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if token.special)
-    ids = frozenset(ids)
-    try:
-        _SPECIAL_IDS_CACHE[tokenizer] = (key, ids)
-    except TypeError:
-        pass
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids = frozenset(named).union(i for i, token in added.items() if token.special)
+    _SPECIAL_IDS_CACHE[tokenizer] = (key, ids)
     return ids
 
 
@@ -205,10 +209,7 @@ def _tokenize(text: str, tokenizer, name: str) -> _Tokenized:
 # ----------------------------------------------------------------------------------------------
 def _non_whitespace_prefix(text: str) -> list[int]:
     """`prefix[i]` = number of non-whitespace characters in `text[:i]` (length len(text)+1)."""
-    prefix = [0] * (len(text) + 1)
-    for i, char in enumerate(text):
-        prefix[i + 1] = prefix[i] + (not char.isspace())
-    return prefix
+    return list(accumulate((not char.isspace() for char in text), initial=0))
 
 
 def _spans(tok: _Tokenized, prefix: list[int]) -> list[tuple[int, int] | None]:
@@ -235,11 +236,7 @@ def _cuts(spans: list[tuple[int, int] | None], n: int) -> set[int]:
         if end - start > 1:
             straddled[start + 1] += 1
             straddled[end] -= 1
-    inside = []
-    running = 0
-    for delta in straddled:
-        running += delta
-        inside.append(running > 0)
+    inside = [running > 0 for running in accumulate(straddled)]
     first = min(start for start, _ in non_empty)
     return {start for start, _ in non_empty if start > first and not inside[start]}
 
@@ -282,7 +279,8 @@ def segment_ids(text: str, teacher_tokenizer, student_tokenizer) -> tuple[list[i
     """Shared segment ids of `text` for each tokenizer, aligned with `tokenizer(text)["input_ids"]`.
 
     Inserted tokens (BOS/EOS) get -100; content tokens, special tokens matched from the text
-    included, get 0..S-1 in text order, with the same S on both sides. If the text has no common segment (empty, whitespace only) every id is -100."""
+    included, get 0..S-1 in text order, with the same S on both sides. If the text has no common
+    segment (empty, whitespace only) every id is -100."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     _, teacher_ids, _, student_ids, _ = _segment(text, teacher_tokenizer, student_tokenizer)
@@ -373,11 +371,12 @@ def segment_document(
     if num_segments == 0:
         stats.record_skip("skipped_empty", f"no common segment in text {text[:40]!r}")
         return []
-    layouts = (_Layout.build(teacher, teacher_ids, num_segments), _Layout.build(student, student_ids, num_segments))
-    if layouts[0] is None or layouts[1] is None:
+    teacher_layout = _Layout.build(teacher, teacher_ids, num_segments)
+    student_layout = _Layout.build(student, student_ids, num_segments)
+    if teacher_layout is None or student_layout is None:
         stats.record_skip("skipped_unordered", f"tokens out of text order in {text[:40]!r}")
         return []
-    teacher_layout, student_layout = layouts
+    layouts = (teacher_layout, student_layout)
     for side, layout in (("teacher", teacher_layout), ("student", student_layout)):
         if layout.budget(max_length) < 1:
             raise ValueError(f"max_length={max_length} leaves no room for text next to the {side} tokenizer's "

@@ -9,7 +9,6 @@ SmolLM2, Qwen) and SentencePiece-style BPE with byte fallback (Llama 2, Mistral,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Literal
 
@@ -46,25 +45,12 @@ def tiny_config(
     **overrides,
 ):
     """A shrunken real config of `family` (one of `FAMILIES`, the families MATT ships)."""
-    from transformers import (
-        Gemma3TextConfig,
-        GPTNeoXConfig,
-        LlamaConfig,
-        MistralConfig,
-        Qwen3Config,
-    )
+    from transformers import Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen3Config
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                  num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                  max_position_embeddings=max_position_embeddings, pad_token_id=None, bos_token_id=None,
+                  eos_token_id=None)
     head_dim = hidden_size // num_attention_heads
     if family == "llama":
         cfg = LlamaConfig(**common, num_key_value_heads=num_key_value_heads, tie_word_embeddings=True)
@@ -110,21 +96,17 @@ def train_tokenizer(
     Specials: <s> (BOS, prepended when `add_bos`), </s> (EOS), <pad>. The sentencepiece style
     appends the 256 byte tokens after training, so its vocabulary is up to `vocab_size + 256`.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = list(texts)
-    specials = ["<s>", "</s>", "<pad>"]
+    from matt.tokenizers import append_byte_tokens
+
     if style == "byte_level":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer)
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     elif style == "sentencepiece":
@@ -133,37 +115,19 @@ def train_tokenizer(
         tok.decoder = decoders.Sequence(
             [decoders.Metaspace(replacement="▁", prepend_scheme="first"), decoders.ByteFallback(), decoders.Fuse()]
         )
-        byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<unk>", *specials],
-            show_progress=False,
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                      show_progress=False)
         tok.train_from_iterator(texts, trainer)
-        # tokenizers' trainer cannot seed <0xNN> as ordinary vocab entries: append them to the
-        # model vocabulary so byte fallback has something to fall back to (as Llama/Gemma do).
-        state = json.loads(tok.to_str())
-        vocab = state["model"]["vocab"]
-        for byte_token in byte_tokens:
-            vocab.setdefault(byte_token, len(vocab))
-        tok = Tokenizer.from_str(json.dumps(state))
+        tok = append_byte_tokens(tok)  # as Llama/Gemma: the 256 <0xNN> tokens after the trained ones
     else:
         raise ValueError(f"Unknown tokenizer style {style!r}; choose 'byte_level' or 'sentencepiece'")
 
     if add_bos:
-        bos_id = tok.token_to_id("<s>")
-        template = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-        )
+        template = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                 special_tokens=[("<s>", tok.token_to_id("<s>"))])
         if style == "byte_level":
             tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
         else:
             tok.post_processor = template
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>" if style == "sentencepiece" else None,
-        add_bos_token=add_bos,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>" if style == "sentencepiece" else None, add_bos_token=add_bos)

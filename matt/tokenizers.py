@@ -20,11 +20,12 @@ import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
+
+from matt.segmentation import backend_state
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +37,12 @@ _SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-def _state(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; a tokenizers-backed one is needed")
-    return json.loads(backend.to_str())
-
-
 def _wrap_like(template, backend: Tokenizer) -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` around `backend` with `template`'s special tokens and chat template.
 
     The backend's post-processor is kept as is (it already adds BOS/EOS the teacher's way)."""
-    kwargs = {}
-    for attribute in _SPECIAL_ATTRIBUTES:
-        value = getattr(template, attribute, None)
-        if value is not None:
-            kwargs[attribute] = str(value)
+    kwargs = {name: str(getattr(template, name)) for name in _SPECIAL_ATTRIBUTES
+              if getattr(template, name, None) is not None}
     extra = [str(t) for t in (getattr(template, "extra_special_tokens", None) or [])]
     if extra:
         kwargs["extra_special_tokens"] = extra
@@ -60,15 +51,6 @@ def _wrap_like(template, backend: Tokenizer) -> PreTrainedTokenizerFast:
     kwargs["model_max_length"] = template.model_max_length
     kwargs["padding_side"] = template.padding_side
     return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
-
-
-def _non_special_added_tokens(tokenizer) -> list[AddedToken]:
-    return [
-        AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
-                   normalized=t.normalized, special=False)
-        for _, t in sorted(tokenizer.added_tokens_decoder.items())
-        if not t.special
-    ]
 
 
 def _empty_model(state: dict, kind: TokenizerKind, unk_token: str | None) -> dict:
@@ -90,7 +72,7 @@ def _empty_model(state: dict, kind: TokenizerKind, unk_token: str | None) -> dic
     raise ValueError(f"Unknown tokenizer kind {kind!r}; choose 'bpe' or 'unigram'")
 
 
-def _append_byte_tokens(backend: Tokenizer) -> Tokenizer:
+def append_byte_tokens(backend: Tokenizer) -> Tokenizer:
     """Give a byte-fallback model its 256 <0xNN> tokens (trainers cannot learn them: they never
     appear in text), appended after the trained vocabulary."""
     state = json.loads(backend.to_str())
@@ -127,15 +109,14 @@ def train_tokenizer_like(
     for the <0xNN> byte tokens, so no character is ever unknown. The teacher's non-special added
     tokens are re-added after training. `vocab_size` is an upper bound: small corpora may yield fewer.
     """
-    state = _state(teacher_tokenizer)
+    state = backend_state(teacher_tokenizer)
     byte_fallback = bool(state["model"].get("byte_fallback", False))
     num_specials = len(teacher_tokenizer.all_special_tokens)
     reserved = len(BYTE_TOKENS) if byte_fallback else 0
     if vocab_size <= reserved + num_specials:
         raise ValueError(f"vocab_size={vocab_size} leaves no room for learned tokens ({num_specials} special "
                          f"tokens{' + 256 byte-fallback tokens' if reserved else ''})")
-    shell_state = dict(state)
-    shell_state["model"] = _empty_model(state, kind, teacher_tokenizer.unk_token)
+    shell_state = {**state, "model": _empty_model(state, kind, teacher_tokenizer.unk_token)}
     shell = _wrap_like(teacher_tokenizer, Tokenizer.from_str(json.dumps(shell_state)))
 
     texts = [t for t in texts if t]
@@ -144,18 +125,15 @@ def train_tokenizer_like(
     trained = shell.train_new_from_iterator(texts, vocab_size=vocab_size - reserved, show_progress=show_progress)
     backend = trained.backend_tokenizer
     if byte_fallback:
-        backend = _append_byte_tokens(backend)
+        backend = append_byte_tokens(backend)
     student = _wrap_like(teacher_tokenizer, backend)
-    extra = [t for t in _non_special_added_tokens(teacher_tokenizer) if t.content not in student.get_vocab()]
-    if extra:
-        student.add_tokens(extra)
+    vocab = student.get_vocab()
+    student.add_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                   normalized=t.normalized, special=False)
+                        for _, t in sorted(teacher_tokenizer.added_tokens_decoder.items())
+                        if not t.special and t.content not in vocab])
     logger.info("Trained a %s tokenizer with %d tokens (requested %d)", kind, len(student), vocab_size)
     return student
-
-
-def _merge_pairs(model: dict) -> list[tuple[str, str]]:
-    """Merges as pairs, whichever of the two JSON spellings ("a b" or ["a", "b"]) is used."""
-    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
 
 
 _WORD_START_MARKERS = ("▁", "Ġ")
@@ -307,7 +285,7 @@ def extend_tokenizer(
         raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
-    state = _state(teacher_tokenizer)
+    state = backend_state(teacher_tokenizer)
     model = state["model"]
     if model["type"] != "BPE":
         raise ValueError(f"extend_tokenizer supports BPE teachers only; this teacher's model is {model['type']!r}")
@@ -332,9 +310,9 @@ def extend_tokenizer(
     for offset, token in enumerate(new_tokens):
         vocab[token] = next_id + offset
 
-    as_lists = not model["merges"] or isinstance(model["merges"][0], list)
+    as_lists = not model["merges"] or isinstance(model["merges"][0], list)  # JSON spells a merge ["a", "b"] or "a b"
     model["vocab"] = vocab
-    model["merges"] = [[a, b] if as_lists else f"{a} {b}" for a, b in [*_merge_pairs(model), *merges]]
+    model["merges"] += [[a, b] if as_lists else f"{a} {b}" for a, b in merges]
     extended = _wrap_like(teacher_tokenizer, Tokenizer.from_str(json.dumps(state)))
     logger.info("Extended the teacher vocabulary from %d to %d tokens (%d new merges)",
                 len(teacher_tokenizer), len(extended), len(merges))
