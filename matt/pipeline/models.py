@@ -22,13 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _tiny_dims(tiny) -> dict[str, int]:
-    return {
-        "hidden_size": tiny.hidden_size,
-        "num_hidden_layers": tiny.num_hidden_layers,
-        "num_attention_heads": tiny.num_attention_heads,
-        "num_key_value_heads": tiny.num_key_value_heads,
-        "intermediate_size": tiny.intermediate_size,
-    }
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return {name: tiny[name] for name in names}
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,11 +83,6 @@ def load_teacher_model(model_cfg, teacher_tokenizer=None):
                                                  revision=model_cfg.revision,
                                                  trust_remote_code=model_cfg.trust_remote_code)
     return model.eval()
-
-
-def text_config(config):
-    """The decoder's config (multimodal checkpoints keep it under `text_config`)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def model_identity(model_cfg) -> dict[str, Any]:
