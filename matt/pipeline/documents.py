@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 FILE_FORMATS = ("json", "parquet", "csv", "text")
 
+
 @dataclass
 class Documents:
     """The splits of one data config (validation/test may be absent)."""
