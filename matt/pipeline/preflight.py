@@ -1,19 +1,12 @@
 """Validate a composed transfer config before any heavy work, naming the key and the allowed values.
 
-Hydra already rejects unknown group options, unknown keys and enum values outside their choices
-while composing (against `matt.pipeline.config`). This adds the checks that need more than the
-config, all cheap (no weights are loaded, no tokenizer is trained):
-
-- missing mandatory values (`???`), MATTConfig's own ranges and combinations;
-- the teacher tokenizer loads and is a fast tokenizer (offsets are needed for segmentation);
-- the model's config exists, its `model_type` matches `model.family` and has an AIM adapter;
-- `objective.n_layers` lies within the model's depth;
-- the data source exists and has `data.text_column`; the evaluated split exists;
-- a pretrained student tokenizer is a fast tokenizer; `init.checkpoint` fits the model width;
-- `tracking=mlflow_server` has a URI; the tracking store answers (short timeout) and is writable;
-- path-like values (`data.path`, `tokenizer.path`, `model.pretrained`, ...) that do not exist
-  locally are errors naming the key (never sent to the Hub);
-- the teacher tokenizer fits the model's embedding matrix.
+Hydra already rejects unknown keys and enum values outside their choices while composing (against
+`matt.pipeline.config`). The checks here need more than the config, yet stay cheap (no weights are
+loaded, no tokenizer is trained): mandatory values and MATTConfig's ranges; path-like values that do
+not exist locally (never sent to the Hub); the tracking store (answers within seconds, writable); the
+tokenizers (fast, for offsets; the teacher's fits the embedding matrix); `model.family` against the
+checkpoint's `model_type`; `objective.n_layers` within the depth; `init.checkpoint` against the model
+width; the data source, its `data.text_column` and the evaluated / probed splits.
 
 Everything loaded here is returned in a `Plan`, so the recipe does not load it twice.
 """

@@ -116,12 +116,12 @@ class TrainingProbe:
                  batches: list[dict[str, torch.Tensor]], eval_model=None, tokenizer=None,
                  texts: list[str] | None = None, new_bytes=None, every_s: float | None = None,
                  every_n_steps: int | None = None, max_length: int = 1024, batch_size: int = 1,
-                 result_fn: Callable[[], object] | None = None, device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu"):
         self.teacher, self.student, self.log_fn = teacher, student, log_fn
         self.is_new = ~frozen_mask.bool()
         self.batches, self.eval_model, self.tokenizer, self.texts = batches, eval_model, tokenizer, texts
         self.new_bytes, self.every_s, self.every_n_steps = new_bytes, every_s, every_n_steps
-        self.max_length, self.batch_size, self.result_fn = max_length, batch_size, result_fn
+        self.max_length, self.batch_size = max_length, batch_size
         self.device = torch.device(device)
         embeddings = student.input_embeddings
         self.initial_rows = embeddings.trainable.detach().float().cpu().clone()
@@ -152,7 +152,7 @@ class TrainingProbe:
 
     # --- held out -----------------------------------------------------------------------------
     def bits_per_byte(self) -> dict[str, float]:
-        self.result_fn().apply_to(self.eval_model)
+        transfer_result(self.student, {}).apply_to(self.eval_model)
         result = bits_per_byte(self.eval_model, self.tokenizer, self.texts, max_length=self.max_length,
                                batch_size=self.batch_size, device=self.device, progress=False,
                                new_bytes=self.new_bytes)
@@ -239,8 +239,7 @@ def build_probe(cfg, *, documents, teacher, student, overlap, teacher_tokenizer,
     return TrainingProbe(teacher=teacher, student=student, frozen_mask=overlap.frozen_mask(), log_fn=log_fn,
                          batches=batches, eval_model=eval_model if pc.bpb else None, tokenizer=student_tokenizer,
                          texts=texts, new_bytes=new_bytes, every_s=pc.every_s, every_n_steps=pc.every_n_steps,
-                         max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,
-                         result_fn=lambda: transfer_result(student, {}), device=device)
+                         max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size, device=device)
 
 
 def write_probe_rows(rows: list[dict[str, float]], path) -> None:
