@@ -45,8 +45,8 @@ class Plan:
                 "documents": self.documents.summary(), "model_type": self.model_config.model_type}
 
 
-def check_missing(cfg, groups: tuple[str, ...]) -> None:
-    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if key.split(".")[0] in groups)
+def check_missing(cfg) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"Missing mandatory value(s): {', '.join(missing)} - set them on the command line, "
                          f"e.g. {missing[0]}=...")
@@ -192,7 +192,7 @@ def preflight(cfg) -> Plan:
     from matt.pipeline.tokenizer import load_pretrained_student
     from matt.segmentation import check_offsets_support
 
-    check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))
+    check_missing(cfg)
     check_local_paths(cfg)
     matt_config(cfg)  # MATTConfig's ranges and combinations, reported under their Hydra keys
     check_tracking(cfg.tracking, cfg.paths.output_root)
