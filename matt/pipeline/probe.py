@@ -179,14 +179,10 @@ class TrainingProbe:
                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("heldout_")))
         return row
 
-    def due(self, step: int, train_s: float) -> bool:
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            return True
-        return bool(self.every_s) and train_s >= self._next_s
-
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         train_s = float(metrics.get("elapsed_s", 0.0))
-        if self.due(step, train_s):
+        by_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        if by_steps or bool(self.every_s) and train_s >= self._next_s:
             self.measure(step, train_s)
             if self.every_s:
                 while self._next_s <= train_s:

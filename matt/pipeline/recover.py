@@ -96,13 +96,12 @@ def check_recover_init(method: str) -> None:
 
 @dataclass
 class DeletedRows:
-    """The K deleted token ids with their true and deleted-state rows (float32, (K, D))."""
+    """The K deleted token ids, their true rows and their deleted input rows (float32, (K, D))."""
 
     ids: torch.Tensor
     true_input: torch.Tensor
     true_output: torch.Tensor
     deleted_input: torch.Tensor
-    deleted_output: torch.Tensor
 
 
 def replacement_rows(weight: torch.Tensor, num_real: int, k: int, method: str, generator: torch.Generator):
@@ -123,8 +122,7 @@ def delete_rows(model, ids: list[int], *, method: str, rows: str, num_real: int,
     if rows == "input" and embeddings_tied(model):
         untie_output_embeddings(model)  # the LM head keeps the true rows
     inputs = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    outputs = head.weight if head is not None else inputs
+    outputs = model.get_output_embeddings().weight  # the same tensor when tied
     true_input = inputs.detach()[index].float().clone()
     true_output = outputs.detach()[index].float().clone()
     generator = torch.Generator().manual_seed(seed)
@@ -134,8 +132,7 @@ def delete_rows(model, ids: list[int], *, method: str, rows: str, num_real: int,
         if rows == "input_output" and outputs is not inputs:
             outputs[index] = replacement_rows(outputs, num_real, len(ids), method, generator).to(outputs.dtype)
     return DeletedRows(ids=index, true_input=true_input, true_output=true_output,
-                       deleted_input=inputs.detach()[index].float().clone(),
-                       deleted_output=outputs.detach()[index].float().clone())
+                       deleted_input=inputs.detach()[index].float().clone())
 
 
 def mean_cosine(rows: torch.Tensor, true: torch.Tensor) -> float:
