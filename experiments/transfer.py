@@ -41,7 +41,7 @@ from matt.modeling import adapter_for
 from matt.pipeline.config import enum_value, matt_config
 from matt.pipeline.evaluate import EvalSuite, eval_device, prefixed, results_table, write_results
 from matt.pipeline.init import INIT_DIR, adapted_model, init_key, init_metrics, initialize_student, release_memory
-from matt.pipeline.models import load_teacher_model, model_identity, text_config
+from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.preflight import check_init_checkpoint, preflight
 from matt.pipeline.probe import build_probe, write_probe_rows
 from matt.pipeline.recover import run_recover
@@ -90,7 +90,7 @@ def transfer(cfg) -> float | None:
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
     mcfg = matt_config(cfg, checkpoint_dir=checkpoint_dir)
-    tied = bool(getattr(text_config(plan.model_config), "tie_word_embeddings",
+    tied = bool(getattr(plan.model_config.get_text_config(), "tie_word_embeddings",
                         getattr(plan.model_config, "tie_word_embeddings", False)))
     label = method_label(cfg, plan.n_layers, plan.with_ntp, tied)
     tracker = open_job_tracker(cfg, kind="transfer", label=label, plan=plan, output_dir=output_dir,

@@ -26,8 +26,7 @@ from matt.pipeline.config import enum_value
 logger = logging.getLogger(__name__)
 
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-FORMAT_BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv", "text": "text"}
-BUILTIN = ("sample",)
+FILE_FORMATS = ("json", "parquet", "csv", "text")
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Documents:
 def builtin_documents(name: str) -> list[str]:
     """`sample`: 40 documents of four sentences drawn (seeded) from `matt.tiny.SAMPLE_TEXTS`."""
     if name != "sample":
-        raise ValueError(f"data.path=builtin:{name} is unknown: choose one of {[f'builtin:{b}' for b in BUILTIN]}")
+        raise ValueError(f"data.path=builtin:{name} is unknown: choose one of ['builtin:sample']")
     from matt.tiny import SAMPLE_TEXTS
 
     rng = random.Random(0)
@@ -111,10 +110,11 @@ def check_utf8(path: Path) -> None:
 def _load_file(path: Path, split: str, data_cfg):
     import datasets
 
-    builder = FORMAT_BUILDERS.get(enum_value(data_cfg.format)) or SUFFIX_BUILDERS.get(path.suffix.lower())
+    fmt = enum_value(data_cfg.format)
+    builder = fmt if fmt in FILE_FORMATS else SUFFIX_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(f"data.path={str(path)!r}: cannot tell the file format from {path.suffix!r}; set data.format "
-                         f"to one of {sorted(FORMAT_BUILDERS)}")
+                         f"to one of {sorted(FILE_FORMATS)}")
     if path.stat().st_size == 0:
         raise ValueError(f"data.path: {path} is empty (0 bytes)")
     if builder != "parquet":
@@ -129,21 +129,17 @@ def _load_file(path: Path, split: str, data_cfg):
     return _check_column(dataset, data_cfg, f"{path}")
 
 
-def _find_split_file(directory: Path, split: str) -> Path | None:
-    for suffix in SUFFIX_BUILDERS:
-        candidate = directory / f"{split}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+def _split_names(data_cfg) -> dict[str, str]:
+    """The configured split name of each role (train | validation | test) that is set."""
+    names = {"train": data_cfg.train_split, "validation": data_cfg.validation_split, "test": data_cfg.test_split}
+    return {role: name for role, name in names.items() if name is not None}
 
 
 def _load_local_dir(directory: Path, data_cfg) -> dict[str, Any]:
     splits: dict[str, Any] = {}
-    for role, name in (("train", data_cfg.train_split), ("validation", data_cfg.validation_split),
-                       ("test", data_cfg.test_split)):
-        if name is None:
-            continue
-        path = _find_split_file(directory, name)
+    for role, name in _split_names(data_cfg).items():
+        candidates = [directory / f"{name}{suffix}" for suffix in SUFFIX_BUILDERS]
+        path = next((candidate for candidate in candidates if candidate.is_file()), None)
         if path is None:
             if role == "train" or role == "validation" and not data_cfg.validation_fraction:
                 present = sorted(p.name for p in directory.iterdir())
@@ -158,32 +154,18 @@ def _load_local_dir(directory: Path, data_cfg) -> dict[str, Any]:
 def _load_hub(data_cfg) -> dict[str, Any]:
     import datasets
 
+    if data_cfg.streaming and data_cfg.max_documents is None:
+        raise ValueError("data.streaming=true needs data.max_documents (how many documents to keep)")
     splits: dict[str, Any] = {}
-    for role, name in (("train", data_cfg.train_split), ("validation", data_cfg.validation_split),
-                       ("test", data_cfg.test_split)):
-        if name is None:
-            continue
+    for role, name in _split_names(data_cfg).items():
         if data_cfg.streaming:
-            if data_cfg.max_documents is None:
-                raise ValueError("data.streaming=true needs data.max_documents (how many documents to keep)")
             stream = datasets.load_dataset(data_cfg.path, name=data_cfg.config_name, split=name, streaming=True)
             limit = data_cfg.max_documents if role == "train" else (data_cfg.max_validation_documents
                                                                    or data_cfg.max_documents)
-            rows = []
-            for row in stream.take(limit):
-                if data_cfg.text_column not in row:
-                    raise ValueError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.path} "
-                                     f"({name}); its columns are {sorted(row)}")
-                value = row[data_cfg.text_column]
-                if value is not None and not isinstance(value, str):
-                    raise ValueError(f"data.text_column={data_cfg.text_column!r} of {data_cfg.path} ({name}) holds "
-                                     f"{type(value).__name__} values, not text (e.g. {value!r})")
-                rows.append({"text": row[data_cfg.text_column]})
-            splits[role] = datasets.Dataset.from_list(rows)
+            dataset = datasets.Dataset.from_list(list(stream.take(limit)))
         else:
-            splits[role] = _check_column(
-                datasets.load_dataset(data_cfg.path, name=data_cfg.config_name, split=name), data_cfg,
-                f"{data_cfg.path} ({name})")
+            dataset = datasets.load_dataset(data_cfg.path, name=data_cfg.config_name, split=name)
+        splits[role] = _check_column(dataset, data_cfg, f"{data_cfg.path} ({name})")
     return splits
 
 

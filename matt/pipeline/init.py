@@ -37,10 +37,8 @@ def embeddings_of(model) -> TransferResult:
     return TransferResult(input_embeddings=inputs, output_embeddings=outputs, tie_word_embeddings=tied)
 
 
-def with_embeddings(teacher_model, embeddings, student_tokenizer, *, copy_model: bool = True):
-    """`teacher_model` (a deep copy unless `copy_model=False`) carrying `embeddings` (a
-    `TransferResult`) and the student tokenizer's special-token ids."""
-    model = copy.deepcopy(teacher_model) if copy_model else teacher_model
+def with_embeddings(model, embeddings: TransferResult, student_tokenizer):
+    """`model` (changed in place) carrying `embeddings` and the student tokenizer's special-token ids."""
     embeddings.apply_to(model)
     set_special_token_ids(model, student_tokenizer)
     return model
@@ -49,23 +47,11 @@ def with_embeddings(teacher_model, embeddings, student_tokenizer, *, copy_model:
 def adapted_model(model_cfg, teacher_tokenizer, embeddings: TransferResult, student_tokenizer):
     """A freshly loaded full-depth teacher carrying `embeddings` and the student's special-token ids:
     what `AutoModelForCausalLM.from_pretrained` of a saved adapted model gives back."""
-    return with_embeddings(load_teacher_model(model_cfg, teacher_tokenizer), embeddings, student_tokenizer,
-                           copy_model=False)
-
-
-def check_checkpoint(result, student_tokenizer, hidden_size: int, where: str) -> None:
-    """Learned embeddings must fit the teacher's hidden size and the student vocabulary (when known)."""
-    rows, dim = result.input_embeddings.shape
-    if dim != hidden_size:
-        raise ValueError(f"{where}: embeddings of width {dim}, but the model's hidden size is {hidden_size} "
-                         "(teacher/student architecture mismatch: they were learned for another model)")
-    if student_tokenizer is not None and rows != len(student_tokenizer):
-        raise ValueError(f"{where}: {rows} embedding rows, but the student tokenizer has {len(student_tokenizer)} "
-                         "tokens (they were learned for another tokenizer)")
+    return with_embeddings(load_teacher_model(model_cfg, teacher_tokenizer), embeddings, student_tokenizer)
 
 
 def init_key(init_cfg, model_identity: dict[str, Any], student_tokenizer, texts_digest: str) -> str:
-    options = {k: enum_value(v) for k, v in init_cfg.items()} if hasattr(init_cfg, "items") else dict(init_cfg)
+    options = {k: enum_value(v) for k, v in init_cfg.items()}
     return cache_key({"init": options, "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
                       "texts": texts_digest})
 
@@ -78,20 +64,16 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
     `overlap`: the teacher/student `TokenOverlap` when the caller has it (else computed here)."""
     directory = Path(output_dir) / INIT_DIR
     key_file = directory / KEY_FILE
-    if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
-        stored = json.loads(key_file.read_text())
+    stored = json.loads(key_file.read_text()) if key_file.is_file() else {}
+    if stored.get("key") == key:
         logger.info("Initial embeddings from %s", directory)
-        return with_embeddings(teacher_model, TransferResult.load(directory), student_tokenizer), stored["info"]
+        return with_embeddings(copy.deepcopy(teacher_model), TransferResult.load(directory),
+                               student_tokenizer), stored["info"]
 
     method = enum_value(init_cfg.method)
-    if method == "checkpoint":
-        if not init_cfg.checkpoint:
-            raise ValueError("init=checkpoint needs init.checkpoint=<embeddings.safetensors or a directory "
-                             "holding one>")
-        result = TransferResult.load(init_cfg.checkpoint)
-        hidden = teacher_model.get_input_embeddings().weight.shape[1]
-        check_checkpoint(result, student_tokenizer, hidden, f"init.checkpoint={init_cfg.checkpoint!r}")
-        student = with_embeddings(teacher_model, result, student_tokenizer)
+    if method == "checkpoint":  # checked against the model and the student vocabulary by preflight
+        student = with_embeddings(copy.deepcopy(teacher_model), TransferResult.load(init_cfg.checkpoint),
+                                  student_tokenizer)
         info: dict[str, Any] = {"method": "checkpoint", "checkpoint": str(init_cfg.checkpoint)}
     else:
         student, report = build_student_model(

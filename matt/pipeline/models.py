@@ -8,7 +8,6 @@ same config always gives the same tokenizer and (with `tiny.seed`) the same weig
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,12 @@ import torch
 
 from matt.pipeline.config import enum_value
 
-logger = logging.getLogger(__name__)
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def _tiny_dims(tiny) -> dict[str, int]:
-    return {
-        "hidden_size": tiny.hidden_size,
-        "num_hidden_layers": tiny.num_hidden_layers,
-        "num_attention_heads": tiny.num_attention_heads,
-        "num_key_value_heads": tiny.num_key_value_heads,
-        "intermediate_size": tiny.intermediate_size,
-    }
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return {name: tiny[name] for name in names}
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,26 +51,24 @@ def load_teacher_tokenizer(model_cfg):
                                          trust_remote_code=model_cfg.trust_remote_code)
 
 
-def load_model_config(model_cfg, teacher_tokenizer=None):
+def load_model_config(model_cfg, teacher_tokenizer):
     """The model's transformers config without loading weights (cheap; for validation)."""
     if model_cfg.tiny is not None:
         from matt.tiny import tiny_config
 
-        tokenizer = teacher_tokenizer or load_teacher_tokenizer(model_cfg)
-        return tiny_config(model_cfg.family, len(tokenizer), **_tiny_dims(model_cfg.tiny))
+        return tiny_config(model_cfg.family, len(teacher_tokenizer), **_tiny_dims(model_cfg.tiny))
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_source(model_cfg), revision=model_cfg.revision,
                                       trust_remote_code=model_cfg.trust_remote_code)
 
 
-def load_teacher_model(model_cfg, teacher_tokenizer=None):
+def load_teacher_model(model_cfg, teacher_tokenizer):
     """A fresh copy of the full teacher (eval mode). Called again whenever an untouched copy is needed."""
     if model_cfg.tiny is not None:
         from matt.tiny import tiny_model
 
-        tokenizer = teacher_tokenizer or load_teacher_tokenizer(model_cfg)
-        return tiny_model(model_cfg.family, len(tokenizer), seed=model_cfg.tiny.seed,
+        return tiny_model(model_cfg.family, len(teacher_tokenizer), seed=model_cfg.tiny.seed,
                           **_tiny_dims(model_cfg.tiny))
     from transformers import AutoModelForCausalLM
 
@@ -88,11 +78,6 @@ def load_teacher_model(model_cfg, teacher_tokenizer=None):
                                                  revision=model_cfg.revision,
                                                  trust_remote_code=model_cfg.trust_remote_code)
     return model.eval()
-
-
-def text_config(config):
-    """The decoder's config (multimodal checkpoints keep it under `text_config`)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def model_identity(model_cfg) -> dict[str, Any]:

@@ -1,19 +1,12 @@
 """Validate a composed transfer config before any heavy work, naming the key and the allowed values.
 
-Hydra already rejects unknown group options, unknown keys and enum values outside their choices
-while composing (against `matt.pipeline.config`). This adds the checks that need more than the
-config, all cheap (no weights are loaded, no tokenizer is trained):
-
-- missing mandatory values (`???`), MATTConfig's own ranges and combinations;
-- the teacher tokenizer loads and is a fast tokenizer (offsets are needed for segmentation);
-- the model's config exists, its `model_type` matches `model.family` and has an AIM adapter;
-- `objective.n_layers` lies within the model's depth;
-- the data source exists and has `data.text_column`; the evaluated split exists;
-- a pretrained student tokenizer is a fast tokenizer; `init.checkpoint` fits the model width;
-- `tracking=mlflow_server` has a URI; the tracking store answers (short timeout) and is writable;
-- path-like values (`data.path`, `tokenizer.path`, `model.pretrained`, ...) that do not exist
-  locally are errors naming the key (never sent to the Hub);
-- the teacher tokenizer fits the model's embedding matrix.
+Hydra already rejects unknown keys and enum values outside their choices while composing (against
+`matt.pipeline.config`). The checks here need more than the config, yet stay cheap (no weights are
+loaded, no tokenizer is trained): mandatory values and MATTConfig's ranges; path-like values that do
+not exist locally (never sent to the Hub); the tracking store (answers within seconds, writable); the
+tokenizers (fast, for offsets; the teacher's fits the embedding matrix); `model.family` against the
+checkpoint's `model_type`; `objective.n_layers` within the depth; `init.checkpoint` against the model
+width; the data source, its `data.text_column` and the evaluated / probed splits.
 
 Everything loaded here is returned in a `Plan`, so the recipe does not load it twice.
 """
@@ -52,8 +45,8 @@ class Plan:
                 "documents": self.documents.summary(), "model_type": self.model_config.model_type}
 
 
-def check_missing(cfg, groups: tuple[str, ...]) -> None:
-    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if key.split(".")[0] in groups)
+def check_missing(cfg) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"Missing mandatory value(s): {', '.join(missing)} - set them on the command line, "
                          f"e.g. {missing[0]}=...")
@@ -139,8 +132,8 @@ def check_n_layers(cfg, depth: int) -> int:
 
     n_layers = default_n_layers(depth) if cfg.objective.n_layers is None else int(cfg.objective.n_layers)
     if not 1 <= n_layers <= depth:
-        raise ValueError(f"objective.n_layers={n_layers} is invalid for {cfg.model.name} with {depth} layers: choose an "
-                         f"integer in [1, {depth}] (the AIM layer is n_layers - 1)")
+        raise ValueError(f"objective.n_layers={n_layers} is invalid for {cfg.model.name} with {depth} layers: "
+                         f"choose an integer in [1, {depth}] (the AIM layer is n_layers - 1)")
     return n_layers
 
 
@@ -171,29 +164,35 @@ def check_probe(cfg, documents) -> None:
 
 
 def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) -> None:
+    """`init.checkpoint` holds embeddings of the model's width (and, once known, the student's vocabulary size)."""
     if enum_value(init_cfg.method) != "checkpoint":
         return
-    from matt.pipeline.init import check_checkpoint
     from matt.result import EMBEDDINGS_FILE, TransferResult
 
     if not init_cfg.checkpoint:
         raise ValueError("init=checkpoint needs init.checkpoint=<embeddings.safetensors or a directory holding one>")
+    where = f"init.checkpoint={init_cfg.checkpoint!r}"
     path = Path(str(init_cfg.checkpoint)).expanduser()
     if not (path.is_file() or (path / EMBEDDINGS_FILE).is_file()):
-        raise ValueError(f"init.checkpoint={init_cfg.checkpoint!r}: no {EMBEDDINGS_FILE} there (give the file or "
-                         "the directory of a previous run's embeddings)")
-    where = f"init.checkpoint={init_cfg.checkpoint!r}"
-    check_checkpoint(TransferResult.load(path), student_tokenizer, hidden_size, where)
+        raise ValueError(f"{where}: no {EMBEDDINGS_FILE} there (give the file or the directory of a previous run's "
+                         "embeddings)")
+    rows, width = TransferResult.load(path).input_embeddings.shape
+    if width != hidden_size:
+        raise ValueError(f"{where}: embeddings of width {width}, but the model's hidden size is {hidden_size} "
+                         "(teacher/student architecture mismatch: they were learned for another model)")
+    if student_tokenizer is not None and rows != len(student_tokenizer):
+        raise ValueError(f"{where}: {rows} embedding rows, but the student tokenizer has {len(student_tokenizer)} "
+                         "tokens (they were learned for another tokenizer)")
 
 
 def preflight(cfg) -> Plan:
     """Validate the transfer config `cfg`; raise `ValueError` naming the offending key."""
     from matt.pipeline.documents import load_documents
-    from matt.pipeline.models import load_model_config, load_teacher_tokenizer, text_config
+    from matt.pipeline.models import load_model_config, load_teacher_tokenizer
     from matt.pipeline.tokenizer import load_pretrained_student
     from matt.segmentation import check_offsets_support
 
-    check_missing(cfg, ("model", "tokenizer", "data", "init", "objective", "train", "tracking", "eval"))
+    check_missing(cfg)
     check_local_paths(cfg)
     matt_config(cfg)  # MATTConfig's ranges and combinations, reported under their Hydra keys
     check_tracking(cfg.tracking, cfg.paths.output_root)
@@ -206,15 +205,14 @@ def preflight(cfg) -> Plan:
     check_offsets_support(teacher_tokenizer, f"model.tokenizer (the teacher's, {teacher_source!r})")
     model_config = load_model_config(cfg.model, teacher_tokenizer)
     check_family(cfg.model, model_config)  # the family covers the model_type: an adapter exists
-    decoder = text_config(model_config)
+    decoder = model_config.get_text_config()  # multimodal checkpoints keep the decoder's config apart
     depth, hidden = int(decoder.num_hidden_layers), int(decoder.hidden_size)
     check_vocab_fits(cfg.model, teacher_tokenizer, decoder)
     n_layers = check_n_layers(cfg, depth)
 
     student_tokenizer = None
-    if enum_value(cfg.tokenizer.source) == "pretrained":  # load_pretrained_student names a missing tokenizer.path
+    if enum_value(cfg.tokenizer.source) == "pretrained":  # names a missing tokenizer.path or a slow tokenizer
         student_tokenizer = load_pretrained_student(cfg.tokenizer)
-        check_offsets_support(student_tokenizer, f"tokenizer.path={cfg.tokenizer.path!r}")
     check_init_checkpoint(cfg.init, hidden, student_tokenizer)
 
     documents = load_documents(cfg.data, teacher_tokenizer)

@@ -26,14 +26,17 @@ the end, on held-out text (`probe.split`, never the training split):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
-from pathlib import Path
+from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from matt.api import pad_id
 from matt.batches import AIMCollator, prepare_dataset
@@ -46,7 +49,6 @@ from matt.trainer import transfer_result
 
 logger = logging.getLogger(__name__)
 
-ROW_KEYS = ("row_norm", "row_cos_init", "row_change")
 HELDOUT_KEYS = ("train_s", "heldout_bpb", "heldout_bpb_new", "heldout_bpb_shared",
                 *(f"heldout_aim_{loss}{part}" for loss in ("mse", "cosine") for part in ("", "_new", "_shared")))
 """The metric names the probe logs (under `diag/`); reports and tests rely on them."""
@@ -78,8 +80,8 @@ def heldout_aim(teacher, student, batches: list[dict[str, torch.Tensor]], is_new
                 device: torch.device) -> dict[str, float]:
     """Full AIM (mse and cosine) of `student` against `teacher` over held-out `batches`, overall and
     split into pairs involving new tokens / shared tokens only; each a mean over all batches' pairs."""
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    sums: defaultdict[str, float] = defaultdict(float)
+    counts: defaultdict[str, int] = defaultdict(int)
     for batch in batches:
         t_seg, s_seg = batch["teacher_segment_ids"].to(device), batch["student_segment_ids"].to(device)
         s_ids = batch["student_input_ids"].to(device)
@@ -95,9 +97,8 @@ def heldout_aim(teacher, student, batches: list[dict[str, torch.Tensor]], is_new
             for loss in ("mse", "cosine"):
                 value = aim_loss(t_out.attn_probs, t_out.values, t_seg, s_out.attn_probs, s_out.values, s_seg,
                                  loss=loss, pairs=pairs)
-                key = f"heldout_aim_{loss}{part}"
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-                counts[key] = counts.get(key, 0.0) + n
+                sums[f"heldout_aim_{loss}{part}"] += float(value) * n
+                counts[f"heldout_aim_{loss}{part}"] += n
     return {key: sums[key] / counts[key] for key in sums}
 
 
@@ -115,12 +116,12 @@ class TrainingProbe:
                  batches: list[dict[str, torch.Tensor]], eval_model=None, tokenizer=None,
                  texts: list[str] | None = None, new_bytes=None, every_s: float | None = None,
                  every_n_steps: int | None = None, max_length: int = 1024, batch_size: int = 1,
-                 result_fn: Callable[[], object] | None = None, device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu"):
         self.teacher, self.student, self.log_fn = teacher, student, log_fn
         self.is_new = ~frozen_mask.bool()
         self.batches, self.eval_model, self.tokenizer, self.texts = batches, eval_model, tokenizer, texts
         self.new_bytes, self.every_s, self.every_n_steps = new_bytes, every_s, every_n_steps
-        self.max_length, self.batch_size, self.result_fn = max_length, batch_size, result_fn
+        self.max_length, self.batch_size = max_length, batch_size
         self.device = torch.device(device)
         embeddings = student.input_embeddings
         self.initial_rows = embeddings.trainable.detach().float().cpu().clone()
@@ -151,7 +152,7 @@ class TrainingProbe:
 
     # --- held out -----------------------------------------------------------------------------
     def bits_per_byte(self) -> dict[str, float]:
-        self.result_fn().apply_to(self.eval_model)
+        transfer_result(self.student, {}).apply_to(self.eval_model)
         result = bits_per_byte(self.eval_model, self.tokenizer, self.texts, max_length=self.max_length,
                                batch_size=self.batch_size, device=self.device, progress=False,
                                new_bytes=self.new_bytes)
@@ -178,14 +179,10 @@ class TrainingProbe:
                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("heldout_")))
         return row
 
-    def due(self, step: int, train_s: float) -> bool:
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            return True
-        return bool(self.every_s) and train_s >= self._next_s
-
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         train_s = float(metrics.get("elapsed_s", 0.0))
-        if self.due(step, train_s):
+        by_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        if by_steps or bool(self.every_s) and train_s >= self._next_s:
             self.measure(step, train_s)
             if self.every_s:
                 while self._next_s <= train_s:
@@ -215,20 +212,17 @@ def build_probe(cfg, *, documents, teacher, student, overlap, teacher_tokenizer,
     `TokenOverlap` (new tokens = student tokens it does not share)."""
 
     pc = cfg.probe  # validated by `matt.pipeline.preflight.check_probe`
-    texts = [t for t in documents.split(pc.split)["text"] if t]
-    if pc.max_document_chars is not None:
-        texts = [t[:pc.max_document_chars] for t in texts]
-    texts = cap_texts(texts, pc.max_documents, None)
+    texts = cap_texts([t[:pc.max_document_chars] for t in documents.split(pc.split)["text"] if t], pc.max_documents,
+                      None)
     if not texts:
         raise ValueError(f"probe.split={pc.split!r} has no non-empty documents to measure on")
     batches = []
     if pc.aim_batches > 0:
         prepared = prepare_dataset(texts, teacher_tokenizer, student_tokenizer, max_length=cfg.data.max_length,
                                    num_proc=1, cache_dir=dataset_cache_dir(cfg), text_column="text").dataset
-        collate = AIMCollator(pad_id(teacher_tokenizer), pad_id(student_tokenizer))
-        size = cfg.train.batch_size
-        batches = [collate([prepared[i] for i in range(start, min(start + size, len(prepared)))])
-                   for start in range(0, min(len(prepared), pc.aim_batches * size), size)]
+        loader = DataLoader(prepared, batch_size=cfg.train.batch_size,
+                            collate_fn=AIMCollator(pad_id(teacher_tokenizer), pad_id(student_tokenizer)))
+        batches = list(itertools.islice(loader, pc.aim_batches))
     new_bytes = None
     if pc.bpb:
         try:
@@ -238,11 +232,10 @@ def build_probe(cfg, *, documents, teacher, student, overlap, teacher_tokenizer,
     logger.info("Probe: %d held-out documents of %r, %d AIM batches, bits per byte %s, every %s", len(texts),
                 pc.split, len(batches), "on" if pc.bpb else "off",
                 f"{pc.every_s:g} s" if pc.every_s else f"{pc.every_n_steps} steps" if pc.every_n_steps else "-")
-    return TrainingProbe(teacher=teacher, student=student, frozen_mask=overlap.frozen_mask(), log_fn=log_fn, batches=batches,
-                         eval_model=eval_model if pc.bpb else None, tokenizer=student_tokenizer, texts=texts,
-                         new_bytes=new_bytes, every_s=pc.every_s, every_n_steps=pc.every_n_steps,
-                         max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,
-                         result_fn=lambda: transfer_result(student, {}), device=device)
+    return TrainingProbe(teacher=teacher, student=student, frozen_mask=overlap.frozen_mask(), log_fn=log_fn,
+                         batches=batches, eval_model=eval_model if pc.bpb else None, tokenizer=student_tokenizer,
+                         texts=texts, new_bytes=new_bytes, every_s=pc.every_s, every_n_steps=pc.every_n_steps,
+                         max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size, device=device)
 
 
 def write_probe_rows(rows: list[dict[str, float]], path) -> None:

@@ -30,6 +30,7 @@ and at the end for bits per byte), logged to MLflow under `recover/...` and writ
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from matt.evaluation.bpb import bits_per_byte
 from matt.initialization import embeddings_tied
 from matt.modeling import adapter_for
 from matt.pipeline.config import enum_value, matt_config
+from matt.pipeline.evaluate import eval_device
 from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.preflight import preflight
 from matt.pipeline.run_context import (JsonlLog, job_output_dir, log_job_config, make_accelerator, method_label,
@@ -68,9 +70,7 @@ def frequent_token_ids(tokenizer, texts: list[str], rank_start: int, rank_end: i
     id; special tokens excluded)."""
     if not 0 <= rank_start < rank_end:
         raise ValueError(f"recover.rank_start={rank_start} / recover.rank_end={rank_end}: need 0 <= start < end")
-    counts: Counter[int] = Counter()
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        counts.update(ids)
+    counts = Counter(itertools.chain.from_iterable(tokenizer(texts, add_special_tokens=False)["input_ids"]))
     specials = special_token_ids(tokenizer)
     ranked = sorted((t for t in counts if t not in specials), key=lambda t: (-counts[t], t))
     if len(ranked) < rank_end:
@@ -83,22 +83,25 @@ def untie_output_embeddings(model) -> None:
     """Give a tied HF model its own LM-head matrix (a copy of the current one)."""
     head = model.get_output_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    configs = [model.config]
-    if hasattr(model.config, "get_text_config"):
-        configs.append(model.config.get_text_config())
-    for config in {id(c): c for c in configs}.values():
-        config.tie_word_embeddings = False
+    model.config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False  # the same object unless multimodal
+
+
+def check_recover_init(method: str) -> None:
+    if method not in RECOVER_INITS:
+        raise ValueError(f"init.method={method!r} cannot delete rows for recover_known: choose one of "
+                         f"{list(RECOVER_INITS)} (the student tokenizer is the teacher's, so every other method "
+                         "would copy the true rows back)")
 
 
 @dataclass
 class DeletedRows:
-    """The K deleted token ids with their true and deleted-state rows (float32, (K, D))."""
+    """The K deleted token ids, their true rows and their deleted input rows (float32, (K, D))."""
 
     ids: torch.Tensor
     true_input: torch.Tensor
     true_output: torch.Tensor
     deleted_input: torch.Tensor
-    deleted_output: torch.Tensor
 
 
 def replacement_rows(weight: torch.Tensor, num_real: int, k: int, method: str, generator: torch.Generator):
@@ -112,18 +115,14 @@ def replacement_rows(weight: torch.Tensor, num_real: int, k: int, method: str, g
 
 def delete_rows(model, ids: list[int], *, method: str, rows: str, num_real: int, seed: int = 0) -> DeletedRows:
     """Overwrite the rows of `ids` in place (see the module docstring for `rows`); returns both states."""
-    if method not in RECOVER_INITS:
-        raise ValueError(f"init.method={method!r} cannot delete rows for recover_known: choose one of "
-                         f"{list(RECOVER_INITS)} (the student tokenizer is the teacher's, so every other method "
-                         "would copy the true rows back)")
+    check_recover_init(method)
     if rows not in ("input", "input_output"):
         raise ValueError(f"recover.rows={rows!r} is invalid: choose one of ['input', 'input_output']")
     index = torch.tensor(ids, dtype=torch.long)
     if rows == "input" and embeddings_tied(model):
         untie_output_embeddings(model)  # the LM head keeps the true rows
     inputs = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    outputs = head.weight if head is not None else inputs
+    outputs = model.get_output_embeddings().weight  # the same tensor when tied
     true_input = inputs.detach()[index].float().clone()
     true_output = outputs.detach()[index].float().clone()
     generator = torch.Generator().manual_seed(seed)
@@ -133,8 +132,7 @@ def delete_rows(model, ids: list[int], *, method: str, rows: str, num_real: int,
         if rows == "input_output" and outputs is not inputs:
             outputs[index] = replacement_rows(outputs, num_real, len(ids), method, generator).to(outputs.dtype)
     return DeletedRows(ids=index, true_input=true_input, true_output=true_output,
-                       deleted_input=inputs.detach()[index].float().clone(),
-                       deleted_output=outputs.detach()[index].float().clone())
+                       deleted_input=inputs.detach()[index].float().clone())
 
 
 def mean_cosine(rows: torch.Tensor, true: torch.Tensor) -> float:
@@ -150,11 +148,8 @@ def mean_distance(rows: torch.Tensor, true: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------
 def evaluation_texts(cfg, documents) -> list[str]:
     """The evaluated split, first `eval.max_documents` non-empty documents, each cut to `recover.eval_max_chars`."""
-    texts = [t for t in documents.split(cfg.eval.split)["text"] if t and t.strip()]
-    if cfg.eval.max_documents is not None:
-        texts = texts[:cfg.eval.max_documents]
-    if cfg.recover.eval_max_chars is not None:
-        texts = [t[:cfg.recover.eval_max_chars] for t in texts]
+    split = documents.split(cfg.eval.split)["text"]
+    texts = [t[:cfg.recover.eval_max_chars] for t in split if t and t.strip()][:cfg.eval.max_documents]  # None: all
     if not texts:
         raise ValueError(f"recover_known: the {cfg.eval.split} split has no non-empty documents to evaluate")
     return texts
@@ -162,15 +157,17 @@ def evaluation_texts(cfg, documents) -> list[str]:
 
 class RecoveryProbe:
     """A trainer log function that measures the deleted rows (every logged step) and bits per byte of
-    the full model carrying them (step 0, every `eval_every` steps, and the last step)."""
+    the full model carrying them (step 0, every `eval_every` steps, and the last step).
 
-    def __init__(self, student, eval_model, tokenizer, texts: list[str], deleted: DeletedRows, *, eval_every: int,
-                 max_steps: int, max_length: int, batch_size: int, log_fn, bpb_untouched: float,
-                 bpb_deleted: float | None = None, device: str | None = None):
-        self.student, self.eval_model, self.tokenizer, self.texts = student, eval_model, tokenizer, texts
-        self.deleted, self.eval_every, self.max_steps = deleted, eval_every, max_steps
-        self.max_length, self.batch_size, self.log_fn, self.device = max_length, batch_size, log_fn, device
-        self.bpb_untouched, self.bpb_deleted = bpb_untouched, bpb_deleted
+    `score()`: bits per byte of `eval_model` as it is; `bpb_deleted` (the step-0 value) is set before
+    the first measurement."""
+
+    def __init__(self, student, eval_model, deleted: DeletedRows, score, *, eval_every: int, max_steps: int, log_fn,
+                 bpb_untouched: float):
+        self.student, self.eval_model, self.deleted, self.score = student, eval_model, deleted, score
+        self.eval_every, self.max_steps, self.log_fn = eval_every, max_steps, log_fn
+        self.bpb_untouched = bpb_untouched
+        self.bpb_deleted: float | None = None
         self.rows: list[dict[str, float]] = []
 
     def current_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +179,7 @@ class RecoveryProbe:
         return inputs, outputs
 
     def bits_per_byte(self) -> float:
+        """Bits per byte of `eval_model` carrying the student's current rows."""
         inputs, outputs = self.current_rows()
         ids = self.deleted.ids
         with torch.no_grad():
@@ -189,12 +187,11 @@ class RecoveryProbe:
             weight[ids] = inputs.to(weight.device, weight.dtype)
             head = self.eval_model.get_output_embeddings().weight
             head[ids] = outputs.to(head.device, head.dtype)
-        return bits_per_byte(self.eval_model, self.tokenizer, self.texts, max_length=self.max_length,
-                             batch_size=self.batch_size, device=self.device, progress=False).bpb
+        return self.score()
 
     def measure(self, step: int, metrics: dict[str, float] | None = None, *, with_bpb: bool) -> dict[str, float]:
-        """Measure the deleted rows now (and bits per byte if `with_bpb`; at step 0 a known
-        `bpb_deleted` is used as is), log under `recover/...` at `step`."""
+        """Measure the deleted rows now (and bits per byte if `with_bpb`; step 0 is `bpb_deleted`),
+        log under `recover/...` at `step`."""
         inputs, outputs = self.current_rows()
         d = self.deleted
         row: dict[str, float] = {
@@ -208,9 +205,7 @@ class RecoveryProbe:
             row.update({k: float(metrics[k]) for k in ("aim_loss", "ntp_loss", "loss") if k in metrics})
         if with_bpb:
             started = time.perf_counter()
-            bpb = self.bpb_deleted if step == 0 and self.bpb_deleted is not None else self.bits_per_byte()
-            if self.bpb_deleted is None:
-                self.bpb_deleted = bpb
+            bpb = self.bpb_deleted if step == 0 else self.bits_per_byte()
             gap = self.bpb_deleted - self.bpb_untouched
             row.update(bpb=bpb, recovered=(self.bpb_deleted - bpb) / gap if gap else math.nan,
                        bpb_eval_s=time.perf_counter() - started)
@@ -258,9 +253,7 @@ def run_recover(cfg) -> float | None:
     rc = cfg.recover
     method = enum_value(cfg.init.method)
     rows_mode = enum_value(rc.rows)
-    if method not in RECOVER_INITS:
-        raise ValueError(f"init.method={method!r} cannot delete rows for recover_known: choose one of "
-                         f"{list(RECOVER_INITS)}")
+    check_recover_init(method)
     if rc.eval_every < 1 or rc.eval_every % cfg.train.log_every_n_steps:
         raise ValueError(f"recover.eval_every={rc.eval_every} must be a positive multiple of "
                          f"train.log_every_n_steps={cfg.train.log_every_n_steps} (bits per byte is measured at "
@@ -304,33 +297,33 @@ def run_recover(cfg) -> float | None:
         if embeddings_tied(eval_model):
             untie_output_embeddings(eval_model)
         texts = evaluation_texts(cfg, documents)
-        device = cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = eval_device(cfg.eval)
         eval_model.to(device)
+
+        def score() -> float:
+            return bits_per_byte(eval_model, tokenizer, texts, max_length=cfg.eval.max_length,
+                                 batch_size=cfg.eval.batch_size, device=device, progress=False).bpb
+
         identity = {"model": model_identity(cfg.model), "texts": texts_digest(texts),
                     "max_length": cfg.eval.max_length}
-        bpb_untouched = _cached_bpb(cache_dir, {**identity, "state": "untouched"}, lambda: bits_per_byte(
-            eval_model, tokenizer, texts, max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,
-            device=device, progress=False).bpb)
+        bpb_untouched = _cached_bpb(cache_dir, {**identity, "state": "untouched"}, score)
         tracker.log_metrics({"recover/num_rows": len(ids), "recover/bpb_untouched": bpb_untouched,
                              "recover/eval_documents": len(texts)})
 
         # 4. adapters: only the deleted rows train
-        frozen = torch.ones(student_model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+        all_rows = torch.ones(teacher_model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+        frozen = all_rows.clone()
         frozen[deleted.ids] = False
         adapter = adapter_for(teacher_model)
-        rows_total = teacher_model.get_input_embeddings().weight.shape[0]
-        teacher = adapter(teacher_model, n_layers=n_layers, frozen_embeddings_mask=torch.ones(rows_total,
-                                                                                              dtype=torch.bool))
+        teacher = adapter(teacher_model, n_layers=n_layers, frozen_embeddings_mask=all_rows)
         student = adapter(student_model, n_layers=n_layers, frozen_embeddings_mask=frozen, with_ntp=with_ntp)
         if rows_mode == "input" and not student.is_tied:
             student.causal_lm.get_output_embeddings().requires_grad_(False)  # the true head rows stay
         logger.info("recover_known: %d rows (ranks %d-%d) deleted to %s, rows=%s; training %s at n_layers=%d",
                     len(ids), rc.rank_start, rc.rank_end - 1, method, rows_mode, cfg.objective.name, n_layers)
 
-        probe = RecoveryProbe(student, eval_model, tokenizer, texts, deleted, eval_every=rc.eval_every,
-                              max_steps=cfg.train.max_steps, max_length=cfg.eval.max_length,
-                              batch_size=cfg.eval.batch_size, log_fn=tracker.log_metrics,
-                              bpb_untouched=bpb_untouched, device=device)
+        probe = RecoveryProbe(student, eval_model, deleted, score, eval_every=rc.eval_every,
+                              max_steps=cfg.train.max_steps, log_fn=tracker.log_metrics, bpb_untouched=bpb_untouched)
         deleted_key = {**identity, "state": "deleted", "ids": ids, "method": method, "rows": rows_mode,
                        "seed": cfg.init.seed}
         probe.bpb_deleted = _cached_bpb(cache_dir, deleted_key, probe.bits_per_byte)
@@ -356,8 +349,7 @@ def run_recover(cfg) -> float | None:
                                                             "token_ids": ids}, indent=2))
         table = results_table(probe.rows, bpb_untouched, probe.bpb_deleted)
         (directory / "results.md").write_text(f"# {cfg.name} · {label}\n\n{table}\n")
-        tracker.log_artifact(directory / "results.json", "recover")
-        tracker.log_artifact(directory / "results.md", "recover")
+        tracker.log_artifacts(directory, "recover")
         tracker.log_metrics({"job/wall_clock_s": time.perf_counter() - started})
         print(f"\n{cfg.name} · {label}\n{table}\n", flush=True)
     return float(final["recovered"])

@@ -21,21 +21,14 @@ logger = logging.getLogger(__name__)
 
 def tokenizer_key(tok_cfg, teacher_tokenizer, texts: list[str]) -> str:
     """Hash of everything a trained/extended student tokenizer depends on."""
-    options = {
-        "source": enum_value(tok_cfg.source),
-        "kind": enum_value(tok_cfg.kind),
-        "vocab_size": tok_cfg.vocab_size if enum_value(tok_cfg.source) == "train" else None,
-        "num_new_tokens": tok_cfg.num_new_tokens if enum_value(tok_cfg.source) == "extend" else None,
-        "min_frequency": tok_cfg.min_frequency if enum_value(tok_cfg.source) == "extend" else None,
-        "path": tok_cfg.path if enum_value(tok_cfg.source) == "pretrained" else None,
-    }
+    source = enum_value(tok_cfg.source)
+    options = {"source": source, "kind": enum_value(tok_cfg.kind),
+               "vocab_size": tok_cfg.vocab_size if source == "train" else None,
+               "num_new_tokens": tok_cfg.num_new_tokens if source == "extend" else None,
+               "min_frequency": tok_cfg.min_frequency if source == "extend" else None,
+               "path": tok_cfg.path if source == "pretrained" else None}
     return cache_key({"teacher": tokenizer_fingerprint(teacher_tokenizer), "options": options,
                       "texts": texts_digest(texts) if options["path"] is None else None})
-
-
-def training_texts(tok_cfg, documents) -> list[str]:
-    texts = [t for t in documents.train["text"] if t]
-    return texts[: tok_cfg.max_documents] if tok_cfg.max_documents is not None else texts
 
 
 def _build(tok_cfg, teacher_tokenizer, texts: list[str]):
@@ -53,11 +46,16 @@ def _build(tok_cfg, teacher_tokenizer, texts: list[str]):
 
 
 def load_pretrained_student(tok_cfg):
+    """`tokenizer=pretrained`: the tokenizer at `tokenizer.path`, a fast one (segmentation needs offsets)."""
     from transformers import AutoTokenizer
+
+    from matt.segmentation import check_offsets_support
 
     if not tok_cfg.path:
         raise ValueError("tokenizer=pretrained needs tokenizer.path=<tokenizer directory or hub id>")
-    return AutoTokenizer.from_pretrained(tok_cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(tok_cfg.path)
+    check_offsets_support(tokenizer, f"tokenizer.path={tok_cfg.path!r}")
+    return tokenizer
 
 
 def build_student_tokenizer(tok_cfg, teacher_tokenizer, documents, *, cache_dir: str | Path):
@@ -67,11 +65,9 @@ def build_student_tokenizer(tok_cfg, teacher_tokenizer, documents, *, cache_dir:
     from matt.segmentation import check_offsets_support
 
     if enum_value(tok_cfg.source) == "pretrained":
-        tokenizer = load_pretrained_student(tok_cfg)
-        check_offsets_support(tokenizer, f"tokenizer.path={tok_cfg.path!r}")
-        return tokenizer
+        return load_pretrained_student(tok_cfg)
 
-    texts = training_texts(tok_cfg, documents)
+    texts = [t for t in documents.train["text"] if t][:tok_cfg.max_documents]  # None: all
     if not texts:
         raise ValueError("No non-empty training documents to learn the student tokenizer from")
     directory = Path(cache_dir) / "tokenizers" / tokenizer_key(tok_cfg, teacher_tokenizer, texts)
