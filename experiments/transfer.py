@@ -38,15 +38,14 @@ from matt.api import MATT
 from matt.digests import file_digest, texts_digest, tokenizer_fingerprint
 from matt.hydra_app import hydra_main, share_run_stamp_across_processes, sigterm_stops_the_job
 from matt.modeling import adapter_for
-from matt.pipeline.config import enum_value, matt_config
+from matt.pipeline.config import enum_value
 from matt.pipeline.evaluate import EvalSuite, eval_device, prefixed, results_table, write_results
 from matt.pipeline.init import INIT_DIR, adapted_model, init_key, init_metrics, initialize_student, release_memory
 from matt.pipeline.models import load_teacher_model, model_identity
-from matt.pipeline.preflight import check_init_checkpoint, preflight
+from matt.pipeline.preflight import check_init_checkpoint
 from matt.pipeline.probe import build_probe, write_probe_rows
 from matt.pipeline.recover import run_recover
-from matt.pipeline.run_context import (JsonlLog, job_output_dir, log_job_config, make_accelerator, method_label,
-                                       open_job_tracker)
+from matt.pipeline.run_context import JsonlLog, log_job_config, method_label, open_job_tracker, start_job
 from matt.pipeline.tokenizer import build_student_tokenizer
 from matt.report import plot_training_curves
 from matt.result import TransferResult
@@ -67,13 +66,12 @@ def main(cfg) -> float | None:
 def transfer(cfg) -> float | None:
     started = time.perf_counter()
 
-    # 0. validate everything before heavy work: teacher tokenizer + config, documents, n_layers
-    output_dir = job_output_dir(cfg)
-    plan = preflight(cfg)
-    if cfg.dry_run:
-        print(f"Config OK (dry run): {json.dumps(plan.summary(), default=str)}", flush=True)
+    # 0. validate everything before heavy work (teacher tokenizer + config, documents, n_layers); the
+    #    processes and training settings
+    job = start_job(cfg)
+    if job is None:  # dry run
         return None
-    checkpoint_dir = output_dir / "checkpoints"
+    output_dir, checkpoint_dir, plan, accelerator, mcfg = job
     finished_file = checkpoint_dir / FINISHED_FILE
     finished = json.loads(finished_file.read_text()) if cfg.train.resume and finished_file.is_file() else None
     if finished is not None and finished.get("max_steps") == cfg.train.max_steps:
@@ -86,15 +84,12 @@ def transfer(cfg) -> float | None:
         logger.warning("train.resume=true but %s holds no checkpoint: starting from step 0. To continue a crashed "
                        "job, rerun it in its own directory: hydra.run.dir=<that job's directory>", checkpoint_dir)
 
-    # 1. processes, training settings, the MLflow run
-    accelerator = make_accelerator(cfg)
+    # 1. the MLflow run
     is_main = accelerator.is_main_process
-    mcfg = matt_config(cfg, checkpoint_dir=checkpoint_dir)
     tied = bool(getattr(plan.model_config.get_text_config(), "tie_word_embeddings",
                         getattr(plan.model_config, "tie_word_embeddings", False)))
     label = method_label(cfg, plan.n_layers, plan.with_ntp, tied)
-    tracker = open_job_tracker(cfg, kind="transfer", label=label, plan=plan, output_dir=output_dir,
-                               checkpoint_dir=checkpoint_dir, is_main=is_main, model_family=cfg.model.family,
+    tracker = open_job_tracker(cfg, job, kind="transfer", label=label, model_family=cfg.model.family,
                                tokenizer=enum_value(cfg.tokenizer.source), world_size=accelerator.num_processes)
     with tracker.run():
         if is_main:

@@ -48,12 +48,10 @@ from matt.digests import cache_key, texts_digest
 from matt.evaluation.bpb import bits_per_byte
 from matt.initialization import embeddings_tied
 from matt.modeling import adapter_for
-from matt.pipeline.config import enum_value, matt_config
+from matt.pipeline.config import enum_value
 from matt.pipeline.evaluate import eval_device
 from matt.pipeline.models import load_teacher_model, model_identity
-from matt.pipeline.preflight import preflight
-from matt.pipeline.run_context import (JsonlLog, job_output_dir, log_job_config, make_accelerator, method_label,
-                                      open_job_tracker)
+from matt.pipeline.run_context import JsonlLog, log_job_config, method_label, open_job_tracker, start_job
 from matt.segmentation import special_token_ids
 
 logger = logging.getLogger(__name__)
@@ -258,23 +256,18 @@ def run_recover(cfg) -> float | None:
         raise ValueError(f"recover.eval_every={rc.eval_every} must be a positive multiple of "
                          f"train.log_every_n_steps={cfg.train.log_every_n_steps} (bits per byte is measured at "
                          "logged steps)")
-    output_dir = job_output_dir(cfg)
-    plan = preflight(cfg)
-    if cfg.dry_run:
-        print(f"Config OK (dry run): {json.dumps(plan.summary(), default=str)}", flush=True)
+    job = start_job(cfg)
+    if job is None:  # dry run
         return None
-    accelerator = make_accelerator(cfg)
+    output_dir, _, plan, accelerator, mcfg = job
     if accelerator.num_processes > 1:
         raise ValueError("recover_known runs in a single process (its probe evaluates during training)")
-    checkpoint_dir = output_dir / "checkpoints"
-    mcfg = matt_config(cfg, checkpoint_dir=checkpoint_dir)
     n_layers, with_ntp = plan.n_layers, plan.with_ntp
     tokenizer, documents = plan.teacher_tokenizer, plan.documents
     cache_dir = Path(cfg.paths.cache_dir)
     label = cfg.label or (f"{method_label(cfg, n_layers, with_ntp, tied=False)} rows={rows_mode} "
                           f"lr={cfg.train.lr:g}")
-    tracker = open_job_tracker(cfg, kind="recover_known", label=label, plan=plan, output_dir=output_dir,
-                               checkpoint_dir=checkpoint_dir, recover_rows=rows_mode,
+    tracker = open_job_tracker(cfg, job, kind="recover_known", label=label, recover_rows=rows_mode,
                                output_embeddings=str(cfg.objective.output_embeddings))
 
     with tracker.run():

@@ -1,5 +1,6 @@
-"""Where and as what a job runs: run-directory stamp, output directory, Accelerator, Hydra job info,
-label, MLflow run, train log. Shared by the recipes (`experiments/*.py`, `recover`) and `matt.hydra_app`."""
+"""Where and as what a job runs: run-directory stamp, output directory, Accelerator, the started job
+(start_job), Hydra job info, label, MLflow run, train log. Shared by the recipes (`experiments/*.py`,
+`recover`) and `matt.hydra_app`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import os
 import secrets
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from matt.pipeline.config import enum_value
+from matt.config import MATTConfig
+from matt.pipeline.config import enum_value, matt_config
+from matt.pipeline.preflight import Plan, preflight
 from matt.tracking import flatten, open_tracker, save_run_reference
 
 
@@ -65,6 +68,28 @@ def make_accelerator(cfg):
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
+class Job(NamedTuple):
+    """A started job (start_job)."""
+
+    output_dir: Path
+    checkpoint_dir: Path
+    plan: Plan
+    accelerator: Any
+    settings: MATTConfig
+
+
+def start_job(cfg) -> Job | None:
+    """The job's output directory, preflight's Plan (validated before any heavy work), its Accelerator and
+    training settings; None on a dry run (`dry_run=true`, after printing the plan)."""
+    output_dir = job_output_dir(cfg)
+    plan = preflight(cfg)
+    if cfg.dry_run:
+        print(f"Config OK (dry run): {json.dumps(plan.summary(), default=str)}", flush=True)
+        return None
+    checkpoint_dir = output_dir / "checkpoints"
+    return Job(output_dir, checkpoint_dir, plan, make_accelerator(cfg), matt_config(cfg, checkpoint_dir=checkpoint_dir))
+
+
 def hydra_job(cfg) -> dict[str, Any]:
     """Overrides, job number and sweep of the current Hydra job (empty outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
@@ -101,21 +126,21 @@ def method_label(cfg, n_layers: int, with_ntp: bool, tied: bool) -> str:
     return " ".join(parts)
 
 
-def open_job_tracker(cfg, *, kind: str, label: str, plan, output_dir: Path, checkpoint_dir: Path,
-                     is_main: bool = True, **tags):
+def open_job_tracker(cfg, job: Job, *, kind: str, label: str, **tags):
     """The job's tracker (MLflow run: `matt.*` tags, run name = the Hydra overrides; reopened when
-    `train.resume`), its reference saved in `checkpoint_dir`; extra `tags` go in as `matt.<name>`."""
-    job = hydra_job(cfg)
+    `train.resume`), its reference saved in the checkpoint directory; extra `tags` go in as `matt.<name>`."""
+    plan, is_main = job.plan, job.accelerator.is_main_process
+    hydra_info = hydra_job(cfg)
     tags = {"kind": kind, "experiment": cfg.name, "label": label, "model": cfg.model.name,
             "objective": cfg.objective.name, "aim_impl": str(cfg.objective.aim_impl), "loss": str(cfg.objective.loss),
             "n_layers": plan.n_layers, "with_ntp": str(plan.with_ntp).lower(), "init": enum_value(cfg.init.method),
-            "output_dir": str(output_dir.resolve()), **tags, **job}
+            "output_dir": str(job.output_dir.resolve()), **tags, **hydra_info}
     tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, is_main_process=is_main,
-                           run_name=cfg.tracking.run_name or job.get("overrides") or cfg.name,
+                           run_name=cfg.tracking.run_name or hydra_info.get("overrides") or cfg.name,
                            tags={f"matt.{k}": v for k, v in tags.items()},
-                           resume_from=checkpoint_dir if cfg.train.resume else None)
+                           resume_from=job.checkpoint_dir if cfg.train.resume else None)
     if is_main:
-        save_run_reference(tracker, checkpoint_dir)
+        save_run_reference(tracker, job.checkpoint_dir)
     return tracker
 
 
