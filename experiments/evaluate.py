@@ -26,8 +26,6 @@ from matt.tracking import flatten, open_tracker
 @hydra_main("evaluate")
 def main(cfg) -> dict[str, float]:
     """The models' metrics, named `<prefix>/<metric>` as in MLflow."""
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r} is invalid: choose one of {sorted(DTYPES)}")
     if (cfg.model_dir is None) == (cfg.run_dir is None):
         raise ValueError("Give exactly one of model_dir=<HF model directory> and run_dir=<transfer job directory>")
     output_dir = job_output_dir(cfg)

@@ -166,6 +166,10 @@ def test_ablation_presets_carry_their_sweeps(preset, params, fake_assets):
     ("init.method=wechsel", r"expected one of \[focus, mean, random, subword_mean, checkpoint\]"),
     ("train.lr=fast", "train.lr"),
     ("tracking.backend=wandb", r"expected one of \[mlflow, none\]"),
+    ("eval.split=dev", r"Invalid value 'dev', expected one of \[validation, test, train\]\n\s+full_key: eval\.split"),
+    ("probe.split=train", r"Invalid value 'train', expected one of \[validation, test\]\n\s+full_key: probe\.split"),
+    ("model.dtype=float8",
+     r"Invalid value 'float8', expected one of \[float32, bfloat16, float16, auto\]\n\s+full_key: model\.dtype"),
 ])
 def test_bad_overrides_fail_at_composition_naming_the_key(override, message):
     with pytest.raises(Exception) as excinfo:

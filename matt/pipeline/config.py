@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from matt.choices import Precision
+from matt.choices import Choice, Precision
 from matt.config import GROUPS, DataSettings, MATTConfig, ObjectiveSettings, TrainSettings
 
 
@@ -76,6 +76,28 @@ class RecoverRows(Enum):
     input_output = "input_output"
 
 
+class Split(Choice):
+    validation = "validation"
+    test = "test"
+    train = "train"
+
+
+class HeldOutSplit(Choice):
+    """A split never trained on (`probe.split`)."""
+
+    validation = "validation"
+    test = "test"
+
+
+class Dtype(Choice):
+    """Weights dtype when loading (`auto`: the checkpoint's)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    auto = "auto"
+
+
 class TrackingBackend(Enum):
     mlflow = "mlflow"
     none = "none"
@@ -113,8 +135,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     """Teacher tokenizer dir or hub id; None = `pretrained`."""
     revision: Optional[str] = None
-    dtype: str = "float32"
-    """Weights dtype when loading: float32 | bfloat16 | float16 | auto."""
+    dtype: Dtype = Dtype.float32
     with_ntp: bool = False
     """Whether AIM runs on this model add the NTP term by default (`objective.with_ntp`'s default:
     untied LM heads learn their new rows only through it, e.g. Qwen3-8B)."""
@@ -237,8 +258,8 @@ class ProbeConfig:
     """Measure every this many seconds of training time (the probe's own time is not counted)."""
     every_n_steps: Optional[int] = None
     """... or every this many steps (a multiple of train.log_every_n_steps); both None: start and end only."""
-    split: str = "validation"
-    """validation | test: the held-out split measured (never train)."""
+    split: HeldOutSplit = HeldOutSplit.validation
+    """The held-out split measured."""
     max_documents: Optional[int] = 9
     max_document_chars: Optional[int] = 2000
     """Each document is cut to its first N characters (bits per byte and the AIM batches)."""
@@ -320,8 +341,8 @@ class EvalConfig:
     """The student before training (e.g. FOCUS)."""
     final: bool = True
     """The trained student."""
-    split: str = "validation"
-    """validation | test | train: which split of the `data` group is evaluated."""
+    split: Split = Split.validation
+    """Which split of the `data` group is evaluated."""
     max_documents: Optional[int] = 64
     max_bytes: Optional[int] = 200000
     """Cap on evaluated UTF-8 bytes (documents in order; the last one is cut to fit)."""
@@ -399,7 +420,7 @@ class EvaluateConfig:
     """None = `model_dir`."""
     prefix: str = "model"
     """Metric prefix (`<prefix>/bpb`, ...)."""
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     data: DataConfig = MISSING
     tracking: TrackingConfig = MISSING
     eval: EvalConfig = MISSING

@@ -40,8 +40,6 @@ class Documents:
 
     def split(self, name: str):
         """The split called `name` (train | validation | test)."""
-        if name not in ("train", "validation", "test"):
-            raise ValueError(f"eval.split={name!r} is invalid: choose one of ['train', 'validation', 'test']")
         dataset = getattr(self, name)
         if dataset is None:
             raise ValueError(f"The data {self.source} has no {name} split: set data.{name}_split (or "

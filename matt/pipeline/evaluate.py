@@ -120,11 +120,11 @@ class EvalSuite:
         split_texts = list(documents.split(eval_cfg.split)["text"])
         present = [t for t in split_texts if t]
         if len(present) < len(split_texts):
-            logger.warning("eval.split=%r: %d of %d documents are empty or null and are not evaluated",
+            logger.warning("eval.split='%s': %d of %d documents are empty or null and are not evaluated",
                            eval_cfg.split, len(split_texts) - len(present), len(split_texts))
         texts = cap_texts(present, eval_cfg.max_documents, eval_cfg.max_bytes, eval_cfg.max_document_bytes)
         if not texts:
-            raise ValueError(f"eval.split={eval_cfg.split!r} has no non-empty documents to evaluate on")
+            raise ValueError(f"eval.split='{eval_cfg.split}' has no non-empty documents to evaluate on")
         train_texts = [t for t in documents.train["text"] if t]
         if eval_cfg.unigram_max_train_documents is not None:
             train_texts = train_texts[: eval_cfg.unigram_max_train_documents]

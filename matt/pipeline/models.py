@@ -72,8 +72,6 @@ def load_teacher_model(model_cfg, teacher_tokenizer):
                           **_tiny_dims(model_cfg.tiny))
     from transformers import AutoModelForCausalLM
 
-    if model_cfg.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={model_cfg.dtype!r} is invalid: choose one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(model_source(model_cfg), dtype=DTYPES[model_cfg.dtype],
                                                  revision=model_cfg.revision,
                                                  trust_remote_code=model_cfg.trust_remote_code)

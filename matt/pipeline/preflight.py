@@ -150,10 +150,8 @@ def check_probe(cfg, documents) -> None:
     pc = cfg.probe
     if not pc.enabled:
         return
-    if pc.split not in ("validation", "test"):
-        raise ValueError(f"probe.split={pc.split!r} is invalid: choose validation or test (never the training split)")
     if not any(documents.split(pc.split)["text"]):  # names data.*_split when the split is absent
-        raise ValueError(f"probe.split={pc.split!r} has no non-empty documents to measure on")
+        raise ValueError(f"probe.split='{pc.split}' has no non-empty documents to measure on")
     if pc.every_n_steps is not None and (pc.every_n_steps < 1 or pc.every_n_steps % cfg.train.log_every_n_steps):
         raise ValueError(f"probe.every_n_steps={pc.every_n_steps} must be a positive multiple of "
                          f"train.log_every_n_steps={cfg.train.log_every_n_steps} (the probe runs at logged steps)")
@@ -197,8 +195,6 @@ def preflight(cfg) -> Plan:
     matt_config(cfg)  # MATTConfig's ranges and combinations, reported under their Hydra keys
     check_tracking(cfg.tracking, cfg.paths.output_root)
     check_family(cfg.model)  # before a tiny model's config is built from it
-    if cfg.eval.split not in ("train", "validation", "test"):
-        raise ValueError(f"eval.split={cfg.eval.split!r} is invalid: choose one of ['train', 'validation', 'test']")
 
     teacher_tokenizer = load_teacher_tokenizer(cfg.model)
     teacher_source = cfg.model.tokenizer or cfg.model.pretrained

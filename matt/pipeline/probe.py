@@ -215,7 +215,7 @@ def build_probe(cfg, *, documents, teacher, student, overlap, teacher_tokenizer,
     texts = cap_texts([t[:pc.max_document_chars] for t in documents.split(pc.split)["text"] if t], pc.max_documents,
                       None)
     if not texts:
-        raise ValueError(f"probe.split={pc.split!r} has no non-empty documents to measure on")
+        raise ValueError(f"probe.split='{pc.split}' has no non-empty documents to measure on")
     batches = []
     if pc.aim_batches > 0:
         prepared = prepare_dataset(texts, teacher_tokenizer, student_tokenizer, max_length=cfg.data.max_length,
