@@ -59,7 +59,7 @@ class TransferResult:
         in_emb = model.get_input_embeddings()
         with torch.no_grad():
             in_emb.weight.copy_(self.input_embeddings.to(in_emb.weight))
-        config = getattr(model.config, "get_text_config", lambda: model.config)()
+        config = model.config.get_text_config()
         config.tie_word_embeddings = model.config.tie_word_embeddings = self.tie_word_embeddings
         out_emb = model.get_output_embeddings()
         if self.tie_word_embeddings:

@@ -54,7 +54,7 @@ def model_device(model: torch.nn.Module, device: torch.device | str | None = Non
 def text_config(model: torch.nn.Module):
     """The model's (text) config, or None for a plain module."""
     config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    return None if config is None else config.get_text_config()
 
 
 def check_ids_fit_model(model: torch.nn.Module, max_id: int) -> None:
