@@ -49,6 +49,7 @@ from matt.pipeline.run_context import JsonlLog, log_job_config, method_label, op
 from matt.pipeline.tokenizer import build_student_tokenizer
 from matt.report import plot_training_curves
 from matt.result import TransferResult
+from matt.tracking import numeric_metrics
 from matt.trainer import CHECKPOINT_FILE
 
 logger = logging.getLogger("matt.transfer")
@@ -113,7 +114,7 @@ def transfer(cfg) -> float | None:
         matt = MATT(config=mcfg, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer)
         with accelerator.main_process_first():
             matt.prepare_dataset(documents.train, text_column="text")
-        tracker.log_metrics({f"data/{k}": v for k, v in _numbers(matt.segmentation_stats.as_dict()).items()})
+        tracker.log_metrics(numeric_metrics(matt.segmentation_stats.as_dict(), "data/"))
 
         # 4. the student: a copy of the teacher with initial embeddings for the new vocabulary. The token
         #    overlap is computed once (matt.overlap) for the init, the frozen rows and the eval's new bytes.
@@ -169,8 +170,7 @@ def transfer(cfg) -> float | None:
         result.save(output_dir / "embeddings")
         if cfg.tracking.log_embeddings:
             tracker.log_artifacts(output_dir / "embeddings", "embeddings")
-        tracker.log_metrics({f"train/final_{k}": v for k, v in _numbers(result.metrics).items()},
-                            step=cfg.train.max_steps)
+        tracker.log_metrics(numeric_metrics(result.metrics, "train/final_"), step=cfg.train.max_steps)
 
         # 7. the adapted model: the learned embeddings in a fresh full-depth teacher, saved with the tokenizer
         final_model = adapted_model(cfg.model, teacher_tokenizer, result, student_tokenizer)
@@ -226,10 +226,6 @@ def transfer(cfg) -> float | None:
     bpb = results.get("final", {}).get("bpb")
     finished_file.write_text(json.dumps({"max_steps": cfg.train.max_steps, "bpb": bpb, "run_id": tracker.run_id}))
     return bpb
-
-
-def _numbers(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 if __name__ == "__main__":

@@ -129,6 +129,12 @@ def metric_name(name: str) -> str:
     return _METRIC_NAME.sub("_", name)
 
 
+def numeric_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The int and float values (not bools) of `values` as metrics named `<prefix><key>`."""
+    return {f"{prefix}{k}": float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """`{"a": {"b": 1}}` -> `{"a.b": "1"}`; lists stay one value (JSON), None becomes "null"."""
     flat: dict[str, str] = {}

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from matt.pipeline.config import TrackingConfig
 from matt.tracking import (
-    MLflowTracker, Tracker, default_tracking_uri, flatten, load_run_reference, metric_name, open_tracker,
-    save_run_reference,
+    MLflowTracker, Tracker, default_tracking_uri, flatten, load_run_reference, metric_name, numeric_metrics,
+    open_tracker, save_run_reference,
 )
 
 
@@ -28,6 +28,7 @@ def test_flatten_and_metric_names():
     assert flatten({"a": {"b": 1, "c": [1, 2], "d": None, "e": {}}, "f": "x"}) == {
         "a.b": "1", "a.c": "[1, 2]", "a.d": "null", "a.e": "{}", "f": "x"}
     assert metric_name("lm_eval/belebele/acc,none") == "lm_eval/belebele/acc_none"
+    assert numeric_metrics({"n": 3, "x": 0.5, "ok": True, "name": "a", "none": None}, "p/") == {"p/n": 3.0, "p/x": 0.5}
     assert metric_name("final/bpb") == "final/bpb"
 
 

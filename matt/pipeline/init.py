@@ -21,6 +21,7 @@ from matt.initialization import build_student_model, set_special_token_ids
 from matt.pipeline.config import enum_value
 from matt.pipeline.models import load_teacher_model
 from matt.result import TransferResult
+from matt.tracking import numeric_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
 def init_metrics(info: dict[str, Any]) -> dict[str, float]:
     """Numbers of the init report worth tracking (`initialization/num_new`, `initialization/count_focus`, ...);
     not `init/...`, which holds the evaluation of the initialised model."""
-    metrics = {f"initialization/{k}": float(v) for k, v in info.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = numeric_metrics(info, "initialization/")
     for kind, count in (info.get("counts") or {}).items():
         metrics[f"initialization/count_{kind}"] = float(count)
     return metrics
