@@ -85,7 +85,7 @@ class MATT:
     # --- training -----------------------------------------------------------------------------
     def train(self, teacher, student, *, dataset=None, log_fns=None, accelerator=None) -> TransferResult:
         """Train the student adapter's embeddings against the teacher adapter; see `matt.trainer`."""
-        from matt.batches import AIMCollator
+        from matt.batches import AIMCollator, pad_id
         from matt.modeling import check_vocab
         from matt.trainer import train
 
@@ -96,9 +96,3 @@ class MATT:
         check_vocab(student, self.student_tokenizer)
         collator = AIMCollator(pad_id(self.teacher_tokenizer), pad_id(self.student_tokenizer))
         return train(self.config, teacher, student, dataset, collator, log_fns=log_fns, accelerator=accelerator)
-
-
-def pad_id(tokenizer) -> int:
-    """Pad id for batching; padded positions are masked, so any valid id works as a fallback."""
-    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
-    return next((token_id for token_id in candidates if token_id is not None), 0)

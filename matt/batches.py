@@ -194,6 +194,12 @@ def prepare_dataset(
 # ----------------------------------------------------------------------------------------------
 # batching
 # ----------------------------------------------------------------------------------------------
+def pad_id(tokenizer) -> int:
+    """Pad id for batching; padded positions are masked, so any valid id works as a fallback."""
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+    return next((token_id for token_id in candidates if token_id is not None), 0)
+
+
 class AIMCollator:
     """Pad both sides of a list of prepared examples to the longest in the batch (right padding).
 
@@ -208,14 +214,14 @@ class AIMCollator:
         if not examples:
             raise ValueError("AIMCollator got an empty batch")
         batch = {}
-        for side, pad_id in self.pad_ids.items():
+        for side, pad in self.pad_ids.items():
             ids = [torch.tensor(example[f"{side}_input_ids"], dtype=torch.long) for example in examples]
             segments = [torch.tensor(example[f"{side}_segment_ids"], dtype=torch.long) for example in examples]
             for row, (row_ids, row_segments) in enumerate(zip(ids, segments)):
                 if len(row_ids) != len(row_segments):
                     raise ValueError(f"{side} example {row}: {len(row_ids)} input ids but {len(row_segments)} "
                                      "segment ids (a corrupted prepared dataset?)")
-            batch[f"{side}_input_ids"] = pad_sequence(ids, batch_first=True, padding_value=pad_id)
+            batch[f"{side}_input_ids"] = pad_sequence(ids, batch_first=True, padding_value=pad)
             batch[f"{side}_attention_mask"] = pad_sequence([torch.ones_like(row) for row in ids], batch_first=True)
             batch[f"{side}_segment_ids"] = pad_sequence(segments, batch_first=True, padding_value=IGNORE_INDEX)
         return batch

@@ -46,8 +46,7 @@ def test_heldout_aim_is_zero_at_identity_and_splits_by_new_tokens(tmp_path, byte
                                                                   sentencepiece_tokenizer):
     """Teacher == student gives exactly 0 on every part; a student whose new rows differ from the
     teacher's loses more on pairs involving new tokens than on shared-only pairs."""
-    from matt.api import pad_id
-    from matt.batches import AIMCollator, prepare_dataset
+    from matt.batches import AIMCollator, pad_id, prepare_dataset
     from matt.initialization import build_student_model
     from matt.modeling import adapter_for
     from matt.overlap import token_overlap

@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from matt.api import pad_id
-from matt.batches import AIMCollator, prepare_dataset
+from matt.batches import AIMCollator, pad_id, prepare_dataset
 from matt.evaluation.bpb import NewByteMasks, bits_per_byte
 from matt.modeling.embeddings import EmbeddingLMHead
 from matt.objectives import aim_loss, pair_mask, segment_last_positions
