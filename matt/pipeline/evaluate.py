@@ -118,18 +118,18 @@ class EvalSuite:
     def build(cls, eval_cfg, documents, *, teacher_tokenizer=None, student_tokenizer=None,
               overlap=None) -> "EvalSuite":
         split_texts = list(documents.split(eval_cfg.split)["text"])
-        present = [t for t in split_texts if t]
-        if len(present) < len(split_texts):
+        present = [t for t in split_texts if t]  # also the choice items' source (eval.choice.whole_split)
+        empty = len(split_texts) - len(present)
+        if empty:
             logger.warning("eval.split='%s': %d of %d documents are empty or null and are not evaluated",
-                           eval_cfg.split, len(split_texts) - len(present), len(split_texts))
+                           eval_cfg.split, empty, len(split_texts))
         texts = cap_texts(present, eval_cfg.max_documents, eval_cfg.max_bytes, eval_cfg.max_document_bytes)
         if not texts:
             raise ValueError(f"eval.split='{eval_cfg.split}' has no non-empty documents to evaluate on")
         train_texts = [t for t in documents.train["text"] if t]
         if eval_cfg.unigram_max_train_documents is not None:
             train_texts = train_texts[: eval_cfg.unigram_max_train_documents]
-        suite = cls(cfg=eval_cfg, texts=texts, train_texts=train_texts,
-                    empty_documents=len(split_texts) - len(present))
+        suite = cls(cfg=eval_cfg, texts=texts, train_texts=train_texts, empty_documents=empty)
         if eval_cfg.bpb and teacher_tokenizer is not None and student_tokenizer is not None:
             try:
                 suite.new_bytes = NewByteMasks.from_tokenizers(teacher_tokenizer, student_tokenizer, texts,
