@@ -38,7 +38,6 @@ from matt.api import MATT
 from matt.digests import file_digest, texts_digest, tokenizer_fingerprint
 from matt.hydra_app import hydra_main, share_run_stamp_across_processes, sigterm_stops_the_job
 from matt.modeling import adapter_for
-from matt.pipeline.config import enum_value
 from matt.pipeline.evaluate import EvalSuite, eval_device, prefixed, results_table, write_results
 from matt.pipeline.init import INIT_DIR, adapted_model, init_key, init_metrics, initialize_student, release_memory
 from matt.pipeline.models import load_teacher_model, model_identity
@@ -91,7 +90,7 @@ def transfer(cfg) -> float | None:
                         getattr(plan.model_config, "tie_word_embeddings", False)))
     label = method_label(cfg, plan.n_layers, plan.with_ntp, tied)
     tracker = open_job_tracker(cfg, job, kind="transfer", label=label, model_family=cfg.model.family,
-                               tokenizer=enum_value(cfg.tokenizer.source), world_size=accelerator.num_processes)
+                               tokenizer=str(cfg.tokenizer.source), world_size=accelerator.num_processes)
     with tracker.run():
         if is_main:
             log_job_config(tracker, cfg, output_dir, n_layers=plan.n_layers, with_ntp=plan.with_ntp,

@@ -265,3 +265,36 @@ def test_method_labels_name_what_trains(fake_assets):
     assert label("objective=ntp", "objective.ntp_scope=all", with_ntp=True) == "ntp"
     assert label("objective.freeze_shared=false", "objective.ntp_scope=all", with_ntp=True) == "aim mse L10 +ntp unfrozen"
     assert label("label=mine") == "mine"
+
+
+def test_every_choice_of_the_schemas_is_a_str_valued_choice():
+    """Pipeline and training choices are one kind (`matt.choices.Choice`): a composed value compares
+    equal to its plain string and digests like it, so no call site unwraps enum members."""
+    import dataclasses
+    import enum
+    import typing
+
+    from matt.choices import Choice
+    from matt.digests import cache_key
+
+    seen: set[type] = set()
+
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
+            if isinstance(hint, type) and issubclass(hint, enum.Enum):
+                seen.add(hint)
+            elif dataclasses.is_dataclass(hint):
+                walk(hint)
+
+    for root in (schema.TransferConfig, schema.EvaluateConfig, schema.ReportConfig):
+        walk(root)
+    assert {schema.InitMethod, schema.TokenizerSource, schema.DataFormat, schema.Split} <= seen
+    for choice in seen:
+        assert issubclass(choice, Choice), choice
+        for member in choice:
+            assert member == member.value and str(member) == member.value
+            assert cache_key({"k": member}) == cache_key({"k": member.value})
+    cfg = compose("transfer", ["experiment=smoke"])
+    assert cfg.tokenizer.source == str(cfg.tokenizer.source) and isinstance(cfg.init.method, schema.InitMethod)

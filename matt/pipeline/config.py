@@ -12,9 +12,8 @@ No `from __future__ import annotations` here: OmegaConf reads the annotations at
 """
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -23,26 +22,26 @@ from matt.config import GROUPS, DataSettings, MATTConfig, ObjectiveSettings, Tra
 
 
 # ------------------------------------------------------------------------------------------------
-# choices of the pipeline (enum member names are what users type: `tokenizer.source=extend`); the
-# training choices (`objective.loss=cosine`, `train.precision=bf16-mixed`) are in `matt.choices`
+# choices of the pipeline, `matt.choices.Choice`s like the training choices (`objective.loss=cosine`):
+# str-valued, so `cfg.tokenizer.source == "extend"`; the names are what users type
 # ------------------------------------------------------------------------------------------------
-class TokenizerStyle(Enum):
+class TokenizerStyle(Choice):
     byte_level = "byte_level"
     sentencepiece = "sentencepiece"
 
 
-class TokenizerSource(Enum):
+class TokenizerSource(Choice):
     pretrained = "pretrained"
     train = "train"
     extend = "extend"
 
 
-class TokenizerKind(Enum):
+class TokenizerKind(Choice):
     bpe = "bpe"
     unigram = "unigram"
 
 
-class DataFormat(Enum):
+class DataFormat(Choice):
     auto = "auto"
     hub = "hub"
     builtin = "builtin"
@@ -52,13 +51,13 @@ class DataFormat(Enum):
     csv = "csv"
 
 
-class TextSampleBy(Enum):
+class TextSampleBy(Choice):
     line = "line"
     paragraph = "paragraph"
     document = "document"
 
 
-class InitMethod(Enum):
+class InitMethod(Choice):
     focus = "focus"
     mean = "mean"
     random = "random"
@@ -66,12 +65,12 @@ class InitMethod(Enum):
     checkpoint = "checkpoint"
 
 
-class FocusFallback(Enum):
+class FocusFallback(Choice):
     subword_mean = "subword_mean"
     random = "random"
 
 
-class RecoverRows(Enum):
+class RecoverRows(Choice):
     input = "input"
     input_output = "input_output"
 
@@ -98,7 +97,7 @@ class Dtype(Choice):
     auto = "auto"
 
 
-class TrackingBackend(Enum):
+class TrackingBackend(Choice):
     mlflow = "mlflow"
     none = "none"
 
@@ -450,11 +449,6 @@ def register_configs() -> None:
     store.store(name="transfer_schema", node=TransferConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(name="report_schema", node=ReportConfig)
-
-
-def enum_value(value: Any) -> Any:
-    """The plain value of an enum member (configs hold members), anything else unchanged."""
-    return value.value if isinstance(value, Enum) else value
 
 
 def dataset_cache_dir(cfg) -> str:

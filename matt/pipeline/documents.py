@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matt.pipeline.config import enum_value
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def check_utf8(path: Path) -> None:
 def _load_file(path: Path, split: str, data_cfg):
     import datasets
 
-    fmt = enum_value(data_cfg.format)
+    fmt = str(data_cfg.format)
     builder = fmt if fmt in FILE_FORMATS else SUFFIX_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(f"data.path={str(path)!r}: cannot tell the file format from {path.suffix!r}; set data.format "
@@ -117,7 +116,7 @@ def _load_file(path: Path, split: str, data_cfg):
         raise ValueError(f"data.path: {path} is empty (0 bytes)")
     if builder != "parquet":
         check_utf8(path)
-    kwargs = {"sample_by": enum_value(data_cfg.text_sample_by)} if builder == "text" else {}
+    kwargs = {"sample_by": str(data_cfg.text_sample_by)} if builder == "text" else {}
     try:
         dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
     except Exception as exc:  # a library's parse error, deep and late: name the file and the reader
@@ -184,7 +183,7 @@ def load_documents(data_cfg, teacher_tokenizer=None) -> Documents:
     import datasets
 
     path = str(data_cfg.path)
-    fmt = enum_value(data_cfg.format)
+    fmt = str(data_cfg.format)
     if path.startswith("builtin:") or fmt == "builtin":
         texts = builtin_documents(path.split(":", 1)[1] if ":" in path else path)
         splits = {"train": datasets.Dataset.from_dict({"text": texts})}

@@ -18,7 +18,6 @@ import torch
 
 from matt.digests import cache_key, tokenizer_fingerprint
 from matt.initialization import build_student_model, set_special_token_ids
-from matt.pipeline.config import enum_value
 from matt.pipeline.models import load_teacher_model
 from matt.result import TransferResult
 from matt.tracking import numeric_metrics
@@ -52,8 +51,7 @@ def adapted_model(model_cfg, teacher_tokenizer, embeddings: TransferResult, stud
 
 
 def init_key(init_cfg, model_identity: dict[str, Any], student_tokenizer, texts_digest: str) -> str:
-    options = {k: enum_value(v) for k, v in init_cfg.items()}
-    return cache_key({"init": options, "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
+    return cache_key({"init": dict(init_cfg.items()), "model": model_identity, "student": tokenizer_fingerprint(student_tokenizer),
                       "texts": texts_digest})
 
 
@@ -71,7 +69,7 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
         return with_embeddings(copy.deepcopy(teacher_model), TransferResult.load(directory),
                                student_tokenizer), stored["info"]
 
-    method = enum_value(init_cfg.method)
+    method = str(init_cfg.method)
     if method == "checkpoint":  # checked against the model and the student vocabulary by preflight
         student = with_embeddings(copy.deepcopy(teacher_model), TransferResult.load(init_cfg.checkpoint),
                                   student_tokenizer)
@@ -83,7 +81,7 @@ def initialize_student(init_cfg, teacher_model, teacher_tokenizer, student_token
             fasttext_min_count=init_cfg.fasttext_min_count, fasttext_epochs=init_cfg.fasttext_epochs,
             fasttext_dim=init_cfg.fasttext_dim, fasttext_threads=init_cfg.fasttext_threads,
             cache_dir=Path(cache_dir) / "fasttext", seed=init_cfg.seed,
-            focus_fallback=enum_value(init_cfg.focus_fallback),
+            focus_fallback=str(init_cfg.focus_fallback),
         )
         info = report.to_dict()
         info.pop("overlap_summary", None)

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from matt.pipeline.config import enum_value
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -43,7 +42,7 @@ def model_source(model_cfg) -> str:
 def load_teacher_tokenizer(model_cfg):
     """The teacher's tokenizer (`model.tokenizer`, default `model.pretrained`)."""
     if model_cfg.tiny is not None:
-        return _tiny_tokenizer(enum_value(model_cfg.tiny.tokenizer_style), model_cfg.tiny.tokenizer_vocab_size)
+        return _tiny_tokenizer(str(model_cfg.tiny.tokenizer_style), model_cfg.tiny.tokenizer_vocab_size)
     from transformers import AutoTokenizer
 
     source = model_cfg.tokenizer or model_source(model_cfg)
@@ -85,7 +84,7 @@ def model_identity(model_cfg) -> dict[str, Any]:
                                 "dtype": model_cfg.dtype}
     if model_cfg.tiny is not None:
         identity["tiny"] = {**_tiny_dims(model_cfg.tiny), "seed": model_cfg.tiny.seed,
-                            "style": enum_value(model_cfg.tiny.tokenizer_style),
+                            "style": str(model_cfg.tiny.tokenizer_style),
                             "vocab": model_cfg.tiny.tokenizer_vocab_size}
     else:
         path = Path(str(model_cfg.pretrained)).expanduser()

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from matt.pipeline.config import enum_value, matt_config
+from matt.pipeline.config import matt_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def check_tracking(tracking_cfg, output_root) -> None:
     """The tracking store is configured, answers within seconds and can be written."""
     from matt.tracking import check_store
 
-    if enum_value(tracking_cfg.backend) != "mlflow":
+    if tracking_cfg.backend != "mlflow":
         return
     if tracking_cfg.require_uri and not tracking_cfg.uri:
         raise ValueError("tracking=mlflow_server needs tracking.uri=<http://host:port> (or MLFLOW_TRACKING_URI in "
@@ -93,10 +93,10 @@ def check_local_paths(cfg) -> None:
     if cfg.model.tiny is None:
         check_local_path(cfg.model.pretrained, "model.pretrained")
         check_local_path(cfg.model.tokenizer, "model.tokenizer")
-    if enum_value(cfg.tokenizer.source) == "pretrained":
+    if cfg.tokenizer.source == "pretrained":
         check_local_path(cfg.tokenizer.path, "tokenizer.path")
     data_path = str(cfg.data.path)
-    if enum_value(cfg.data.format) != "hub" and not data_path.startswith("builtin:"):
+    if cfg.data.format != "hub" and not data_path.startswith("builtin:"):
         check_local_path(data_path, "data.path")
 
 
@@ -163,7 +163,7 @@ def check_probe(cfg, documents) -> None:
 
 def check_init_checkpoint(init_cfg, hidden_size: int, student_tokenizer=None) -> None:
     """`init.checkpoint` holds embeddings of the model's width (and, once known, the student's vocabulary size)."""
-    if enum_value(init_cfg.method) != "checkpoint":
+    if init_cfg.method != "checkpoint":
         return
     from matt.result import EMBEDDINGS_FILE, TransferResult
 
@@ -207,7 +207,7 @@ def preflight(cfg) -> Plan:
     n_layers = check_n_layers(cfg, depth)
 
     student_tokenizer = None
-    if enum_value(cfg.tokenizer.source) == "pretrained":  # names a missing tokenizer.path or a slow tokenizer
+    if cfg.tokenizer.source == "pretrained":  # names a missing tokenizer.path or a slow tokenizer
         student_tokenizer = load_pretrained_student(cfg.tokenizer)
     check_init_checkpoint(cfg.init, hidden, student_tokenizer)
 

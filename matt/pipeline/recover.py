@@ -48,7 +48,6 @@ from matt.digests import cache_key, texts_digest
 from matt.evaluation.bpb import bits_per_byte
 from matt.initialization import embeddings_tied
 from matt.modeling import adapter_for
-from matt.pipeline.config import enum_value
 from matt.pipeline.evaluate import eval_device
 from matt.pipeline.models import load_teacher_model, model_identity
 from matt.pipeline.run_context import JsonlLog, log_job_config, method_label, open_job_tracker, start_job
@@ -249,8 +248,8 @@ def run_recover(cfg) -> float | None:
     """Run one known-answer job; returns the final fraction of the bits-per-byte damage recovered."""
     started = time.perf_counter()
     rc = cfg.recover
-    method = enum_value(cfg.init.method)
-    rows_mode = enum_value(rc.rows)
+    method = str(cfg.init.method)
+    rows_mode = str(rc.rows)
     check_recover_init(method)
     if rc.eval_every < 1 or rc.eval_every % cfg.train.log_every_n_steps:
         raise ValueError(f"recover.eval_every={rc.eval_every} must be a positive multiple of "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from matt.config import MATTConfig
-from matt.pipeline.config import enum_value, matt_config
+from matt.pipeline.config import matt_config
 from matt.pipeline.preflight import Plan, preflight
 from matt.tracking import flatten, open_tracker, save_run_reference
 
@@ -133,7 +133,7 @@ def open_job_tracker(cfg, job: Job, *, kind: str, label: str, **tags):
     hydra_info = hydra_job(cfg)
     tags = {"kind": kind, "experiment": cfg.name, "label": label, "model": cfg.model.name,
             "objective": cfg.objective.name, "aim_impl": str(cfg.objective.aim_impl), "loss": str(cfg.objective.loss),
-            "n_layers": plan.n_layers, "with_ntp": str(plan.with_ntp).lower(), "init": enum_value(cfg.init.method),
+            "n_layers": plan.n_layers, "with_ntp": str(plan.with_ntp).lower(), "init": str(cfg.init.method),
             "output_dir": str(job.output_dir.resolve()), **tags, **hydra_info}
     tracker = open_tracker(cfg.tracking, output_root=cfg.paths.output_root, is_main_process=is_main,
                            run_name=cfg.tracking.run_name or hydra_info.get("overrides") or cfg.name,

@@ -14,15 +14,14 @@ import shutil
 from pathlib import Path
 
 from matt.digests import cache_key, texts_digest, tokenizer_fingerprint
-from matt.pipeline.config import enum_value
 
 logger = logging.getLogger(__name__)
 
 
 def tokenizer_key(tok_cfg, teacher_tokenizer, texts: list[str]) -> str:
     """Hash of everything a trained/extended student tokenizer depends on."""
-    source = enum_value(tok_cfg.source)
-    options = {"source": source, "kind": enum_value(tok_cfg.kind),
+    source = tok_cfg.source
+    options = {"source": source, "kind": tok_cfg.kind,
                "vocab_size": tok_cfg.vocab_size if source == "train" else None,
                "num_new_tokens": tok_cfg.num_new_tokens if source == "extend" else None,
                "min_frequency": tok_cfg.min_frequency if source == "extend" else None,
@@ -34,11 +33,11 @@ def tokenizer_key(tok_cfg, teacher_tokenizer, texts: list[str]) -> str:
 def _build(tok_cfg, teacher_tokenizer, texts: list[str]):
     from matt.tokenizers import extend_tokenizer, train_tokenizer_like
 
-    source = enum_value(tok_cfg.source)
+    source = tok_cfg.source
     if source == "train":
-        logger.info("Training a %s student tokenizer (vocab %d) on %d documents", enum_value(tok_cfg.kind),
+        logger.info("Training a %s student tokenizer (vocab %d) on %d documents", tok_cfg.kind,
                     tok_cfg.vocab_size, len(texts))
-        return train_tokenizer_like(teacher_tokenizer, texts, tok_cfg.vocab_size, kind=enum_value(tok_cfg.kind))
+        return train_tokenizer_like(teacher_tokenizer, texts, tok_cfg.vocab_size, kind=str(tok_cfg.kind))
     logger.info("Extending the teacher vocabulary by up to %d tokens learned on %d documents",
                 tok_cfg.num_new_tokens, len(texts))
     return extend_tokenizer(teacher_tokenizer, texts, tok_cfg.num_new_tokens,
@@ -64,7 +63,7 @@ def build_student_tokenizer(tok_cfg, teacher_tokenizer, documents, *, cache_dir:
 
     from matt.segmentation import check_offsets_support
 
-    if enum_value(tok_cfg.source) == "pretrained":
+    if tok_cfg.source == "pretrained":
         return load_pretrained_student(tok_cfg)
 
     texts = [t for t in documents.train["text"] if t][:tok_cfg.max_documents]  # None: all
