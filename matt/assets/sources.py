@@ -46,7 +46,7 @@ def _tail(text: str, lines: int = 12) -> str:
 
 def _download(cmd: list[str], dest: Path, pattern: str, *, package: str, source: str, what: str,
               cwd: Path | None = None) -> Path:
-    """The newest file matching `pattern` in `dest`, running `cmd` first when there is none."""
+    """The last file (by name) matching `pattern` in `dest`, running `cmd` first when there is none."""
     dest.mkdir(parents=True, exist_ok=True)
     found = sorted(dest.glob(pattern))
     if not found:

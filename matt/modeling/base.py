@@ -11,9 +11,9 @@ The wrapper does four things to the model it is given:
    freezes every other parameter;
 4. gives the LM head the role the run asks for (`set_output_mode`).
 
-A family adapter only says where things live: four hooks (`get_base_model`,
-`create_partly_frozen_embeddings`, and `get_layers` / `set_layers`, which default to
-`model.layers` of the decoder stack). Everything else is here.
+A family adapter only says where things live: two hooks (`get_base_model`,
+`create_partly_frozen_embeddings`), plus `get_layers` / `set_layers` where the layers are not the
+decoder stack's `layers` (the default). Everything else is here.
 
 Wrapping modifies the model object in place (layers, config, attention implementation,
 embedding and head modules, `requires_grad`); pass `copy=True` to wrap a deep copy instead.
